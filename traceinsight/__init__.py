@@ -1,0 +1,15 @@
+"""traceinsight: why was this MoE training/inference step slow, and who waited for whom.
+
+Reads Nsight Systems SQLite exports and PyTorch profiler (Kineto) traces into one normalized
+model (:mod:`traceinsight.model`), analyzes it (:mod:`traceinsight.analysis`) and renders
+findings (:mod:`traceinsight.report`).
+
+>>> import traceinsight
+>>> model = traceinsight.load("sample_traces/moe_single_nsys.sqlite")  # doctest: +SKIP
+"""
+
+from traceinsight.ingest import load
+from traceinsight.model import TraceModel
+
+__all__ = ["load", "TraceModel", "__version__"]
+__version__ = "0.1.0"

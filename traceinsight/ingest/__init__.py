@@ -1,0 +1,116 @@
+"""Readers that turn trace files into the normalized :class:`~traceinsight.model.TraceModel`.
+
+One module per format; none of them knows about analyses:
+
+- :mod:`traceinsight.ingest.nsys`: Nsight Systems SQLite exports (``nsys export --type sqlite``)
+- :mod:`traceinsight.ingest.kineto`: PyTorch profiler / Kineto Chrome-trace JSON (``.json[.gz]``)
+
+:func:`load` picks the reader by content (:func:`~traceinsight.ingest.detect.detect_format`),
+expands folders, and gives every process its own rank.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import polars as pl
+
+from traceinsight.errors import TraceInputError
+from traceinsight.ingest.detect import KINETO_JSON, NSYS_SQLITE, detect_format
+from traceinsight.model import TraceModel
+
+_TRACE_SUFFIXES = (".sqlite", ".json", ".json.gz", ".sqlite3", ".db")
+
+
+def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Expand folders into the trace files they hold (sorted), keep files as given."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[str] = []
+    for raw in paths:
+        path = os.fspath(raw)
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(path, name)
+                for name in os.listdir(path)
+                if name.endswith(_TRACE_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+            )
+            if not found:
+                raise TraceInputError(
+                    "folder holds no trace files (*.sqlite, *.json, *.json.gz)", path=path
+                )
+            out.extend(found)
+        else:
+            out.append(path)
+    if not out:
+        raise TraceInputError("no trace files given")
+    return out
+
+
+def read_file(path: str, *, salvage: bool = False) -> TraceModel:
+    """Read one trace file of either format into a model (ranks as the file tells them)."""
+    fmt = detect_format(path)
+    if fmt == NSYS_SQLITE:
+        from traceinsight.ingest.nsys import read_nsys
+
+        return read_nsys(path)
+    assert fmt == KINETO_JSON
+    from traceinsight.ingest.kineto import read_kineto
+
+    return read_kineto(path, salvage=salvage)
+
+
+def assign_ranks(models: list[TraceModel]) -> list[TraceModel]:
+    """Make rank numbers unique across files.
+
+    Files normally say their rank (``distributedInfo.rank``, ``RANK`` in the environment).
+    When two files claim the same rank, or a file could only guess (``process order``), the
+    ranks are renumbered in file order and ``rank_source`` says so.
+    """
+    claimed = [r for m in models for r in m.ranks.get_column("rank").to_list()]
+    if len(claimed) == len(set(claimed)):
+        return models
+    renumbered: list[TraceModel] = []
+    next_rank = 0
+    for model in models:
+        mapping = {}
+        for old in model.ranks.get_column("rank").to_list():
+            mapping[old] = next_rank
+            next_rank += 1
+        remap = pl.col("rank").replace_strict(mapping, return_dtype=pl.Int32)
+        renumbered.append(
+            TraceModel(
+                intervals=model.intervals.with_columns(remap),
+                samples=model.samples.with_columns(remap),
+                ranks=model.ranks.with_columns(
+                    remap, rank_source=pl.lit("file order (ranks in files collided)")
+                ),
+                warnings=model.warnings,
+            )
+        )
+    return renumbered
+
+
+def load(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], *, salvage: bool = False
+) -> TraceModel:
+    """Read trace files (or folders of them) into one model.
+
+    Parameters
+    ----------
+    paths
+        One path or several: nsys SQLite exports and/or Kineto JSON traces, one per rank, or
+        folders holding them.
+    salvage
+        Read a Kineto trace cut short mid-write up to its last complete event.
+
+    Examples
+    --------
+    >>> import traceinsight
+    >>> model = traceinsight.load(["rank0.json.gz", "rank1.json.gz"])  # doctest: +SKIP
+    >>> model.rank_ids  # doctest: +SKIP
+    [0, 1]
+    """
+    models = [read_file(path, salvage=salvage) for path in expand_paths(paths)]
+    return TraceModel.concat(assign_ranks(models))

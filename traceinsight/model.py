@@ -1,0 +1,262 @@
+"""The normalized trace model: a few polars frames with a fixed schema.
+
+Every ingestor (``traceinsight.ingest.*``) turns one file into a :class:`TraceModel`; every
+analysis (``traceinsight.analysis.*``) reads only these frames. All times are integer
+nanoseconds on the *rank's own clock*: ``start_ns`` is relative to the rank's clock origin,
+and ``clock_origin_ns`` in the ``ranks`` frame is the wall-clock (Unix epoch) nanosecond of
+that zero where the file tells it (``None`` where it does not). Cross-rank alignment adds a
+per-rank offset on top of that (see ``traceinsight.analysis.alignment``).
+
+Frames
+------
+``intervals``
+    One row per timed event, CPU and GPU side alike (see :data:`INTERVAL_SCHEMA`).
+
+    ============== =========================================================================
+    column         meaning
+    ============== =========================================================================
+    rank           rank of the process that produced the event
+    kind           one of :data:`INTERVAL_KINDS`
+    name           event name (kernel short name, API name without ``_vNNNN``, NVTX text…)
+    start_ns       start, ns on the rank's clock
+    end_ns         end, ns on the rank's clock (``end_ns >= start_ns``)
+    pid            OS process id (CPU rows) or owning process (GPU rows)
+    tid            OS thread id for CPU-side rows; null for GPU rows
+    device         GPU index for GPU-side rows; null for CPU rows
+    stream         CUDA stream for GPU-side rows; null for CPU rows
+    correlation    CUDA correlation id linking an API call to the GPU work it launched
+    external_id    Kineto ``External id`` (links ops to their launches in 2024+ traces)
+    depth          nesting depth among rows of the same kind family on the same thread
+                   (0 = outermost); null for GPU rows. Families: annotations (NVTX and
+                   user annotations) and ops (cpu_op, python); other CPU kinds are depth 0.
+    domain         NVTX domain name (``None`` for the default domain and for Kineto)
+    bytes          bytes moved (memcpy) or set (memset)
+    detail         a short free-form extra: memcpy direction (``HtoD``…), sync type,
+                   input shapes of an op (``[[2048, 4096], []]``), long kernel signature
+    comm_op        collective name where the trace tells it (``all_to_all``, ``allreduce``…)
+    comm_group     process-group name
+    comm_group_size
+    comm_seq       collective sequence number within its group
+    comm_in_nelems, comm_out_nelems   element counts of a collective
+    comm_in_split, comm_out_split     all-to-all split sizes, as the trace spells them
+    stack          backtrace of an OS-runtime call, innermost frame first (``symbol``
+                   or the module where the symbol is unresolved)
+    ============== =========================================================================
+
+``samples``
+    One row per CPU sample (see :data:`SAMPLE_SCHEMA`): ``rank, pid, tid, time_ns, state,
+    frames`` (symbols, innermost first) and ``modules`` (the module of each frame).
+
+``ranks``
+    Per-rank metadata (see :data:`RANK_SCHEMA`). ``hostname`` is kept for alignment and for
+    ``--show-host``; reports hide it by default.
+
+Examples
+--------
+>>> import traceinsight
+>>> model = traceinsight.load("sample_traces/moe_single_nsys.sqlite")  # doctest: +SKIP
+>>> model.intervals.filter(kind="kernel").height  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+#: GPU-side interval kinds.
+GPU_KINDS = ("kernel", "memcpy", "memset", "gpu_annotation")
+#: CPU-side interval kinds.
+#:
+#: - ``cuda_api``: CUDA runtime or driver API call (``cudaLaunchKernel``, ``cuLaunchKernelEx``)
+#: - ``sync``: a host-side synchronization as the GPU profiler reports it (nsys
+#:   ``CUPTI_ACTIVITY_KIND_SYNCHRONIZATION``; Kineto ``cuda_sync``)
+#: - ``annotation``: NVTX range or ``record_function``/``user_annotation`` (incl. ``ProfilerStep#N``)
+#: - ``cpu_op``: framework operator (``aten::mm``, ``record_param_comms``)
+#: - ``python``: Python function (Kineto ``with_stack``)
+#: - ``osrt``: OS runtime call (nsys ``OSRT_API``: ``pthread_mutex_lock``, ``mmap64``…)
+CPU_KINDS = ("cuda_api", "sync", "annotation", "cpu_op", "python", "osrt")
+INTERVAL_KINDS = GPU_KINDS + CPU_KINDS
+
+INTERVAL_SCHEMA: dict[str, pl.DataType] = {
+    "rank": pl.Int32(),
+    "kind": pl.String(),
+    "name": pl.String(),
+    "start_ns": pl.Int64(),
+    "end_ns": pl.Int64(),
+    "pid": pl.Int64(),
+    "tid": pl.Int64(),
+    "device": pl.Int32(),
+    "stream": pl.Int64(),
+    "correlation": pl.Int64(),
+    "external_id": pl.Int64(),
+    "depth": pl.Int32(),
+    "domain": pl.String(),
+    "bytes": pl.Int64(),
+    "detail": pl.String(),
+    "comm_op": pl.String(),
+    "comm_group": pl.String(),
+    "comm_group_size": pl.Int32(),
+    "comm_seq": pl.Int64(),
+    "comm_in_nelems": pl.Int64(),
+    "comm_out_nelems": pl.Int64(),
+    "comm_in_split": pl.String(),
+    "comm_out_split": pl.String(),
+    "stack": pl.List(pl.String()),
+}
+
+SAMPLE_SCHEMA: dict[str, pl.DataType] = {
+    "rank": pl.Int32(),
+    "pid": pl.Int64(),
+    "tid": pl.Int64(),
+    "time_ns": pl.Int64(),
+    "state": pl.String(),
+    "frames": pl.List(pl.String()),
+    "modules": pl.List(pl.String()),
+}
+
+RANK_SCHEMA: dict[str, pl.DataType] = {
+    "rank": pl.Int32(),
+    #: how the rank number was found: ``distributedInfo``, ``env:RANK``, ``env:LOCAL_RANK``,
+    #: ``record_param_comms``, ``process order``, ``file order``
+    "rank_source": pl.String(),
+    "source": pl.String(),  # the file path
+    "format": pl.String(),  # "nsys-sqlite" | "kineto-json"
+    "tool_version": pl.String(),  # nsys product version / kineto schema+torch info
+    "pid": pl.Int64(),
+    "hostname": pl.String(),
+    "gpu_names": pl.List(pl.String()),
+    "devices": pl.List(pl.Int32()),
+    "world_size": pl.Int32(),
+    "clock_origin_ns": pl.Int64(),  # epoch ns of the rank's time zero, null if unknown
+}
+
+_FAMILY = {"annotation": "annotation", "cpu_op": "op", "python": "op"}
+
+
+def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """An empty frame with ``schema``."""
+    return pl.DataFrame(schema=schema)
+
+
+def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Return ``frame`` with exactly the columns of ``schema``, in order, cast to its types.
+
+    Missing columns are added as nulls; extra columns are dropped.
+    """
+    columns = []
+    for name, dtype in schema.items():
+        if name in frame.columns:
+            columns.append(frame.get_column(name).cast(dtype, strict=False).alias(name))
+        else:
+            columns.append(pl.Series(name, [None] * frame.height, dtype=dtype))
+    return pl.DataFrame(columns)
+
+
+def with_depth(intervals: pl.DataFrame) -> pl.DataFrame:
+    """Fill ``depth``: nesting level within each (rank, pid, tid, family) on the CPU side.
+
+    Rows must be well nested per thread for the number to mean "stack depth"; where ranges
+    overlap without nesting (NVTX start/end ranges may), the depth counts the ranges still
+    open at the row's start. Computed with a sweep over sorted starts and ends, no Python
+    loop per row.
+    """
+    if intervals.is_empty():
+        return intervals
+    family = pl.col("kind").replace_strict(_FAMILY, default=None)
+    frame = intervals.with_row_index("_row").with_columns(_family=family)
+    nested = frame.filter(pl.col("_family").is_not_null() & pl.col("tid").is_not_null())
+    if nested.is_empty():
+        return intervals.with_columns(
+            depth=pl.when(pl.col("device").is_null()).then(0).otherwise(None).cast(pl.Int32)
+        )
+    keys = ["rank", "pid", "tid", "_family"]
+    # Sort by (start asc, end desc) so a parent precedes the children it contains.
+    nested = nested.sort([*keys, "start_ns", "end_ns"], descending=[False] * 5 + [True])
+    # depth = number of earlier-starting rows in the group whose end is after this start.
+    # Count "opens before me" minus "closed at or before my start" using a sorted search of ends.
+    ends = nested.select([*keys, "end_ns"]).sort([*keys, "end_ns"])
+    nested = nested.with_columns(_opened=pl.int_range(pl.len()).over(keys))
+    closed = (
+        nested.select([*keys, "_row", "start_ns"])
+        .sort("start_ns")
+        .join_asof(
+            ends.with_columns(_closed=pl.int_range(1, pl.len() + 1).over(keys))
+            .rename({"end_ns": "_end"})
+            .sort("_end"),
+            left_on="start_ns",
+            right_on="_end",
+            by=keys,
+            strategy="backward",
+            check_sortedness=False,  # sorted within each group, which is what asof needs
+        )
+        .select("_row", pl.col("_closed").fill_null(0))
+    )
+    nested = nested.join(closed, on="_row").with_columns(
+        # A zero-length row counts itself among the closed ones; add it back.
+        _depth=(
+            pl.col("_opened")
+            - pl.col("_closed")
+            + (pl.col("end_ns") <= pl.col("start_ns")).cast(pl.Int64)
+        )
+        .clip(lower_bound=0)
+        .cast(pl.Int32)
+    )
+    depth_by_row = nested.select("_row", "_depth")
+    out = (
+        frame.join(depth_by_row, on="_row", how="left")
+        .sort("_row")
+        .with_columns(
+            depth=pl.when(pl.col("device").is_not_null())
+            .then(None)
+            .otherwise(pl.col("_depth").fill_null(0))
+            .cast(pl.Int32)
+        )
+        .drop("_row", "_family", "_depth")
+    )
+    return out
+
+
+@dataclass
+class TraceModel:
+    """The normalized content of one or more trace files.
+
+    Attributes
+    ----------
+    intervals, samples, ranks
+        The frames described in the module docstring.
+    warnings
+        Human-readable notes about what the input lacked or what was degraded
+        (``"no CPU samples"``, ``"NVTX domain names missing"``…).
+    """
+
+    intervals: pl.DataFrame = field(default_factory=lambda: empty_frame(INTERVAL_SCHEMA))
+    samples: pl.DataFrame = field(default_factory=lambda: empty_frame(SAMPLE_SCHEMA))
+    ranks: pl.DataFrame = field(default_factory=lambda: empty_frame(RANK_SCHEMA))
+    warnings: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.intervals = conform(self.intervals, INTERVAL_SCHEMA)
+        self.samples = conform(self.samples, SAMPLE_SCHEMA)
+        self.ranks = conform(self.ranks, RANK_SCHEMA)
+
+    @property
+    def rank_ids(self) -> list[int]:
+        """The ranks present, ascending."""
+        return sorted(self.ranks.get_column("rank").to_list())
+
+    def of_kind(self, *kinds: str) -> pl.DataFrame:
+        """Intervals whose ``kind`` is one of ``kinds``."""
+        return self.intervals.filter(pl.col("kind").is_in(list(kinds)))
+
+    @staticmethod
+    def concat(models: list["TraceModel"]) -> "TraceModel":
+        """Stack several single-file models (ranks must already be distinct)."""
+        if len(models) == 1:
+            return models[0]
+        return TraceModel(
+            intervals=pl.concat([m.intervals for m in models], how="vertical"),
+            samples=pl.concat([m.samples for m in models], how="vertical"),
+            ranks=pl.concat([m.ranks for m in models], how="vertical"),
+            warnings=[w for m in models for w in m.warnings],
+        )
