@@ -1,0 +1,72 @@
+"""Shared test helpers: where the real traces live, and a builder for tiny hand-made models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, TraceModel, conform, with_depth
+
+#: ../shared/traces beside the checkout (CI has it there too).
+SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+SAMPLE_TRACES = Path(__file__).resolve().parents[1] / "sample_traces"
+
+US = 1_000  # ns per microsecond
+
+
+def shared(relative: str) -> Path:
+    """Path of a file under ../shared/traces; skip the test when the folder is absent."""
+    path = SHARED_TRACES / relative
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path
+
+
+def build_model(rows: list[dict], *, ranks: list[int] | None = None) -> TraceModel:
+    """A model from interval dicts; missing columns are null, times in ns.
+
+    CPU rows default to pid 1, tid 1; GPU rows (kernel/memcpy/memset) to device 0, stream 7.
+    """
+    filled = []
+    for row in rows:
+        row = dict(row)
+        row.setdefault("rank", 0)
+        row.setdefault("pid", 1)
+        if row["kind"] in ("kernel", "memcpy", "memset", "gpu_annotation"):
+            row.setdefault("device", 0)
+            row.setdefault("stream", 7)
+        else:
+            row.setdefault("tid", 1)
+        filled.append(row)
+    intervals = with_depth(conform(pl.DataFrame(filled, infer_schema_length=None), INTERVAL_SCHEMA))
+    rank_ids = ranks if ranks is not None else sorted({r["rank"] for r in filled} or {0})
+    rank_frame = conform(
+        pl.DataFrame(
+            {
+                "rank": rank_ids,
+                "rank_source": ["test"] * len(rank_ids),
+                "source": ["built"] * len(rank_ids),
+                "format": ["test"] * len(rank_ids),
+                "pid": [1] * len(rank_ids),
+            }
+        ),
+        RANK_SCHEMA,
+    )
+    return TraceModel(intervals=intervals, ranks=rank_frame)
+
+
+def launch(name: str, start_us: float, end_us: float, correlation: int, **extra) -> dict:
+    return dict(kind="cuda_api", name=name, start_ns=int(start_us * US), end_ns=int(end_us * US),
+                correlation=correlation, **extra)
+
+
+def kernel(name: str, start_us: float, end_us: float, correlation: int, **extra) -> dict:
+    return dict(kind="kernel", name=name, start_ns=int(start_us * US), end_ns=int(end_us * US),
+                correlation=correlation, **extra)
+
+
+def annotation(name: str, start_us: float, end_us: float, **extra) -> dict:
+    return dict(kind="annotation", name=name, start_ns=int(start_us * US), end_ns=int(end_us * US),
+                **extra)

@@ -1,0 +1,152 @@
+"""Name-based classification rules shared by the analyses.
+
+Each rule is a regular expression over names that come out of traces: kernel names,
+CUDA API names, CPU-sample frames, OS-runtime calls, Python functions and framework ops.
+They live in one place so that users can extend them (``--comm-pattern``) and so that every
+analysis agrees on what "a communication kernel" or "an allocation" is.
+"""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+#: Kernels that move data between ranks: NCCL/RCCL, DeepEP and common custom all-reduce
+#: kernels. Matched against the kernel's short name and its full signature.
+DEFAULT_COMM_PATTERNS: tuple[str, ...] = (
+    r"(?i)\bnccl",  # ncclKernel_*, ncclDevKernel_* (also RCCL, which keeps the nccl prefix)
+    r"(?i)\brccl",
+    r"(?i)deep_?ep::",  # deep_ep::intranode::dispatch<...>, deep_ep::internode::combine
+    r"(?i)\bep::(?:intra|inter)node::",  # forks that rename the namespace (dpsk::ep::...)
+    r"(?i)cross_device_reduce|custom_?all_?reduce|all_?reduce_?kernel|one_?shot_?all_?reduce",
+    r"(?i)\bmscclpp|\bnvshmem",
+)
+
+#: CUDA API calls during which the host thread waits for the GPU.
+HOST_SYNC_API = re.compile(
+    r"^(?:cuda(?:Stream|Device|Event|Ctx|Thread)Synchronize|cu(?:Stream|Ctx|Event)Synchronize"
+    r"|cudaStreamQuery|cudaMemcpy|cudaMemcpy2D|cudaMemcpyFromSymbol|cuMemcpyDtoH(?:_v2)?"
+    r"|cudaMemcpyDtoH|hip(?:Stream|Device|Event)Synchronize|hipMemcpy)$"
+)
+
+#: API calls that put work on the GPU (for launch counts).
+LAUNCH_API = re.compile(
+    r"^(?:cuda(?:LaunchKernel\w*|LaunchCooperativeKernel\w*|GraphLaunch|Memcpy\w*Async|Memset\w*Async)"
+    r"|cu(?:LaunchKernel\w*|LaunchCooperativeKernel\w*|GraphLaunch|Memcpy\w*Async|Memset\w*Async)"
+    r"|hip(?:LaunchKernel|ExtLaunchKernel|ModuleLaunchKernel|GraphLaunch|Memcpy\w*Async))$"
+)
+
+#: Causes of a CPU gap, in the order they are tried on a stack (innermost frame first).
+GAP_CAUSES = (
+    "garbage_collection",
+    "memory_allocation",
+    "blocked",
+    "launch_overhead",
+    "python",
+    "unknown",
+)
+
+_CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "garbage_collection",
+        re.compile(
+            r"(?i)gc_collect|_PyGC_|collect_generations|deduce_unreachable|subtract_refs"
+            r"|move_unreachable|visit_decref|visit_reachable|gc\.collect|method collect of module"
+            r"|function collect\b|\bgc_collect_main|handle_weakrefs|finalize_garbage"
+        ),
+    ),
+    (
+        "memory_allocation",
+        re.compile(
+            r"(?i)^(?:__libc_)?(?:malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign)$"
+            r"|^(?:mmap|mmap64|munmap|mremap|brk|sbrk|madvise)$|_int_malloc|_int_free|sysmalloc"
+            r"|page_fault|do_anonymous_page|handle_mm_fault|clear_page|alloc_pages|do_huge_pmd"
+            r"|PyDataMem_|npy_alloc|PyArray_(?:Zeros|Empty|New|NewFromDescr)|array_(?:zeros|empty)"
+            r"|numpy\.(?:zeros|ones|empty|full)|method (?:zeros|ones|empty|full) of module numpy"
+            r"|cudaHostAlloc|cudaMallocHost|cuMemHostAlloc|CachingHostAllocator|cudaMalloc\b"
+            r"|^aten::(?:empty|zeros|ones|full)$|^\[memory\]$|__memset|memset_erms|__memcpy"
+        ),
+    ),
+    (
+        "blocked",
+        re.compile(
+            r"(?i)^(?:__)?(?:nanosleep|clock_nanosleep|sleep|usleep|select|pselect6?|poll|ppoll"
+            r"|epoll_wait|epoll_pwait|futex|sem_wait|sem_timedwait|pthread_cond_wait"
+            r"|pthread_cond_timedwait|pthread_join|pthread_mutex_lock|pthread_rwlock_\w+lock"
+            r"|read|recv|recvmsg|recvfrom|accept|wait4|waitpid|lll_lock_wait\w*|futex_wait\w*"
+            r"|do_futex|schedule|io_schedule)$|time\.sleep|function sleep\b|threading\.py.*wait"
+            r"|lock\.acquire|method acquire of"
+        ),
+    ),
+    (
+        "launch_overhead",
+        re.compile(
+            r"(?i)^cu(?:da)?Launch|^cuLaunch|libcudart|libcuda\.so|^cuKernel|^cudaGetFuncBySymbol"
+            r"|c10::Dispatcher|at::_ops::|c10::impl::|^aten::(?:split|split_with_sizes|chunk|cat"
+            r"|view|narrow|slice|select|as_strided|unbind|stack|reshape|expand|t|transpose|contiguous"
+            r"|copy_|to|_to_copy|mm|matmul|linear|addmm|bmm|index|index_select|unsqueeze|squeeze"
+            r"|permute|detach|empty_strided|resize_)$|torch\.split|split_with_sizes|libtorch_cuda"
+            r"|TensorIterator|launch_kernel|cudaLaunchKernel|cuLaunchKernel"
+        ),
+    ),
+    (
+        "python",
+        re.compile(
+            r"(?i)_PyEval_|PyEval_|_PyObject_|PyObject_|_PyFunction|libpython|python3\.\d+"
+            r"|^\S+\.py\(\d+\)|\.py:\d+|built-in (?:method|function)|_Py[A-Z]|Py[A-Z]\w+_"
+        ),
+    ),
+)
+
+
+def cause_of_name(name: str | None) -> str | None:
+    """The gap cause a single frame, call or op name points to, or ``None``."""
+    if not name:
+        return None
+    for cause, rule in _CAUSE_RULES:
+        if rule.search(name):
+            return cause
+    return None
+
+
+def cause_of_stack(frames: list[str] | None, modules: list[str] | None = None) -> str:
+    """The cause a sampled stack points to: the innermost frame that matches a rule wins.
+
+    Frames are innermost first. A frame's module (``libpython3.11.so``) counts too.
+    """
+    frames = frames or []
+    modules = modules or [None] * len(frames)
+    fallback = None
+    for frame, module in zip(frames, modules):
+        cause = cause_of_name(frame) or cause_of_name(module)
+        if cause == "python":
+            # Interpreter frames are everywhere in a PyTorch stack; only decide "python" when
+            # nothing more specific sits further out... but an inner match wins, so keep going.
+            fallback = fallback or "python"
+            continue
+        if cause is not None:
+            return cause
+    return fallback or "unknown"
+
+
+def comm_kernel_expr(patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS) -> pl.Expr:
+    """Polars expression: is this kernel row a communication kernel?"""
+    combined = "|".join(f"(?:{p})" for p in patterns)
+    return (
+        pl.col("name").fill_null("").str.contains(combined)
+        | pl.col("detail").fill_null("").str.contains(combined)
+        | pl.col("comm_op").is_not_null()
+    )
+
+
+def host_sync_expr() -> pl.Expr:
+    """Polars expression: is this CPU row a host wait on the GPU?"""
+    return (pl.col("kind") == "sync") & pl.col("tid").is_not_null() | (
+        (pl.col("kind") == "cuda_api") & pl.col("name").str.contains(HOST_SYNC_API.pattern)
+    )
+
+
+def launch_expr() -> pl.Expr:
+    """Polars expression: is this CPU row a launch of GPU work?"""
+    return (pl.col("kind") == "cuda_api") & pl.col("name").str.contains(LAUNCH_API.pattern)

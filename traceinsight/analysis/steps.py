@@ -1,0 +1,167 @@
+"""Find the training/inference steps of each rank.
+
+A step is an annotation (NVTX range, ``record_function`` or ``ProfilerStep#N``) whose name
+matches a step marker. Its number is the integer captured from the name, so
+``ProfilerStep#8`` is step 8 and NVTX ``step 7`` is step 7.
+
+The step's *window* is where its time is accounted: from the marker's start to the later of
+the marker's end and the end of the last GPU activity launched inside the marker, but never
+past the next step's start on the same rank (so windows never overlap and a step's breakdown
+can partition its window). Without any marker the whole trace is one step (number 0) and
+``StepTable.source`` says so.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import polars as pl
+
+from traceinsight.model import GPU_KINDS, TraceModel
+
+#: Default marker: ``ProfilerStep#12``, ``step 7``, ``Step_3``, ``iteration 5``, ``iter#9``.
+DEFAULT_STEP_PATTERN = r"(?i)^\s*(?:ProfilerStep\s*#\s*|(?:step|iteration|iter)[\s_#:=-]*)(\d+)\s*$"
+
+STEP_SCHEMA = {
+    "rank": pl.Int32,
+    "step": pl.Int64,
+    "label": pl.String,
+    "start_ns": pl.Int64,
+    "end_ns": pl.Int64,
+    "marker_end_ns": pl.Int64,
+    "pid": pl.Int64,
+    "tid": pl.Int64,
+}
+
+
+@dataclass
+class StepTable:
+    """Steps of every rank.
+
+    Attributes
+    ----------
+    steps
+        One row per (rank, step): ``rank, step, label, start_ns, end_ns`` (the accounting
+        window), ``marker_end_ns`` (the marker's own CPU-side end), ``pid, tid``.
+    source
+        ``"marker"`` when markers were found, ``"whole trace"`` for the fallback.
+    pattern
+        The regular expression used.
+    """
+
+    steps: pl.DataFrame
+    source: str
+    pattern: str
+
+
+def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:
+    compiled = re.compile(pattern)
+    if compiled.groups != 1:
+        raise ValueError(f"step marker {pattern!r} must have exactly one capture group")
+    annotations = intervals.filter(pl.col("kind") == "annotation")
+    return (
+        annotations.with_columns(
+            step=pl.col("name").str.extract(pattern, 1).cast(pl.Int64, strict=False)
+        )
+        .filter(pl.col("step").is_not_null())
+        # One marker per (rank, step): with emit_nvtx a ProfilerStep can appear twice.
+        .sort("rank", "step", "start_ns")
+        .unique(["rank", "step"], keep="first", maintain_order=True)
+        .select(
+            "rank",
+            "step",
+            pl.col("name").alias("label"),
+            "start_ns",
+            pl.col("end_ns").alias("marker_end_ns"),
+            "pid",
+            "tid",
+        )
+    )
+
+
+def _last_launched_gpu_end(intervals: pl.DataFrame, markers: pl.DataFrame) -> pl.DataFrame:
+    """Per marker: end of the last GPU activity whose launch call lies inside the marker."""
+    gpu = (
+        intervals.filter(pl.col("kind").is_in(GPU_KINDS[:3]) & pl.col("correlation").is_not_null())
+        .group_by("rank", "pid", "correlation")
+        .agg(gpu_end=pl.col("end_ns").max())
+    )
+    launches = (
+        intervals.filter(pl.col("kind") == "cuda_api")
+        .select("rank", "pid", "tid", "correlation", "start_ns")
+        .join(gpu, on=["rank", "pid", "correlation"], how="inner")
+    )
+    if launches.is_empty() or markers.is_empty():
+        return markers.with_columns(gpu_end=pl.lit(None, dtype=pl.Int64))
+    # Attach each launch to the marker that contains it (markers of a rank do not overlap).
+    marker_spans = markers.select("rank", "step", "start_ns", "marker_end_ns").sort("start_ns")
+    attached = (
+        launches.sort("start_ns")
+        .join_asof(
+            marker_spans, on="start_ns", by="rank", strategy="backward", check_sortedness=False
+        )
+        .filter(pl.col("start_ns") <= pl.col("marker_end_ns"))
+        .group_by("rank", "step")
+        .agg(gpu_end=pl.col("gpu_end").max())
+    )
+    return markers.join(attached, on=["rank", "step"], how="left")
+
+
+def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
+    """Find each rank's steps and their accounting windows.
+
+    Parameters
+    ----------
+    model
+        The trace model.
+    pattern
+        A regular expression with one capture group (the step number) matched against
+        annotation names; default :data:`DEFAULT_STEP_PATTERN`.
+
+    Returns
+    -------
+    StepTable
+
+    Examples
+    --------
+    >>> table = find_steps(model)  # doctest: +SKIP
+    >>> table.steps.select("rank", "step", "label").head(2)  # doctest: +SKIP
+    """
+    pattern = pattern or DEFAULT_STEP_PATTERN
+    intervals = model.intervals
+    markers = _marker_rows(intervals, pattern)
+    if markers.is_empty():
+        return StepTable(_whole_trace_steps(model), "whole trace", pattern)
+    markers = _last_launched_gpu_end(intervals, markers)
+    steps = (
+        markers.sort("rank", "start_ns")
+        .with_columns(next_start=pl.col("start_ns").shift(-1).over("rank"))
+        .with_columns(
+            end_ns=pl.max_horizontal("marker_end_ns", "gpu_end"),
+        )
+        .with_columns(
+            end_ns=pl.when(pl.col("next_start").is_not_null())
+            .then(pl.min_horizontal("end_ns", "next_start"))
+            .otherwise(pl.col("end_ns"))
+        )
+        .select(list(STEP_SCHEMA))
+        .cast(STEP_SCHEMA)
+        .sort("rank", "step")
+    )
+    return StepTable(steps, "marker", pattern)
+
+
+def _whole_trace_steps(model: TraceModel) -> pl.DataFrame:
+    spans = (
+        model.intervals.group_by("rank")
+        .agg(start_ns=pl.col("start_ns").min(), end_ns=pl.col("end_ns").max())
+        .with_columns(
+            step=pl.lit(0, dtype=pl.Int64),
+            label=pl.lit("whole trace"),
+            marker_end_ns=pl.col("end_ns"),
+            pid=pl.lit(None, dtype=pl.Int64),
+            tid=pl.lit(None, dtype=pl.Int64),
+        )
+    )
+    return spans.select(list(STEP_SCHEMA)).cast(STEP_SCHEMA).sort("rank")
