@@ -4,7 +4,8 @@
 #
 #   scripts/record_samples.sh [RESULT_DIR]      (default: $OUT, else ./recorded)
 #
-# Writes RESULT_DIR/results.tar.gz (the sample_traces/ layout) and RESULT_DIR/log.txt.
+# Writes RESULT_DIR/results.tar.gz (the sample_traces/ layout), RESULT_DIR/raw.tar.gz (the .nsys-rep
+# reports, when small) and RESULT_DIR/log.txt.
 # Needs: python3 with torch (CUDA) + numpy, torchrun, Nsight Systems (NSYS=... to override).
 # If nsys's importer lacks libdw.so.1, put libdw1/libelf1 .deb files in .device/debs/.
 #
@@ -37,7 +38,8 @@ fi
 
 finish() {
   echo "== sizes"; (cd "$W" && find sample_traces raw -type f -exec ls -l {} \;)
-  (cd "$W" && tar czf "$RES/results.tar.gz" sample_traces raw)
+  (cd "$W" && tar czf "$RES/results.tar.gz" sample_traces raw/versions.txt)
+  (cd "$W" && tar czf "$RES/raw.tar.gz" raw)
   ls -l "$RES"
 }
 trap finish EXIT
@@ -46,6 +48,7 @@ echo "== env"
 nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c 'import torch,numpy;print("torch",torch.__version__,"cuda",torch.version.cuda,"nccl",torch.cuda.nccl.version(),"gpus",torch.cuda.device_count(),"numpy",numpy.__version__)'
 "$NSYS" --version
+"$NSYS" status -e
 { nvidia-smi; python3 -VV; "$NSYS" --version; uname -a; } > "$W/raw/versions.txt" 2>&1
 SF="--sampling-frequency=1000"
 "$NSYS" profile --help 2>&1 | grep -q -- '--sampling-frequency' || SF="--sampling-period=1000000"

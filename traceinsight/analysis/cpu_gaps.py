@@ -1,0 +1,302 @@
+"""What the host was doing while the GPU waited for it (the ``cpu_gap`` time of a step).
+
+For every GPU-idle piece charged to ``cpu_gap`` the launching thread (the one that launched
+the GPU work ending the gap) is examined with the best evidence the trace holds, in order:
+
+1. **CPU samples** (nsys ``-s cpu``): each sample's stack is classified innermost frame first
+   (:func:`~traceinsight.analysis.classify.cause_of_stack`); shares are sample counts.
+2. **OS-runtime calls** (nsys ``-t osrt``): time inside ``nanosleep``, ``futex``, ``mmap``...
+3. **Python functions** (Kineto ``with_stack=True``): the deepest functions running.
+4. **Framework ops and annotations**: the deepest op running; many small ops or launches point
+   to launch overhead. An annotation alone (no op, no stack) tells *where* but not *why*:
+   the cause is then ``unknown``.
+
+Causes: :data:`~traceinsight.analysis.classify.GAP_CAUSES`. The ``evidence`` string names the
+top frames, calls or ops with their share of the gap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from traceinsight.analysis.classify import cause_of_name, cause_of_stack, launch_expr
+from traceinsight.model import TraceModel
+
+GAP_KEYS = ["rank", "pid", "tid"]
+
+
+def _pairs_overlapping(
+    gap_starts: np.ndarray, gap_ends: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gap index, item index, overlap ns) for every item overlapping a gap.
+
+    Gaps must be disjoint and sorted; items are arbitrary intervals.
+    """
+    first = np.searchsorted(gap_ends, starts, side="right")
+    last = np.searchsorted(gap_starts, ends, side="left")
+    counts = np.maximum(last - first, 0)
+    item = np.repeat(np.arange(starts.size), counts)
+    if item.size == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    offsets = np.arange(item.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    gap = first[item] + offsets
+    overlap = np.minimum(ends[item], gap_ends[gap]) - np.maximum(starts[item], gap_starts[gap])
+    keep = overlap > 0
+    return gap[keep], item[keep], overlap[keep]
+
+
+def _per_thread_overlaps(gaps: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """Join gaps with the items of the same thread that overlap them (``overlap_ns`` added)."""
+    frames = []
+    for key, thread_gaps in gaps.group_by(GAP_KEYS):
+        rank, pid, tid = key
+        thread_items = items.filter(
+            (pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid)
+        )
+        if thread_items.is_empty():
+            continue
+        thread_gaps = thread_gaps.sort("start_ns")
+        gap_index, item_index, overlap = _pairs_overlapping(
+            thread_gaps.get_column("start_ns").to_numpy(),
+            thread_gaps.get_column("end_ns").to_numpy(),
+            thread_items.get_column("start_ns").to_numpy(),
+            thread_items.get_column("end_ns").to_numpy(),
+        )
+        if gap_index.size == 0:
+            continue
+        frames.append(
+            pl.DataFrame(
+                {
+                    "gap_id": thread_gaps.get_column("gap_id").to_numpy()[gap_index],
+                    "overlap_ns": overlap,
+                }
+            ).hstack(thread_items[item_index].drop("rank", "pid", "tid", "start_ns", "end_ns"))
+        )
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames, how="vertical_relaxed")
+
+
+def _samples_in_gaps(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+    frames = []
+    for key, thread_gaps in gaps.group_by(GAP_KEYS):
+        rank, pid, tid = key
+        thread_samples = samples.filter((pl.col("rank") == rank) & (pl.col("tid") == tid))
+        if thread_samples.is_empty():
+            continue
+        thread_gaps = thread_gaps.sort("start_ns")
+        starts = thread_gaps.get_column("start_ns").to_numpy()
+        ends = thread_gaps.get_column("end_ns").to_numpy()
+        times = thread_samples.get_column("time_ns").to_numpy()
+        index = np.searchsorted(starts, times, side="right") - 1
+        inside = (index >= 0) & (times < ends[np.clip(index, 0, None)])
+        if not inside.any():
+            continue
+        frames.append(
+            thread_samples.filter(pl.Series(inside)).select("frames", "modules", "state").with_columns(
+                gap_id=pl.Series(thread_gaps.get_column("gap_id").to_numpy()[index[inside]])
+            )
+        )
+    if not frames:
+        return pl.DataFrame()
+    return pl.concat(frames)
+
+
+def _label_of_stack(frames: list[str] | None, modules: list[str] | None, cause: str) -> str:
+    """The frame that best names a stack for a reader: the one that decided the cause."""
+    frames = frames or []
+    modules = modules or [None] * len(frames)
+    for frame, module in zip(frames, modules):
+        if cause_of_name(frame) == cause or cause_of_name(module) == cause:
+            return frame if frame and not frame.startswith("0x") else (module or frame or "?")
+    if frames:
+        frame = frames[0]
+        return frame if frame and not frame.startswith("0x") else (modules[0] or frame)
+    return "?"
+
+
+def _weights_from_samples(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
+    hits = _samples_in_gaps(gaps, samples)
+    if hits.is_empty():
+        return pl.DataFrame()
+    causes, labels = [], []
+    for frames, modules, state in hits.select("frames", "modules", "state").iter_rows():
+        cause = cause_of_stack(frames, modules)
+        if cause in ("unknown", "python") and state and state.lower() not in ("running", "r"):
+            cause = "blocked"
+        causes.append(cause)
+        labels.append(_label_of_stack(frames, modules, cause))
+    hits = hits.with_columns(cause=pl.Series(causes), label=pl.Series(labels))
+    per_gap = hits.group_by("gap_id").agg(n=pl.len())
+    return (
+        hits.group_by("gap_id", "cause", "label")
+        .agg(count=pl.len())
+        .join(per_gap, on="gap_id")
+        .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
+        .with_columns(
+            weight_ns=(pl.col("count") / pl.col("n") * pl.col("duration_ns")).cast(pl.Int64),
+            source=pl.lit("cpu samples"),
+        )
+        .select("gap_id", "cause", "label", "weight_ns", "source")
+    )
+
+
+def _weights_from_intervals(
+    gaps: pl.DataFrame, items: pl.DataFrame, *, source: str, deepest_only: bool, default_cause: str | None
+) -> pl.DataFrame:
+    if items.is_empty():
+        return pl.DataFrame()
+    # Ops say more than the annotations around them: rank them above any annotation depth.
+    specificity = pl.col("depth").fill_null(0) + pl.when(pl.col("kind") == "annotation").then(0).otherwise(1 << 20)
+    hits = _per_thread_overlaps(
+        gaps,
+        items.select("rank", "pid", "tid", "start_ns", "end_ns", "name", specificity.alias("specificity")),
+    )
+    if hits.is_empty():
+        return pl.DataFrame()
+    if deepest_only:
+        hits = hits.filter(pl.col("specificity") == pl.col("specificity").max().over("gap_id"))
+    names = hits.get_column("name").unique().to_list()
+    cause_by_name = {name: cause_of_name(name) or default_cause for name in names}
+    return (
+        hits.with_columns(cause=pl.col("name").replace_strict(cause_by_name, default=None))
+        .filter(pl.col("cause").is_not_null())
+        .group_by("gap_id", "cause", pl.col("name").alias("label"))
+        .agg(weight_ns=pl.col("overlap_ns").sum())
+        .with_columns(source=pl.lit(source))
+    )
+
+
+def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
+    """Give every ``cpu_gap`` piece a cause and evidence.
+
+    Parameters
+    ----------
+    model
+        The trace model.
+    gaps
+        ``Breakdown.gaps`` from :func:`~traceinsight.analysis.breakdown.step_breakdown`.
+
+    Returns
+    -------
+    polars.DataFrame
+        The ``cpu_gap`` rows of ``gaps`` with ``cause``, ``evidence`` (top labels with their
+        share), ``evidence_source`` and ``launches`` (GPU launches the thread made inside).
+
+    Examples
+    --------
+    >>> pieces = step_breakdown(model, find_steps(model)).gaps  # doctest: +SKIP
+    >>> attribute_cpu_gaps(model, pieces).group_by("cause").agg(pl.col("duration_ns").sum())  # doctest: +SKIP
+    """
+    cpu_gaps = (
+        gaps.filter(pl.col("category") == "cpu_gap")
+        .with_row_index("gap_id")
+        .with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"))
+    )
+    if cpu_gaps.is_empty():
+        return cpu_gaps.with_columns(
+            cause=pl.lit(None, pl.String), evidence=pl.lit(None, pl.String),
+            evidence_source=pl.lit(None, pl.String), launches=pl.lit(0, pl.Int64),
+        ).drop("gap_id")
+    known = cpu_gaps.filter(pl.col("tid").is_not_null())
+    intervals = model.intervals
+    strong = [
+        _weights_from_samples(known, model.samples),
+        _weights_from_intervals(
+            known, intervals.filter(pl.col("kind") == "osrt"),
+            source="os runtime", deepest_only=False, default_cause=None,
+        ),
+    ]
+    python = _weights_from_intervals(
+        known, intervals.filter(pl.col("kind") == "python"),
+        source="python functions", deepest_only=True, default_cause="python",
+    )
+    ops = _weights_from_intervals(
+        known, intervals.filter(pl.col("kind").is_in(["cpu_op", "annotation"])),
+        source="ops", deepest_only=True, default_cause="unknown",
+    )
+    strong = [frame for frame in strong if not frame.is_empty()]
+    # Evidence tiers: the first tier with anything to say about a gap decides it.
+    tiers = [pl.concat(strong, how="vertical_relaxed") if strong else pl.DataFrame(), python, ops]
+    decided: list[pl.DataFrame] = []
+    decided_ids: set[int] = set()
+    for rank_of_tier, weights in enumerate(tiers):
+        if weights.is_empty():
+            continue
+        weights = weights.filter(~pl.col("gap_id").is_in(list(decided_ids)))
+        if weights.is_empty():
+            continue
+        decided.append(weights.with_columns(tier=pl.lit(rank_of_tier)))
+        decided_ids.update(weights.get_column("gap_id").unique().to_list())
+    launch_counts = (
+        _per_thread_overlaps(known, intervals.filter(launch_expr()).select("rank", "pid", "tid", "start_ns", "end_ns"))
+    )
+    launch_counts = (
+        launch_counts.group_by("gap_id").agg(launches=pl.len())
+        if not launch_counts.is_empty()
+        else pl.DataFrame(schema={"gap_id": pl.UInt32, "launches": pl.UInt32})
+    )
+    if decided:
+        evidence = pl.concat(decided, how="vertical_relaxed")
+        summary = _summarize_evidence(evidence, cpu_gaps)
+    else:
+        summary = pl.DataFrame(schema={"gap_id": pl.UInt32, "cause": pl.String, "evidence": pl.String, "evidence_source": pl.String})
+    out = (
+        cpu_gaps.join(summary, on="gap_id", how="left")
+        .join(launch_counts, on="gap_id", how="left")
+        .with_columns(
+            launches=pl.col("launches").fill_null(0).cast(pl.Int64),
+            cause=pl.col("cause").fill_null("unknown"),
+            evidence_source=pl.col("evidence_source").fill_null("none"),
+        )
+    )
+    # A gap whose thread only launched work (no op, no stack) is launch overhead.
+    out = out.with_columns(
+        cause=pl.when((pl.col("cause") == "unknown") & (pl.col("launches") >= 2))
+        .then(pl.lit("launch_overhead"))
+        .otherwise(pl.col("cause"))
+    )
+    return out.drop("gap_id").sort("rank", "start_ns")
+
+
+def _summarize_evidence(evidence: pl.DataFrame, gaps: pl.DataFrame) -> pl.DataFrame:
+    """Per gap: the heaviest cause, and the top three labels with their share of the gap."""
+    by_cause = evidence.group_by("gap_id", "cause").agg(weight_ns=pl.col("weight_ns").sum())
+    best = (
+        by_cause.sort(["gap_id", "weight_ns", "cause"], descending=[False, True, False])
+        .unique("gap_id", keep="first", maintain_order=True)
+        .select("gap_id", "cause")
+    )
+    labels = (
+        evidence.group_by("gap_id", "source", "label")
+        .agg(weight_ns=pl.col("weight_ns").sum())
+        .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
+        .with_columns(share=(pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100))
+        .sort(["gap_id", "weight_ns"], descending=[False, True])
+        .group_by("gap_id", maintain_order=True)
+        .agg(
+            evidence=pl.format("{} ({}%)", pl.col("label"), pl.col("share").round(0).cast(pl.Int64))
+            .head(3)
+            .str.join(", "),
+            evidence_source=pl.col("source").unique(maintain_order=True).str.join(" + "),
+        )
+    )
+    return best.join(labels, on="gap_id", how="left")
+
+
+def summarize_causes(attributed: pl.DataFrame) -> pl.DataFrame:
+    """Total CPU-gap time per (rank, step, cause), with the heaviest evidence of each."""
+    if attributed.is_empty():
+        return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "cause": pl.String, "gap_ns": pl.Int64, "gaps": pl.UInt32, "evidence": pl.String})
+    return (
+        attributed.sort("duration_ns", descending=True)
+        .group_by("rank", "step", "cause", maintain_order=True)
+        .agg(
+            gap_ns=pl.col("duration_ns").sum(),
+            gaps=pl.len(),
+            evidence=pl.col("evidence").drop_nulls().first(),
+        )
+        .sort("rank", "step", "gap_ns", descending=[False, False, True])
+    )
