@@ -1,0 +1,105 @@
+"""Run the analyses in order and collect their results into :class:`Findings`.
+
+Each analysis stays a plain function of model frames; this module only wires them together
+so that the CLI, the renderers and the Python API see the same results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import polars as pl
+
+from traceinsight.analysis.breakdown import CATEGORIES, step_breakdown
+from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
+from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
+from traceinsight.analysis.inventory import top_kernels
+from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.steps import find_steps
+from traceinsight.model import TraceModel
+
+
+@dataclass
+class Findings:
+    """Everything ``analyze`` found.
+
+    Attributes
+    ----------
+    ranks
+        ``model.ranks`` with ``clock_offset_ns`` (0 until clocks are aligned).
+    steps
+        One row per (rank, step): window, ``duration_ns`` and ``<category>_ns`` columns,
+        ``anomalous``.
+    step_source
+        ``"marker"`` or ``"whole trace"``.
+    cpu_gaps
+        Every CPU-gap piece with its cause and evidence.
+    cpu_gap_causes
+        CPU-gap time per (rank, step, cause).
+    ranges
+        Range statistics per (rank, name); ``range_instances`` one row per instance.
+    top_kernels
+        Kernels by total time per rank.
+    anomalies, waits
+        Lists of JSON-ready dicts (anomaly and multi-rank analyses).
+    warnings
+        What the input lacked.
+    """
+
+    ranks: pl.DataFrame
+    steps: pl.DataFrame
+    step_source: str
+    step_pattern: str
+    cpu_gaps: pl.DataFrame
+    cpu_gap_causes: pl.DataFrame
+    ranges: pl.DataFrame
+    range_instances: pl.DataFrame
+    top_kernels: pl.DataFrame
+    anomalies: list[dict] = field(default_factory=list)
+    waits: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def analyze(
+    model: TraceModel,
+    *,
+    step_pattern: str | None = None,
+    comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS,
+) -> Findings:
+    """Steps, their breakdown, CPU-gap causes, range statistics and top kernels.
+
+    Examples
+    --------
+    >>> import traceinsight
+    >>> from traceinsight.analysis.pipeline import analyze
+    >>> findings = analyze(traceinsight.load("sample_traces/moe_single_nsys.sqlite"))  # doctest: +SKIP
+    """
+    warnings = list(model.warnings)
+    table = find_steps(model, pattern=step_pattern)
+    if table.source != "marker":
+        if step_pattern:
+            warnings.append(f"step marker {step_pattern!r} matched no annotation: the whole trace is one step")
+        else:
+            warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N'): the whole trace is one step")
+    breakdown = step_breakdown(model, table, comm_patterns=comm_patterns)
+    gaps = attribute_cpu_gaps(model, breakdown.gaps)
+    instances = range_instances(model, gpu=breakdown.gpu)
+    steps = breakdown.steps.with_columns(anomalous=pl.lit(False))
+    ranks = model.ranks.with_columns(clock_offset_ns=pl.lit(0, dtype=pl.Int64))
+    return Findings(
+        ranks=ranks,
+        steps=steps,
+        step_source=table.source,
+        step_pattern=table.pattern,
+        cpu_gaps=gaps,
+        cpu_gap_causes=summarize_causes(gaps),
+        ranges=range_statistics(instances),
+        range_instances=instances,
+        top_kernels=top_kernels(model, limit=10),
+        warnings=warnings,
+    )
+
+
+def breakdown_ms(row: dict) -> dict[str, float]:
+    """The ``breakdown_ms`` mapping of one step row."""
+    return {name: round(row[f"{name}_ns"] / 1e6, 4) for name in CATEGORIES}

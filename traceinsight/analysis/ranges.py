@@ -1,0 +1,164 @@
+"""Statistics of annotation ranges (NVTX, ``record_function``): how long, how late their GPU work.
+
+For every instance of every annotation the GPU work it launched is found through the launch
+calls its thread made inside it (correlation ids). Per instance:
+
+``duration_ns``
+    CPU-side length of the range.
+``first_gpu_lag_ns``
+    From the range's start to the start of the first GPU activity it launched: a
+    ``GroupedLinear forward`` whose GEMMs start 200 ms after it began has a 200 ms lag.
+``gpu_ns``
+    Summed duration of the GPU activities it launched; ``gpu_span_ns`` from the first start
+    to the last end.
+``launches``
+    Number of GPU activities launched inside.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from traceinsight.analysis.breakdown import gpu_activities
+from traceinsight.model import TraceModel
+
+INSTANCE_KEYS = ["rank", "pid", "tid"]
+
+
+def _launched_work(model: TraceModel, gpu: pl.DataFrame | None) -> pl.DataFrame:
+    gpu = gpu if gpu is not None else gpu_activities(model)
+    return (
+        gpu.filter(pl.col("launch_start_ns").is_not_null())
+        .group_by("rank", pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"), "correlation")
+        .agg(
+            launch_ns=pl.col("launch_start_ns").first(),
+            gpu_start_ns=pl.col("start_ns").min(),
+            gpu_end_ns=pl.col("end_ns").max(),
+            gpu_ns=(pl.col("end_ns") - pl.col("start_ns")).sum(),
+            activities=pl.len(),
+        )
+        .sort("launch_ns")
+    )
+
+
+def _range_reduce(ufunc, values: np.ndarray, first: np.ndarray, last: np.ndarray, empty) -> np.ndarray:
+    """``ufunc.reduce(values[first[i]:last[i]])`` for every i, ``empty`` where the range is empty."""
+    out = np.full(first.size, empty, dtype=values.dtype if values.size else np.int64)
+    nonempty = last > first
+    if values.size == 0 or not nonempty.any():
+        return out
+    pairs = np.empty(2 * int(nonempty.sum()), dtype=np.int64)
+    pairs[0::2] = first[nonempty]
+    pairs[1::2] = np.minimum(last[nonempty], values.size - 1)
+    reduced = ufunc.reduceat(values, pairs)[0::2]
+    # reduceat's slice for the last pair ends at pairs[i+1]; when last == size we clipped it,
+    # so fold the final element back in.
+    at_end = last[nonempty] == values.size
+    if at_end.any():
+        reduced[at_end] = ufunc(reduced[at_end], values[-1])
+    out[nonempty] = reduced
+    return out
+
+
+def range_instances(
+    model: TraceModel, *, gpu: pl.DataFrame | None = None, names: list[str] | None = None
+) -> pl.DataFrame:
+    """One row per annotation instance with its launched GPU work.
+
+    Parameters
+    ----------
+    model
+        The trace model.
+    gpu
+        ``gpu_activities(model)`` if already computed.
+    names
+        Restrict to these annotation names.
+
+    Returns
+    -------
+    polars.DataFrame
+        ``rank, pid, tid, name, depth, start_ns, end_ns, duration_ns, launches, gpu_ns,
+        first_gpu_start_ns, last_gpu_end_ns, first_gpu_lag_ns, gpu_span_ns``.
+
+    Examples
+    --------
+    >>> range_instances(model, names=["GroupedLinear forward layer2.fc1"])  # doctest: +SKIP
+    """
+    annotations = model.intervals.filter(pl.col("kind") == "annotation")
+    if names is not None:
+        annotations = annotations.filter(pl.col("name").is_in(names))
+    annotations = annotations.select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
+    work = _launched_work(model, gpu)
+    frames = []
+    for key, ranges in annotations.group_by(INSTANCE_KEYS):
+        rank, pid, tid = key
+        launched = work.filter((pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid))
+        starts = ranges.get_column("start_ns").to_numpy()
+        ends = ranges.get_column("end_ns").to_numpy()
+        launch_ns = launched.get_column("launch_ns").to_numpy()
+        first = np.searchsorted(launch_ns, starts, side="left")
+        last = np.searchsorted(launch_ns, ends, side="right")
+        big = np.iinfo(np.int64).max
+        gpu_ns = np.concatenate([[0], np.cumsum(launched.get_column("gpu_ns").to_numpy())])
+        acts = np.concatenate([[0], np.cumsum(launched.get_column("activities").to_numpy())])
+        first_gpu = _range_reduce(np.minimum, launched.get_column("gpu_start_ns").to_numpy(), first, last, big)
+        last_gpu = _range_reduce(np.maximum, launched.get_column("gpu_end_ns").to_numpy(), first, last, -big)
+        frames.append(
+            ranges.with_columns(
+                launches=pl.Series(acts[last] - acts[first], dtype=pl.Int64),
+                gpu_ns=pl.Series(gpu_ns[last] - gpu_ns[first], dtype=pl.Int64),
+                first_gpu_start_ns=pl.Series(first_gpu, dtype=pl.Int64),
+                last_gpu_end_ns=pl.Series(last_gpu, dtype=pl.Int64),
+            )
+        )
+    if not frames:
+        return annotations.with_columns(
+            duration_ns=pl.lit(0, pl.Int64), launches=pl.lit(0, pl.Int64), gpu_ns=pl.lit(0, pl.Int64),
+            first_gpu_start_ns=pl.lit(None, pl.Int64), last_gpu_end_ns=pl.lit(None, pl.Int64),
+            first_gpu_lag_ns=pl.lit(None, pl.Int64), gpu_span_ns=pl.lit(None, pl.Int64),
+        )
+    big = np.iinfo(np.int64).max
+    return (
+        pl.concat(frames)
+        .with_columns(
+            pl.when(pl.col("launches") > 0).then(pl.col("first_gpu_start_ns")).otherwise(None).alias("first_gpu_start_ns"),
+            pl.when(pl.col("launches") > 0).then(pl.col("last_gpu_end_ns")).otherwise(None).alias("last_gpu_end_ns"),
+        )
+        .with_columns(
+            duration_ns=pl.col("end_ns") - pl.col("start_ns"),
+            first_gpu_lag_ns=pl.col("first_gpu_start_ns") - pl.col("start_ns"),
+            gpu_span_ns=pl.col("last_gpu_end_ns") - pl.col("first_gpu_start_ns"),
+        )
+        .filter(pl.col("first_gpu_start_ns").is_null() | (pl.col("first_gpu_start_ns") < big))
+        .sort("rank", "start_ns")
+    )
+
+
+def range_statistics(instances: pl.DataFrame) -> pl.DataFrame:
+    """Per (rank, name): count and duration percentiles, lag and GPU time.
+
+    Returns
+    -------
+    polars.DataFrame
+        ``rank, name, count, total_ms, mean_ms, p50_ms, p90_ms, p99_ms, max_ms, lag_p50_ms,
+        lag_max_ms, gpu_ms_mean, launches_mean``, sorted by total time.
+    """
+    ms = 1e-6
+    return (
+        instances.group_by("rank", "name")
+        .agg(
+            count=pl.len(),
+            total_ms=pl.col("duration_ns").sum() * ms,
+            mean_ms=pl.col("duration_ns").mean() * ms,
+            p50_ms=pl.col("duration_ns").quantile(0.5, interpolation="linear") * ms,
+            p90_ms=pl.col("duration_ns").quantile(0.9, interpolation="linear") * ms,
+            p99_ms=pl.col("duration_ns").quantile(0.99, interpolation="linear") * ms,
+            max_ms=pl.col("duration_ns").max() * ms,
+            lag_p50_ms=pl.col("first_gpu_lag_ns").quantile(0.5, interpolation="linear") * ms,
+            lag_max_ms=pl.col("first_gpu_lag_ns").max() * ms,
+            gpu_ms_mean=pl.col("gpu_ns").mean() * ms,
+            launches_mean=pl.col("launches").mean(),
+        )
+        .sort("total_ms", descending=True)
+    )

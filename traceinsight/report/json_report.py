@@ -1,0 +1,88 @@
+"""The machine-readable findings (``analyze --json FILE``).
+
+Stable keys (later analyses add keys, never change these)::
+
+    {"ranks": [{"rank", "source", "format", "clock_offset_ns", ...}],
+     "steps": [{"rank", "step", "label", "start_ns", "duration_ms", "breakdown_ms", "anomalous"}],
+     "anomalies": [...], "waits": [...]}
+
+``start_ns`` is on the rank's own clock (see ``ranks[].clock_origin_ns`` for its epoch).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+import traceinsight
+from traceinsight.analysis.pipeline import Findings, breakdown_ms
+
+
+def _ms(ns) -> float | None:
+    return None if ns is None else round(ns / 1e6, 4)
+
+
+def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
+    """A JSON-ready dict of ``findings`` (host names only with ``show_host``)."""
+    ranks = []
+    for row in findings.ranks.sort("rank").iter_rows(named=True):
+        entry = {
+            "rank": row["rank"],
+            "source": row["source"],
+            "format": row["format"],
+            "clock_offset_ns": row["clock_offset_ns"],
+            "clock_origin_ns": row["clock_origin_ns"],
+            "rank_source": row["rank_source"],
+            "pid": row["pid"],
+            "gpus": row["gpu_names"] or [],
+            "tool_version": row["tool_version"],
+        }
+        if show_host:
+            entry["hostname"] = row["hostname"]
+        ranks.append(entry)
+    steps = [
+        {
+            "rank": row["rank"],
+            "step": row["step"],
+            "label": row["label"],
+            "start_ns": row["start_ns"],
+            "duration_ms": _ms(row["duration_ns"]),
+            "breakdown_ms": breakdown_ms(row),
+            "anomalous": bool(row["anomalous"]),
+        }
+        for row in findings.steps.sort("rank", "step").iter_rows(named=True)
+    ]
+    causes = [
+        {"rank": r["rank"], "step": r["step"], "cause": r["cause"], "gap_ms": _ms(r["gap_ns"]),
+         "gaps": r["gaps"], "evidence": r["evidence"]}
+        for r in findings.cpu_gap_causes.iter_rows(named=True)
+    ]
+    ranges = [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+        for row in findings.ranges.head(200).iter_rows(named=True)
+    ]
+    kernels = [
+        {"rank": r["rank"], "name": r["name"], "count": r["count"], "total_ms": round(r["total_ms"], 4),
+         "mean_us": round(r["mean_us"], 3), "share": round(r["share"], 4)}
+        for r in findings.top_kernels.iter_rows(named=True)
+    ]
+    return {
+        "traceinsight_version": traceinsight.__version__,
+        "ranks": ranks,
+        "step_source": findings.step_source,
+        "step_pattern": findings.step_pattern,
+        "steps": steps,
+        "anomalies": findings.anomalies,
+        "waits": findings.waits,
+        "cpu_gap_causes": causes,
+        "ranges": ranges,
+        "top_kernels": kernels,
+        "warnings": findings.warnings,
+    }
+
+
+def render_json(findings: Findings, *, show_host: bool = False) -> bytes:
+    """The findings as indented UTF-8 JSON."""
+    return msgspec.json.format(msgspec.json.encode(findings_to_dict(findings, show_host=show_host)), indent=1)
+
+
+__all__ = ["findings_to_dict", "render_json"]

@@ -1,0 +1,31 @@
+"""Write output files atomically: a temporary file in the same folder, renamed when complete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either absent/old or complete.
+
+    The bytes go to a temporary file beside ``path`` (same file system, so the rename is
+    atomic) and replace ``path`` only after a successful write and flush; on any failure the
+    temporary file is removed and nothing is left behind.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".traceinsight-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.unlink(temporary)
+        except FileNotFoundError:
+            pass
+        raise

@@ -1,0 +1,140 @@
+"""The terminal summary of ``analyze`` and ``info`` (rich tables).
+
+Every string from a trace goes through :func:`plain`, so a kernel named ``[bold]x`` prints
+literally instead of being read as markup.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.pipeline import Findings
+
+MAX_STEP_ROWS = 60
+
+
+def plain(value) -> Text:
+    """Untrusted text as a rich ``Text`` (never parsed as markup), shortened for a table cell."""
+    text = "" if value is None else str(value)
+    if len(text) > 90:
+        text = text[:87] + "..."
+    return Text(text)
+
+
+def _ms(ns: int | float | None) -> str:
+    return "-" if ns is None else f"{ns / 1e6:,.2f}"
+
+
+def render_findings(findings: Findings, console: Console, *, show_host: bool = False) -> None:
+    """Print the summary of ``findings``: ranks, steps with breakdown, gaps, ranges, kernels."""
+    steps = findings.steps.sort("rank", "step")
+    ranks = findings.ranks.sort("rank")
+    console.print(Text(
+        f"traceinsight: {ranks.height} rank(s), {steps.height} step(s) "
+        f"({findings.step_source}), steps per rank {steps.group_by('rank').len().get_column('len').max() or 0}",
+        style="bold",
+    ))
+    rank_table = Table(title="Ranks", title_justify="left")
+    for column in ("rank", "from", "format", "GPU", "source", "clock offset (µs)"):
+        rank_table.add_column(column)
+    for row in ranks.iter_rows(named=True):
+        rank_table.add_row(
+            str(row["rank"]), plain(row["rank_source"]), plain(row["format"]),
+            plain(", ".join(row["gpu_names"] or []) or "?"), plain(row["source"]),
+            f"{row['clock_offset_ns'] / 1e3:,.1f}",
+        )
+    console.print(rank_table)
+
+    step_table = Table(title="Steps: where the time went (ms)", title_justify="left")
+    step_table.add_column("rank", justify="right")
+    step_table.add_column("step", justify="right")
+    step_table.add_column("total", justify="right")
+    for name in CATEGORIES:
+        step_table.add_column(name.replace("_", " "), justify="right")
+    step_table.add_column("", justify="left")
+    shown = steps
+    if steps.height > MAX_STEP_ROWS:
+        shown = steps.filter(pl.col("anomalous")).head(MAX_STEP_ROWS)
+    for row in shown.iter_rows(named=True):
+        step_table.add_row(
+            str(row["rank"]), str(row["step"]), _ms(row["duration_ns"]),
+            *[_ms(row[f"{name}_ns"]) for name in CATEGORIES],
+            Text("anomalous", style="bold red") if row["anomalous"] else Text(""),
+        )
+    if steps.height > MAX_STEP_ROWS:
+        step_table.caption = f"{shown.height} anomalous of {steps.height} steps shown"
+    console.print(step_table)
+
+    causes = findings.cpu_gaps
+    if causes.height:
+        cause_table = Table(title="CPU gaps: what the host did while the GPU waited", title_justify="left")
+        for column in ("cause", "total ms", "gaps", "largest gap (ms)", "evidence of the largest"):
+            cause_table.add_column(column)
+        summary = (
+            causes.sort("duration_ns", descending=True)
+            .group_by("cause", maintain_order=True)
+            .agg(total=pl.col("duration_ns").sum(), n=pl.len(), largest=pl.col("duration_ns").first(),
+                 evidence=pl.col("evidence").first(), where=pl.col("next_name").first())
+            .sort("total", descending=True)
+        )
+        for row in summary.iter_rows(named=True):
+            cause_table.add_row(row["cause"], _ms(row["total"]), str(row["n"]), _ms(row["largest"]),
+                                plain(row["evidence"]))
+        console.print(cause_table)
+
+    if findings.ranges.height:
+        range_table = Table(title="Ranges (top by total time)", title_justify="left")
+        for column in ("rank", "range", "count", "p50 ms", "p99 ms", "max ms", "lag p50 ms", "lag max ms"):
+            range_table.add_column(column, justify="right" if column not in ("range",) else "left")
+        for row in findings.ranges.head(12).iter_rows(named=True):
+            range_table.add_row(
+                str(row["rank"]), plain(row["name"]), str(row["count"]),
+                f"{row['p50_ms']:.3f}", f"{row['p99_ms']:.3f}", f"{row['max_ms']:.3f}",
+                "-" if row["lag_p50_ms"] is None else f"{row['lag_p50_ms']:.3f}",
+                "-" if row["lag_max_ms"] is None else f"{row['lag_max_ms']:.3f}",
+            )
+        console.print(range_table)
+
+    if findings.top_kernels.height:
+        kernel_table = Table(title="Top kernels", title_justify="left")
+        for column in ("rank", "kernel", "count", "total ms", "mean µs", "share"):
+            kernel_table.add_column(column, justify="left" if column == "kernel" else "right")
+        for row in findings.top_kernels.group_by("rank", maintain_order=True).head(6).iter_rows(named=True):
+            kernel_table.add_row(str(row["rank"]), plain(row["name"]), str(row["count"]),
+                                 f"{row['total_ms']:.2f}", f"{row['mean_us']:.1f}", f"{row['share']:.1%}")
+        console.print(kernel_table)
+
+    for warning in findings.warnings:
+        console.print(Text(f"note: {warning}", style="yellow"))
+
+
+def render_info(descriptions: list[dict], console: Console) -> None:
+    """Print ``traceinsight info`` for each file."""
+    for info in descriptions:
+        console.print(Text(f"{info['path']}", style="bold"))
+        table = Table(show_header=False, box=None, pad_edge=False)
+        table.add_column(style="dim")
+        table.add_column()
+        steps = info["steps"]
+        step_text = (
+            f"{steps['count']} ({', '.join(steps['labels'])} ...)" if steps["count"] else "none found"
+        )
+        counts = ", ".join(f"{k} {v:,}" for k, v in info["counts"].items() if v)
+        table.add_row("format", plain(f"{info['format']} {info['tool_version'] or ''}".strip()))
+        table.add_row("ranks", plain(", ".join(str(r) for r in info["ranks"]) or "none"))
+        table.add_row("GPUs", plain(", ".join(info["gpus"]) or "none"))
+        table.add_row("span", f"{info['span_ms']:,.1f} ms")
+        table.add_row("events", plain(counts or "none"))
+        table.add_row("CPU samples", f"{info['samples']:,}")
+        table.add_row("steps", plain(step_text))
+        for kernel in info["top_kernels"][:5]:
+            table.add_row("top kernel", plain(f"{kernel['name']}  {kernel['total_ms']:.2f} ms "
+                                              f"({kernel['share']:.0%}, {kernel['count']}x)"))
+        for warning in info["warnings"]:
+            table.add_row("note", plain(warning))
+        console.print(table)
+        console.print()
