@@ -53,6 +53,10 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         re.compile(
             r"(?i)gc_collect|_PyGC_|collect_generations|deduce_unreachable|subtract_refs"
             r"|move_unreachable|visit_decref|visit_reachable|gc\.collect|method collect of module"
+            # CPython calls these only while collecting: untrack_dicts/untrack_tuples.
+            r"|_Py(?:Dict|Tuple)_MaybeUntrack|untrack_(?:dicts|tuples)|gc_list_\w+|update_refs"
+            # tp_traverse callbacks and their helpers run only when the collector walks objects
+            r"|PyObject_IS_GC|_PyObject_VisitManagedDict|^\w+_traverse$"
             r"|function collect\b|\bgc_collect_main|handle_weakrefs|finalize_garbage"
         ),
     ),
@@ -62,7 +66,9 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(?i)^(?:__libc_)?(?:malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign)$"
             r"|^(?:mmap|mmap64|munmap|mremap|brk|sbrk|madvise)$|_int_malloc|_int_free|sysmalloc"
             r"|page_fault|do_anonymous_page|handle_mm_fault|clear_page|alloc_pages|do_huge_pmd"
-            r"|PyDataMem_|npy_alloc|PyArray_(?:Zeros|Empty|New|NewFromDescr)|array_(?:zeros|empty)"
+            r"|PyDataMem_|npy_alloc|PyArray_(?:Zeros|Empty|New\w*|Fill\w*|AssignRawScalar)"
+            # numpy creating and filling a fresh array (np.ones/np.full/np.zeros touch pages)
+            r"|raw_array_assign_scalar|array_(?:zeros|empty|ones|full)|_aligned_strided_to_contig"
             r"|numpy\.(?:zeros|ones|empty|full)|method (?:zeros|ones|empty|full) of module numpy"
             r"|cudaHostAlloc|cudaMallocHost|cuMemHostAlloc|CachingHostAllocator|cudaMalloc\b"
             r"|^aten::(?:empty|zeros|ones|full)$|^\[memory\]$|__memset|memset_erms|__memcpy"
@@ -110,24 +116,48 @@ def cause_of_name(name: str | None) -> str | None:
     return None
 
 
+_HEX_ADDRESS = re.compile(r"^(?:0x)?[0-9a-fA-F]{6,}$")
+
+
+def is_unresolved(frame: str | None) -> bool:
+    """A frame the profiler could not symbolize (a bare address such as ``0x7f90f93a1efa``)."""
+    return not frame or bool(_HEX_ADDRESS.match(frame))
+
+
 def cause_of_stack(frames: list[str] | None, modules: list[str] | None = None) -> str:
     """The cause a sampled stack points to: the innermost frame that matches a rule wins.
 
-    Frames are innermost first. A frame's module (``libpython3.11.so``) counts too.
+    Frames are innermost first. An unresolved frame counts through its module where the
+    module alone is telling (``libcuda.so`` means launching); an unresolved frame inside the
+    interpreter binary is *not* "python": it may as well be the garbage collector. Returns
+    ``"unresolved"`` when no frame could be read, ``"unknown"`` when frames were read but
+    none matched a rule.
     """
     frames = frames or []
     modules = modules or [None] * len(frames)
     fallback = None
+    resolved_any = False
+    # Where the innermost frame is unreadable, an interpreter frame further out only says
+    # that Python called *something*: the sample is unresolved, not "python".
+    innermost_unreadable = bool(frames) and is_unresolved(frames[0])
     for frame, module in zip(frames, modules):
-        cause = cause_of_name(frame) or cause_of_name(module)
+        if is_unresolved(frame):
+            cause = cause_of_name(module)
+            if cause == "python":
+                cause = None
+        else:
+            resolved_any = True
+            cause = cause_of_name(frame)
         if cause == "python":
-            # Interpreter frames are everywhere in a PyTorch stack; only decide "python" when
-            # nothing more specific sits further out... but an inner match wins, so keep going.
+            # Interpreter frames sit around everything in a PyTorch stack: keep looking for
+            # something more specific further out, and fall back to "python".
             fallback = fallback or "python"
             continue
         if cause is not None:
             return cause
-    return fallback or "unknown"
+    if fallback and not innermost_unreadable:
+        return fallback
+    return "unknown" if resolved_any and not innermost_unreadable else "unresolved"
 
 
 def comm_kernel_expr(patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS) -> pl.Expr:

@@ -95,7 +95,7 @@ def _samples_in_gaps(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
         if not inside.any():
             continue
         frames.append(
-            thread_samples.filter(pl.Series(inside)).select("frames", "modules", "state").with_columns(
+            thread_samples.filter(pl.Series(inside)).select("time_ns", "frames", "modules", "state").with_columns(
                 gap_id=pl.Series(thread_gaps.get_column("gap_id").to_numpy()[index[inside]])
             )
         )
@@ -117,29 +117,105 @@ def _label_of_stack(frames: list[str] | None, modules: list[str] | None, cause: 
     return "?"
 
 
+def _classify_samples(hits: pl.DataFrame) -> pl.DataFrame:
+    """Add ``cause`` and ``label`` to sample rows (one Python call per distinct stack)."""
+    causes, labels = [], []
+    memo: dict[tuple, tuple[str, str]] = {}
+    for frames, modules, state in hits.select("frames", "modules", "state").iter_rows():
+        key = (tuple(frames or ()), tuple(modules or ()), state)
+        if key not in memo:
+            cause = cause_of_stack(frames, modules)
+            if cause in ("unknown", "unresolved", "python") and state and state.lower() not in ("running", "r"):
+                cause = "blocked"
+            if cause == "unresolved":
+                module = next((m for m in (modules or []) if m), "?")
+                memo[key] = (cause, f"unresolved frames in {module}")
+            else:
+                memo[key] = (cause, _label_of_stack(frames, modules, cause))
+        cause, label = memo[key]
+        causes.append(cause)
+        labels.append(label)
+    return hits.with_columns(cause=pl.Series(causes, dtype=pl.String), label=pl.Series(labels, dtype=pl.String))
+
+
+def _infer_unreadable(hits: pl.DataFrame, *, by: list[str]) -> pl.DataFrame:
+    """Give unreadable samples the cause of the nearest readable sample of the same thread.
+
+    Interpreter and libc frames often come without symbols; such a sample is most likely
+    doing what the readable sample closest in time on the same thread did (a collector pass
+    or an allocation loop runs for many samples in a row). With no readable neighbour the
+    cause stays ``unknown``.
+    """
+    readable = pl.col("cause") != "unresolved"
+    hits = hits.sort(*by, "time_ns").with_columns(
+        _cause=pl.when(readable).then(pl.col("cause")),
+        _time=pl.when(readable).then(pl.col("time_ns")),
+    )
+    hits = hits.with_columns(
+        _prev_cause=pl.col("_cause").forward_fill().over(by),
+        _prev_time=pl.col("_time").forward_fill().over(by),
+        _next_cause=pl.col("_cause").backward_fill().over(by),
+        _next_time=pl.col("_time").backward_fill().over(by),
+    )
+    prev_is_nearer = (pl.col("time_ns") - pl.col("_prev_time")).fill_null(np.iinfo(np.int64).max) <= (
+        pl.col("_next_time") - pl.col("time_ns")
+    ).fill_null(np.iinfo(np.int64).max)
+    return hits.with_columns(
+        cause=pl.when(readable)
+        .then(pl.col("cause"))
+        .otherwise(
+            pl.when(prev_is_nearer).then(pl.col("_prev_cause")).otherwise(pl.col("_next_cause")).fill_null("unknown")
+        )
+    ).drop("_cause", "_time", "_prev_cause", "_prev_time", "_next_cause", "_next_time")
+
+
+def _sample_weights(counts: pl.DataFrame, durations: pl.DataFrame, *, key: str, source: str) -> pl.DataFrame:
+    """Turn per-(key, cause, label) sample counts into time weights (share of the gap)."""
+    per_key = counts.group_by(key).agg(total=pl.col("count").sum())
+    return (
+        counts.join(per_key, on=key)
+        .join(durations, on=key)
+        .with_columns(
+            weight_ns=(pl.col("count") / pl.col("total") * pl.col("duration_ns")).cast(pl.Int64),
+            source=pl.lit(source),
+        )
+        .filter(pl.col("weight_ns") > 0)
+        .select(key, "cause", "label", "weight_ns", "source")
+    )
+
+
 def _weights_from_samples(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
     hits = _samples_in_gaps(gaps, samples)
     if hits.is_empty():
         return pl.DataFrame()
-    causes, labels = [], []
-    for frames, modules, state in hits.select("frames", "modules", "state").iter_rows():
-        cause = cause_of_stack(frames, modules)
-        if cause in ("unknown", "python") and state and state.lower() not in ("running", "r"):
-            cause = "blocked"
-        causes.append(cause)
-        labels.append(_label_of_stack(frames, modules, cause))
-    hits = hits.with_columns(cause=pl.Series(causes), label=pl.Series(labels))
-    per_gap = hits.group_by("gap_id").agg(n=pl.len())
-    return (
-        hits.group_by("gap_id", "cause", "label")
-        .agg(count=pl.len())
-        .join(per_gap, on="gap_id")
-        .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
-        .with_columns(
-            weight_ns=(pl.col("count") / pl.col("n") * pl.col("duration_ns")).cast(pl.Int64),
-            source=pl.lit("cpu samples"),
-        )
-        .select("gap_id", "cause", "label", "weight_ns", "source")
+    hits = _infer_unreadable(_classify_samples(hits), by=["gap_id"])
+    counts = hits.group_by("gap_id", "cause", "label").agg(count=pl.len())
+    return _sample_weights(counts, gaps.select("gap_id", "duration_ns"), key="gap_id", source="cpu samples")
+
+
+def _pooled_sample_weights(gaps: pl.DataFrame, samples: pl.DataFrame, undecided: pl.DataFrame) -> pl.DataFrame:
+    """Evidence for gaps too short to hold a sample of their own.
+
+    At ~1 kHz sampling a 30 µs gap rarely holds a sample, but the samples that land in any
+    CPU gap of the same thread and step are a fair draw of what those gaps held: each
+    undecided gap gets that pooled distribution.
+    """
+    if undecided.is_empty():
+        return pl.DataFrame()
+    hits = _samples_in_gaps(gaps, samples)
+    if hits.is_empty():
+        return pl.DataFrame()
+    hits = _classify_samples(hits.join(gaps.select("gap_id", "step"), on="gap_id"))
+    pool_keys = ["rank", "pid", "tid", "step"]
+    hits = hits.join(gaps.select("gap_id", *pool_keys[:3]), on="gap_id")
+    hits = _infer_unreadable(hits, by=pool_keys)
+    counts = hits.group_by(*pool_keys, "cause", "label").agg(count=pl.len())
+    undecided = undecided.with_columns(pool=pl.concat_str(pool_keys, separator="/"))
+    counts = counts.with_columns(pool=pl.concat_str(pool_keys, separator="/")).drop(pool_keys)
+    pooled = counts.join(undecided.select("gap_id", "pool"), on="pool").drop("pool")
+    return _sample_weights(
+        pooled, undecided.select("gap_id", "duration_ns"), key="gap_id",
+        source="cpu samples pooled over the step's gaps",
     )
 
 
@@ -218,18 +294,22 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
         source="ops", deepest_only=True, default_cause="unknown",
     )
     strong = [frame for frame in strong if not frame.is_empty()]
-    # Evidence tiers: the first tier with anything to say about a gap decides it.
-    tiers = [pl.concat(strong, how="vertical_relaxed") if strong else pl.DataFrame(), python, ops]
+    # Evidence tiers, strongest first: the first tier with anything to say about a gap decides it.
     decided: list[pl.DataFrame] = []
     decided_ids: set[int] = set()
-    for rank_of_tier, weights in enumerate(tiers):
+
+    def take(weights: pl.DataFrame) -> None:
         if weights.is_empty():
-            continue
+            return
         weights = weights.filter(~pl.col("gap_id").is_in(list(decided_ids)))
-        if weights.is_empty():
-            continue
-        decided.append(weights.with_columns(tier=pl.lit(rank_of_tier)))
-        decided_ids.update(weights.get_column("gap_id").unique().to_list())
+        if weights.height:
+            decided.append(weights)
+            decided_ids.update(weights.get_column("gap_id").unique().to_list())
+
+    take(pl.concat(strong, how="vertical_relaxed") if strong else pl.DataFrame())
+    take(python)
+    take(_pooled_sample_weights(known, model.samples, known.filter(~pl.col("gap_id").is_in(list(decided_ids)))))
+    take(ops)
     launch_counts = (
         _per_thread_overlaps(known, intervals.filter(launch_expr()).select("rank", "pid", "tid", "start_ns", "end_ns"))
     )
@@ -269,12 +349,20 @@ def _summarize_evidence(evidence: pl.DataFrame, gaps: pl.DataFrame) -> pl.DataFr
         .unique("gap_id", keep="first", maintain_order=True)
         .select("gap_id", "cause")
     )
+    # Name the labels behind the chosen cause first, readable frames before unreadable ones.
     labels = (
-        evidence.group_by("gap_id", "source", "label")
-        .agg(weight_ns=pl.col("weight_ns").sum())
+        evidence.join(best.rename({"cause": "best_cause"}), on="gap_id")
+        .group_by("gap_id", "source", "label")
+        .agg(
+            weight_ns=pl.col("weight_ns").sum(),
+            backs_cause=(pl.col("cause") == pl.col("best_cause")).any(),
+        )
         .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
-        .with_columns(share=(pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100))
-        .sort(["gap_id", "weight_ns"], descending=[False, True])
+        .with_columns(
+            share=(pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100),
+            unreadable=pl.col("label").str.starts_with("unresolved frames"),
+        )
+        .sort(["gap_id", "backs_cause", "unreadable", "weight_ns"], descending=[False, True, False, True])
         .group_by("gap_id", maintain_order=True)
         .agg(
             evidence=pl.format("{} ({}%)", pl.col("label"), pl.col("share").round(0).cast(pl.Int64))
