@@ -117,8 +117,8 @@ SAMPLE_SCHEMA: dict[str, pl.DataType] = {
 
 RANK_SCHEMA: dict[str, pl.DataType] = {
     "rank": pl.Int32(),
-    #: how the rank number was found: ``distributedInfo``, ``env:RANK``, ``env:LOCAL_RANK``,
-    #: ``record_param_comms``, ``process order``, ``file order``
+    #: how the rank number was found: ``distributedInfo``, ``MPI_RANKS``, ``env:RANK``,
+    #: ``env:LOCAL_RANK``, ``record_param_comms``, ``process order``, ``file order``
     "rank_source": pl.String(),
     "source": pl.String(),  # the file path
     "format": pl.String(),  # "nsys-sqlite" | "kineto-json"
@@ -132,6 +132,7 @@ RANK_SCHEMA: dict[str, pl.DataType] = {
 }
 
 _FAMILY = {"annotation": "annotation", "cpu_op": "op", "python": "op"}
+_is_cpu_kind = pl.col("kind").is_in(CPU_KINDS)
 
 
 def empty_frame(schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -144,13 +145,17 @@ def conform(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame
 
     Missing columns are added as nulls; extra columns are dropped.
     """
-    columns = []
-    for name, dtype in schema.items():
-        if name in frame.columns:
-            columns.append(frame.get_column(name).cast(dtype, strict=False).alias(name))
-        else:
-            columns.append(pl.Series(name, [None] * frame.height, dtype=dtype))
-    return pl.DataFrame(columns)
+    if list(frame.columns) == list(schema) and all(
+        frame.schema[name] == dtype for name, dtype in schema.items()
+    ):
+        return frame
+    return frame.select(
+        [
+            pl.col(name).cast(dtype, strict=False) if name in frame.columns
+            else pl.lit(None, dtype=dtype).alias(name)
+            for name, dtype in schema.items()
+        ]
+    )
 
 
 def with_depth(intervals: pl.DataFrame) -> pl.DataFrame:
@@ -168,7 +173,7 @@ def with_depth(intervals: pl.DataFrame) -> pl.DataFrame:
     nested = frame.filter(pl.col("_family").is_not_null() & pl.col("tid").is_not_null())
     if nested.is_empty():
         return intervals.with_columns(
-            depth=pl.when(pl.col("device").is_null()).then(0).otherwise(None).cast(pl.Int32)
+            depth=pl.when(_is_cpu_kind).then(0).otherwise(None).cast(pl.Int32)
         )
     keys = ["rank", "pid", "tid", "_family"]
     # Sort by (start asc, end desc) so a parent precedes the children it contains.
@@ -207,9 +212,9 @@ def with_depth(intervals: pl.DataFrame) -> pl.DataFrame:
         frame.join(depth_by_row, on="_row", how="left")
         .sort("_row")
         .with_columns(
-            depth=pl.when(pl.col("device").is_not_null())
-            .then(None)
-            .otherwise(pl.col("_depth").fill_null(0))
+            depth=pl.when(_is_cpu_kind)
+            .then(pl.col("_depth").fill_null(0))
+            .otherwise(None)
             .cast(pl.Int32)
         )
         .drop("_row", "_family", "_depth")

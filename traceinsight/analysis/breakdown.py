@@ -77,11 +77,37 @@ class Breakdown:
         GPU work ending the gap, and ``next_name``, that work's name.
     gpu
         The GPU activities used, with ``is_comm``, ``launch_start_ns``, ``launch_tid``.
+    sets
+        Per rank, the disjoint interval set of each category but ``idle`` (for breaking
+        down any other window, e.g. a range instance, with :func:`window_breakdown`).
     """
 
     steps: pl.DataFrame
     gaps: pl.DataFrame
     gpu: pl.DataFrame
+    sets: dict[int, dict[str, iv.IntervalSet]]
+
+    def window_breakdown(self, windows: pl.DataFrame) -> pl.DataFrame:
+        """Add ``<category>_ns`` columns for arbitrary windows (``rank, start_ns, end_ns``)."""
+        return window_breakdown(self.sets, windows)
+
+
+def window_breakdown(sets: dict[int, dict[str, iv.IntervalSet]], windows: pl.DataFrame) -> pl.DataFrame:
+    """The categories inside each window; ``idle`` is the rest of the window."""
+    frames = []
+    for (rank,), part in windows.group_by(["rank"], maintain_order=True):
+        rank_sets = sets.get(rank, {})
+        starts = part.get_column("start_ns").to_numpy()
+        ends = part.get_column("end_ns").to_numpy()
+        columns = {
+            f"{name}_ns": iv.overlap_per_window(rank_sets.get(name, iv.EMPTY), starts, ends)
+            for name in CATEGORIES if name != "idle"
+        }
+        columns["idle_ns"] = (ends - starts) - np.sum(list(columns.values()), axis=0)
+        frames.append(part.with_columns(**{k: pl.Series(v, dtype=pl.Int64) for k, v in columns.items()}))
+    if not frames:
+        return windows.with_columns(**{f"{c}_ns": pl.lit(0, pl.Int64) for c in CATEGORIES})
+    return pl.concat(frames)
 
 
 def gpu_activities(
@@ -159,6 +185,7 @@ def step_breakdown(
     sync_rows = model.intervals.filter(host_sync_expr())
     step_frames: list[pl.DataFrame] = []
     gap_frames: list[pl.DataFrame] = []
+    all_sets: dict[int, dict[str, iv.IntervalSet]] = {}
     for rank in steps.steps.get_column("rank").unique().sort().to_list():
         rank_steps = steps.steps.filter(pl.col("rank") == rank).sort("start_ns")
         rank_gpu = gpu.filter(pl.col("rank") == rank)
@@ -171,6 +198,7 @@ def step_breakdown(
             rank_steps,
             rank_waits,
         )
+        all_sets[rank] = sets
         window_starts = rank_steps.get_column("start_ns").to_numpy()
         window_ends = rank_steps.get_column("end_ns").to_numpy()
         columns = {
@@ -192,7 +220,7 @@ def step_breakdown(
     gaps_out = (
         pl.concat(gap_frames, how="vertical_relaxed") if gap_frames else _empty_gaps()
     )
-    return Breakdown(steps=steps_out, gaps=gaps_out, gpu=gpu)
+    return Breakdown(steps=steps_out, gaps=gaps_out, gpu=gpu, sets=all_sets)
 
 
 def _empty_gaps() -> pl.DataFrame:

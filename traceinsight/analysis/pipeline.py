@@ -10,6 +10,14 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
+from traceinsight.analysis.anomalies import (
+    AnomalyOptions,
+    assign_to_steps,
+    explain_range_instances,
+    explain_steps,
+    flag_range_instances,
+    flag_steps,
+)
 from traceinsight.analysis.breakdown import CATEGORIES, step_breakdown
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
@@ -65,6 +73,7 @@ def analyze(
     *,
     step_pattern: str | None = None,
     comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS,
+    anomaly_options: AnomalyOptions = AnomalyOptions(),
 ) -> Findings:
     """Steps, their breakdown, CPU-gap causes, range statistics and top kernels.
 
@@ -83,8 +92,15 @@ def analyze(
             warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N'): the whole trace is one step")
     breakdown = step_breakdown(model, table, comm_patterns=comm_patterns)
     gaps = attribute_cpu_gaps(model, breakdown.gaps)
-    instances = range_instances(model, gpu=breakdown.gpu)
-    steps = breakdown.steps.with_columns(anomalous=pl.lit(False))
+    steps = flag_steps(breakdown.steps, anomaly_options)
+    instances = flag_range_instances(
+        breakdown.window_breakdown(assign_to_steps(range_instances(model, gpu=breakdown.gpu), steps)),
+        anomaly_options,
+    )
+    anomalies = [{"kind": "step", **a} for a in explain_steps(steps, instances, gaps)]
+    anomalies += explain_range_instances(
+        instances, gaps, skip_steps={(a["rank"], a["step"]) for a in anomalies}
+    )
     ranks = model.ranks.with_columns(clock_offset_ns=pl.lit(0, dtype=pl.Int64))
     return Findings(
         ranks=ranks,
@@ -96,10 +112,6 @@ def analyze(
         ranges=range_statistics(instances),
         range_instances=instances,
         top_kernels=top_kernels(model, limit=10),
+        anomalies=anomalies,
         warnings=warnings,
     )
-
-
-def breakdown_ms(row: dict) -> dict[str, float]:
-    """The ``breakdown_ms`` mapping of one step row."""
-    return {name: round(row[f"{name}_ns"] / 1e6, 4) for name in CATEGORIES}
