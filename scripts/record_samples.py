@@ -447,10 +447,13 @@ def run_two_rank(args) -> None:
     else:
         rng = Ranges("nvtx" if device.type == "cuda" else "none")
 
-    cfg = dict(layers=2, experts=16, experts_per_rank=16 // world, hidden=1024, ffn=2048, heads=8, seq=512,
+    # long sequences so that attention (and the 6x / 4x faults) weigh on the GPU, not only the host
+    cfg = dict(layers=2, experts=16, experts_per_rank=16 // world, hidden=1024, ffn=2048, heads=8, seq=8192,
                base_seqs_per_rank=4, dtype="bfloat16", world_size=world, sleep_s=0.03)
     if tiny:
         cfg.update(hidden=64, ffn=128, heads=4, seq=32, sleep_s=0.003)
+    if args.seq:
+        cfg["seq"] = args.seq
     n_steps = args.steps  # loop iterations numbered 0..n_steps-1
     base = cfg["base_seqs_per_rank"]
     # fault plan (same on every rank); steps 0 and 1 are the profiler's wait / warmup (or outside the
@@ -485,11 +488,14 @@ def run_two_rank(args) -> None:
 
     fault_s: dict[int, float] = {}
 
-    def one_step(k: int, label: str):
-        gen = torch.Generator(device="cpu").manual_seed(10_000 * (k + 7) + rank)
-        T = seqs_per_rank.get(k, [base] * world)[rank] * cfg["seq"]
-        x = torch.randn(T, cfg["hidden"], generator=gen).to(device=device, dtype=dtype)
-        attn_repeat = 4 if (k == heavy_attn_step and rank == 1) else 1
+    def one_step(k: int, label: str, seqs: list[int] | None = None, attn_repeat: int | None = None):
+        # inputs are drawn on the device (cheap), so no rank spends host time between steps that its
+        # peer would see as a wait inside its own timed step
+        gen = torch.Generator(device=device).manual_seed(10_000 * (k + 7) + rank)
+        T = (seqs or seqs_per_rank[k])[rank] * cfg["seq"]
+        x = torch.randn(T, cfg["hidden"], generator=gen, device=device, dtype=dtype)
+        if attn_repeat is None:
+            attn_repeat = 4 if (k == heavy_attn_step and rank == 1) else 1
         stats = []
         sync(device)
         t0 = time.perf_counter()
@@ -508,9 +514,13 @@ def run_two_rank(args) -> None:
 
     steps = []
     with torch.no_grad():
-        # unprofiled warm-ups (NCCL communicators, cuBLAS handles); not numbered as steps
+        # unprofiled warm-ups (NCCL communicators, cuBLAS handles, caching allocator); not numbered as
+        # steps. The middle one uses the imbalanced shapes and the 4x attention, so that the fault steps
+        # pay no first-time cost for their new shapes.
         for w in range(args.warmup):
-            one_step(-1 - w, f"warmup {w}")
+            odd = w == args.warmup // 2
+            one_step(-1 - w, f"warmup {w}", seqs=seqs_per_rank[imb[0]] if odd else [base] * world,
+                     attn_repeat=(4 if rank == 1 else 1) if odd else 1)
         dist.barrier()
         sync(device)
 
@@ -566,14 +576,17 @@ def run_two_rank(args) -> None:
             "ProfilerStep#k is loop iteration k (0-based): torch.profiler schedule(wait=1, warmup=1, "
             f"active={n_steps - 2}, repeat=1) with prof.step() after each iteration, so the trace holds "
             f"ProfilerStep#2..ProfilerStep#{n_steps - 1}; iterations 0 and 1 (wait, warmup) are not "
-            f"recorded. {args.warmup} un-numbered warm-up iterations ran before the profiler was created.")
+            f"recorded. {args.warmup} un-numbered warm-up iterations ran before the profiler was created "
+            "(the middle one with the imbalanced shapes and the 4x attention, so fault steps pay no "
+            "first-shape cost).")
         trace = f"moe_2rank/rank{rank}.json.gz"
     else:
         numbering = (
             "NVTX 'step k' is loop iteration k (0-based), the same numbering as the torch.profiler "
             "variant's ProfilerStep#k. nsys --capture-range=cudaProfilerApi starts before 'step 2', so the "
             f"report holds 'step 2'..'step {n_steps - 1}'; iterations 0 and 1 ran outside the capture. "
-            f"{args.warmup} un-numbered warm-up iterations ('warmup w') ran before them.")
+            f"{args.warmup} un-numbered warm-up iterations (NVTX 'warmup w', outside the capture) ran before "
+            "them (the middle one with the imbalanced shapes and the 4x attention).")
         trace = f"moe_2rank_nsys/rank{rank}.sqlite"
     truth = dict(
         trace=trace,
@@ -615,10 +628,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None,
                    help="single: profiled steps (default 8); two-rank: loop iterations incl. the 2 "
                         "unrecorded ones (default 12)")
-    p.add_argument("--warmup", type=int, default=2, help="warm-up iterations outside the trace")
+    p.add_argument("--seq", type=int, default=None, help="two-rank: sequence length (default 8192)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="warm-up iterations outside the trace (default: single 2, two-rank 3)")
     args = p.parse_args(argv)
     if args.steps is None:
         args.steps = 8 if args.mode == "single-nsys" else 12
+    if args.warmup is None:
+        args.warmup = 2 if args.mode == "single-nsys" else 3
     if args.mode == "single-nsys":
         run_single(args)
     else:
