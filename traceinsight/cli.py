@@ -130,6 +130,38 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
             click.echo(f"findings written to {json_path}")
 
 
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--step", "step", type=int, required=True, help="The step number (the integer in its marker).")
+@click.option("--rank", "rank", type=int, help="The rank (default: where the step was slowest).")
+@click.option("--json", "json_path", metavar="FILE", help="Also write the post-mortem as JSON ('-' for stdout).")
+@click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
+@click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
+@_guarded
+def explain(paths, step, rank, json_path, step_marker, salvage):
+    """Post-mortem of one step: where it differs from the typical step, and why."""
+    import msgspec
+
+    import traceinsight
+    from traceinsight.analysis.pipeline import analyze as run_analysis
+    from traceinsight.analysis.postmortem import step_postmortem
+
+    findings = run_analysis(traceinsight.load(paths, salvage=salvage), step_pattern=step_marker)
+    report = step_postmortem(findings, step=step, rank=rank)
+    if json_path:
+        data = msgspec.json.format(msgspec.json.encode(report), indent=1)
+        if json_path == "-":
+            click.echo(data.decode())
+            return
+        from traceinsight.report.output import write_atomic
+
+        _check_writable(json_path)
+        write_atomic(json_path, data)
+    from traceinsight.report.terminal import render_postmortem
+
+    render_postmortem(report, Console())
+
+
 def _check_writable(path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):

@@ -1,11 +1,11 @@
 """Anomalous steps and range instances, and the root cause of each.
 
 Baselines are robust and local. A step is compared with the median of its neighbours on the
-same rank (``window`` steps either side), so a warm-up phase or a slow drift is not called an
-anomaly, while a single step that stands out from the steps around it is. A step is flagged
-when its duration exceeds that local median by at least ``min_ratio`` (default +50%) *and*
-by more than ``sigmas`` robust standard deviations (1.4826 × MAD of the ratios over all the
-rank's steps), and by at least ``min_excess_ns``.
+same rank (``window`` steps either side, outliers left out), so a warm-up phase or a slow
+drift is not called an anomaly, while a single step that stands out from the steps around it
+is. A step is flagged when its duration exceeds that local median by at least ``min_ratio``
+(default +50%) *and* by more than ``sigmas`` robust standard deviations (1.4826 × MAD of the
+ratios of the rank's ordinary steps), and by at least ``min_excess_ns``.
 
 Range instances (every ``GroupedLinear forward layer2.fc1``...) are compared with the median
 of the same name on the same rank; an instance is flagged when it is at least ``range_ratio``
@@ -70,19 +70,30 @@ def _robust_sigma(values: np.ndarray) -> float:
     return float(MAD_TO_SIGMA * np.median(np.abs(values - median)))
 
 
-def _local_median(durations: np.ndarray, window: int) -> np.ndarray:
-    """Median of the neighbours within ``window`` steps on each side, the step itself excluded."""
+def _local_median(durations: np.ndarray, window: int, usable: np.ndarray) -> np.ndarray:
+    """Median of the usable neighbours within ``window`` steps on each side (the step excluded).
+
+    Falls back to the median of all usable steps where no neighbour is usable.
+    """
     n = durations.size
+    fallback = np.median(durations[usable]) if usable.any() else np.median(durations)
     out = np.empty(n, dtype=np.float64)
     for i in range(n):  # steps per rank are few (tens to thousands): a plain loop is fine
         lo, hi = max(0, i - window), min(n, i + window + 1)
-        neighbours = np.concatenate([durations[lo:i], durations[i + 1:hi]])
-        out[i] = np.median(neighbours) if neighbours.size else durations[i]
+        mask = usable[lo:hi].copy()
+        mask[i - lo] = False
+        neighbours = durations[lo:hi][mask]
+        out[i] = np.median(neighbours) if neighbours.size else fallback
     return out
 
 
 def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
     """Add ``baseline_ns``, ``ratio`` and ``anomalous`` to the step table (per rank).
+
+    Two passes keep outliers out of their neighbours' baselines: steps at least ``min_ratio``
+    times the rank's median are candidates and are left out of every local median and of
+    the spread estimate; every step is then judged against the median of its usable
+    neighbours.
 
     Examples
     --------
@@ -95,9 +106,10 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
             frames.append(rank_steps.with_columns(
                 baseline_ns=pl.col("duration_ns").cast(pl.Float64), ratio=pl.lit(1.0), anomalous=pl.lit(False)))
             continue
-        baseline = _local_median(durations, options.window)
+        usable = durations < options.min_ratio * np.median(durations)
+        baseline = _local_median(durations, options.window, usable)
         ratio = durations / np.maximum(baseline, 1.0)
-        spread = _robust_sigma(ratio)
+        spread = _robust_sigma(ratio[usable])
         threshold = max(options.min_ratio, 1.0 + options.sigmas * spread)
         anomalous = (ratio >= threshold) & (durations - baseline >= options.min_excess_ns)
         frames.append(rank_steps.with_columns(

@@ -278,13 +278,28 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
         ).drop("gap_id")
     known = cpu_gaps.filter(pl.col("tid").is_not_null())
     intervals = model.intervals
-    strong = [
-        _weights_from_samples(known, model.samples),
-        _weights_from_intervals(
-            known, intervals.filter(pl.col("kind") == "osrt"),
-            source="os runtime", deepest_only=False, default_cause=None,
-        ),
-    ]
+    osrt = _weights_from_intervals(
+        known, intervals.filter(pl.col("kind") == "osrt"),
+        source="os runtime", deepest_only=False, default_cause=None,
+    )
+    samples = _weights_from_samples(known, model.samples)
+    if osrt.height and samples.height:
+        # A thread asleep in a call takes no CPU samples, so samples speak only for the part
+        # of the gap that no recorded OS call covers.
+        covered = osrt.group_by("gap_id").agg(covered_ns=pl.col("weight_ns").sum())
+        samples = (
+            samples.join(covered, on="gap_id", how="left")
+            .join(known.select("gap_id", "duration_ns"), on="gap_id")
+            .with_columns(
+                weight_ns=(
+                    pl.col("weight_ns")
+                    * (1 - (pl.col("covered_ns").fill_null(0) / pl.col("duration_ns")).clip(0, 1))
+                ).cast(pl.Int64)
+            )
+            .drop("covered_ns", "duration_ns")
+            .filter(pl.col("weight_ns") > 0)
+        )
+    strong = [samples, osrt]
     python = _weights_from_intervals(
         known, intervals.filter(pl.col("kind") == "python"),
         source="python functions", deepest_only=True, default_cause="python",

@@ -48,6 +48,8 @@ class Findings:
         Range statistics per (rank, name); ``range_instances`` one row per instance.
     top_kernels
         Kernels by total time per rank.
+    gpu
+        Every GPU activity with its launch call (for per-step kernel comparisons).
     anomalies, waits
         Lists of JSON-ready dicts (anomaly and multi-rank analyses).
     warnings
@@ -63,6 +65,7 @@ class Findings:
     ranges: pl.DataFrame
     range_instances: pl.DataFrame
     top_kernels: pl.DataFrame
+    gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
     anomalies: list[dict] = field(default_factory=list)
     waits: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -93,9 +96,11 @@ def analyze(
     breakdown = step_breakdown(model, table, comm_patterns=comm_patterns)
     gaps = attribute_cpu_gaps(model, breakdown.gaps)
     steps = flag_steps(breakdown.steps, anomaly_options)
+    # Step markers are annotations too, but the step table already covers them.
+    step_labels = steps.get_column("label").unique().to_list()
+    instances = range_instances(model, gpu=breakdown.gpu).filter(~pl.col("name").is_in(step_labels))
     instances = flag_range_instances(
-        breakdown.window_breakdown(assign_to_steps(range_instances(model, gpu=breakdown.gpu), steps)),
-        anomaly_options,
+        breakdown.window_breakdown(assign_to_steps(instances, steps)), anomaly_options
     )
     anomalies = [{"kind": "step", **a} for a in explain_steps(steps, instances, gaps)]
     anomalies += explain_range_instances(
@@ -112,6 +117,7 @@ def analyze(
         ranges=range_statistics(instances),
         range_instances=instances,
         top_kernels=top_kernels(model, limit=10),
+        gpu=breakdown.gpu,
         anomalies=anomalies,
         warnings=warnings,
     )

@@ -138,3 +138,66 @@ def render_info(descriptions: list[dict], console: Console) -> None:
             table.add_row("note", plain(warning))
         console.print(table)
         console.print()
+
+
+def render_postmortem(report: dict, console: Console) -> None:
+    """Print ``traceinsight explain``: narrative, then where this step differs from typical."""
+    flag = "anomalous" if report["anomalous"] else "not flagged as anomalous"
+    console.print(Text(
+        f"Step {report['step']} on rank {report['rank']} ({report['label']}): {report['duration_ms']:.1f} ms, "
+        f"typical {report['typical_ms']:.1f} ms, excess {report['excess_ms']:+.1f} ms ({flag})", style="bold"))
+    console.print(Text(f"where: {report['where']}    cause: {report['cause']}"))
+    console.print(plain_paragraph(report["narrative"]))
+
+    table = Table(title="Breakdown against the typical step (ms)", title_justify="left")
+    for column in ("category", "this step", "typical", "difference"):
+        table.add_column(column, justify="left" if column == "category" else "right")
+    for row in report["categories"]:
+        diff = row["ms"] - row["typical_ms"]
+        table.add_row(row["category"], f"{row['ms']:.2f}", f"{row['typical_ms']:.2f}",
+                      Text(f"{diff:+.2f}", style="red" if diff > 1 else ""))
+    console.print(table)
+
+    if report["ranges"]:
+        table = Table(title="Ranges that grew", title_justify="left")
+        for column in ("range", "this step ms", "typical ms", "excess ms", "launches", "typical", "GPU lag ms"):
+            table.add_column(column, justify="left" if column == "range" else "right")
+        for row in report["ranges"]:
+            table.add_row(plain(row["name"]), f"{row['ms']:.2f}", f"{row['typical_ms']:.2f}", f"{row['excess_ms']:+.2f}",
+                          str(row["launches"]), f"{row['typical_launches']:.0f}",
+                          "-" if row["lag_ms"] is None else f"{row['lag_ms']:.2f}")
+        console.print(table)
+
+    if report["range_lag"]:
+        lag = report["range_lag"]
+        console.print(plain_paragraph(
+            f"{lag['range']}: its first kernel started {lag['lag_ms']:.2f} ms after the range began "
+            f"(range {lag['range_ms']:.2f} ms). On the CPU in that lag: "
+            + ("; ".join(f"{g['ms']:.2f} ms {g['cause']} ({g['evidence'] or 'no evidence'})" for g in lag["cpu_in_lag"])
+               or "no CPU gap")
+        ))
+
+    if report["kernels"]:
+        table = Table(title="Kernels against the typical step", title_justify="left")
+        for column in ("kernel", "count", "typical", "ms", "typical ms", "difference ms"):
+            table.add_column(column, justify="left" if column == "kernel" else "right")
+        for row in report["kernels"]:
+            name = row["name"] + (" (new)" if row["new"] else " (missing)" if row["missing"] else "")
+            table.add_row(plain(name), str(row["count"]), f"{row['typical_count']:.1f}", f"{row['ms']:.2f}",
+                          f"{row['typical_ms']:.2f}", f"{row['excess_ms']:+.2f}")
+        console.print(table)
+
+    if report["cpu_gaps"]:
+        table = Table(title="Largest CPU gaps in this step", title_justify="left")
+        for column in ("at ms", "ms", "cause", "evidence", "GPU work after it"):
+            table.add_column(column, justify="right" if column in ("at ms", "ms") else "left")
+        for row in report["cpu_gaps"]:
+            table.add_row(f"{row['offset_ms']:.2f}", f"{row['ms']:.2f}", row["cause"],
+                          plain(f"{row['source']}: {row['evidence']}" if row["evidence"] else row["source"]),
+                          plain(row["before"]))
+        console.print(table)
+
+
+def plain_paragraph(text: str) -> Text:
+    """Untrusted text for a paragraph: never markup, never shortened."""
+    return Text(text or "")

@@ -1,0 +1,149 @@
+"""The post-mortem of one step (``traceinsight explain --step N``).
+
+Puts the step beside the typical step of its rank (the median of each quantity over the
+rank's unflagged steps): categories, ranges, kernels, the CPU gaps with their evidence, and,
+for the range that grew most, the lag between its start and its first kernel and what the
+CPU did in that lag.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from traceinsight.analysis.anomalies import assign_to_steps, explain_steps
+from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.pipeline import Findings
+from traceinsight.errors import TraceInputError
+
+
+def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: int,
+                       normal_steps: list[int], *, limit: int = 10) -> list[dict]:
+    """Kernels of this step (attributed by launch time) against their typical per-step figures."""
+    launched = gpu.filter((pl.col("rank") == rank) & pl.col("launch_start_ns").is_not_null())
+    if launched.is_empty():
+        return []
+    launched = assign_to_steps(
+        launched.select("rank", "name", "start_ns", "end_ns", "launch_start_ns"),
+        steps.filter(pl.col("rank") == rank), time_column="launch_start_ns",
+    )
+    per_step = launched.group_by("name", "step").agg(
+        count=pl.len(), total_ns=(pl.col("end_ns") - pl.col("start_ns")).sum()
+    )
+    this = per_step.filter(pl.col("step") == step)
+    typical = (
+        per_step.filter(pl.col("step").is_in(normal_steps))
+        .group_by("name")
+        .agg(typical_count=pl.col("count").sum() / max(len(normal_steps), 1),
+             typical_ns=pl.col("total_ns").sum() / max(len(normal_steps), 1))
+    )
+    table = (
+        this.join(typical, on="name", how="full", coalesce=True)
+        .with_columns(pl.col("count", "total_ns", "typical_count", "typical_ns").fill_null(0))
+        .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"),
+                      new=(pl.col("typical_count") == 0) & (pl.col("count") > 0),
+                      missing=(pl.col("count") == 0) & (pl.col("typical_count") >= 1))
+        .sort(pl.col("excess_ns").abs(), descending=True)
+        .head(limit)
+    )
+    return [
+        {"name": r["name"], "count": int(r["count"]), "typical_count": round(float(r["typical_count"]), 1),
+         "ms": round(r["total_ns"] / 1e6, 3), "typical_ms": round(r["typical_ns"] / 1e6, 3),
+         "excess_ms": round(r["excess_ns"] / 1e6, 3), "new": bool(r["new"]), "missing": bool(r["missing"])}
+        for r in table.iter_rows(named=True)
+    ]
+
+
+def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -> dict:
+    """Everything about one step, against its rank's typical step.
+
+    Parameters
+    ----------
+    findings
+        From :func:`~traceinsight.analysis.pipeline.analyze`.
+    step
+        The step number (the integer in its marker).
+    rank
+        The rank; by default the rank where the step is slowest.
+
+    Raises
+    ------
+    TraceInputError
+        No such step (or rank).
+    """
+    steps = findings.steps
+    candidates = steps.filter(pl.col("step") == step)
+    if rank is not None:
+        candidates = candidates.filter(pl.col("rank") == rank)
+    if candidates.is_empty():
+        known = steps.get_column("step").unique().sort().to_list()
+        shown = ", ".join(str(s) for s in known[:12]) + (" ..." if len(known) > 12 else "")
+        where = f" on rank {rank}" if rank is not None else ""
+        raise TraceInputError(f"no step {step}{where}; steps found: {shown or 'none'}")
+    row = candidates.sort("duration_ns", descending=True).row(0, named=True)
+    rank = row["rank"]
+    rank_steps = steps.filter(pl.col("rank") == rank)
+    normal = rank_steps.filter(~pl.col("anomalous") & (pl.col("step") != step))
+    normal_steps = normal.get_column("step").to_list()
+    explanation = explain_steps(steps, findings.range_instances, findings.cpu_gaps,
+                                which=pl.DataFrame({"rank": [rank], "step": [step]},
+                                                   schema={"rank": pl.Int32, "step": pl.Int64}))[0]
+    categories = [
+        {"category": c, "ms": round(row[f"{c}_ns"] / 1e6, 3),
+         "typical_ms": round(float(normal.get_column(f"{c}_ns").median() or 0) / 1e6, 3)}
+        for c in CATEGORIES
+    ]
+    gaps = (
+        findings.cpu_gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
+        .sort("duration_ns", descending=True)
+        .head(8)
+    )
+    gap_rows = [
+        {"offset_ms": round((g["start_ns"] - row["start_ns"]) / 1e6, 3), "ms": round(g["duration_ns"] / 1e6, 3),
+         "cause": g["cause"], "evidence": g["evidence"], "source": g["evidence_source"],
+         "before": g["next_name"]}
+        for g in gaps.iter_rows(named=True)
+    ]
+    lag = None
+    where = explanation["where"]
+    instances = findings.range_instances.filter(
+        (pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == where)
+    ).sort("duration_ns", descending=True)
+    if instances.height:
+        inst = instances.row(0, named=True)
+        if inst["first_gpu_lag_ns"] is not None:
+            lag_start, lag_end = inst["start_ns"], inst["first_gpu_start_ns"]
+            in_lag = findings.cpu_gaps.filter(
+                (pl.col("rank") == rank) & (pl.col("end_ns") > lag_start) & (pl.col("start_ns") < lag_end)
+            ).sort("duration_ns", descending=True)
+            lag = {
+                "range": where,
+                "lag_ms": round(inst["first_gpu_lag_ns"] / 1e6, 3),
+                "range_ms": round(inst["duration_ns"] / 1e6, 3),
+                "cpu_in_lag": [
+                    {"ms": round(g["duration_ns"] / 1e6, 3), "cause": g["cause"], "evidence": g["evidence"]}
+                    for g in in_lag.head(3).iter_rows(named=True)
+                ],
+            }
+    return {
+        "rank": rank,
+        "step": step,
+        "label": row["label"],
+        "anomalous": bool(row["anomalous"]),
+        "duration_ms": round(row["duration_ns"] / 1e6, 3),
+        "typical_ms": explanation["typical_ms"],
+        "excess_ms": explanation["excess_ms"],
+        "where": where,
+        "cause": explanation["cause"],
+        "narrative": explanation["evidence"],
+        "categories": categories,
+        "ranges": [
+            {"name": r["name"], "ms": round(r["total_ns"] / 1e6, 3), "typical_ms": round(r["typical_ns"] / 1e6, 3),
+             "excess_ms": round(r["excess_ns"] / 1e6, 3), "launches": r["launches"],
+             "typical_launches": r["typical_launches"],
+             "lag_ms": None if r["lag_ns"] is None else round(r["lag_ns"] / 1e6, 3)}
+            for r in explanation["ranges"]
+        ],
+        "kernels": _kernel_comparison(findings.gpu, steps, rank, step, normal_steps),
+        "cpu_gaps": gap_rows,
+        "range_lag": lag,
+    }
