@@ -114,8 +114,14 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
         anomalous = (ratio >= threshold) & (durations - baseline >= options.min_excess_ns)
         frames.append(rank_steps.with_columns(
             baseline_ns=pl.Series(baseline), ratio=pl.Series(ratio), anomalous=pl.Series(anomalous)))
-    return pl.concat(frames) if frames else steps.with_columns(
-        baseline_ns=pl.lit(None, pl.Float64), ratio=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
+    if not frames:
+        return steps.with_columns(
+            baseline_ns=pl.lit(None, pl.Float64), ratio=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
+    flagged = pl.concat(frames)
+    # Ranks of one job meet at every collective, so a step that stands out on one rank is a
+    # slow step of the job: flag it on every rank where it is also ``min_ratio`` slower.
+    job_slow = pl.col("anomalous").any().over("step") & (pl.col("ratio") >= options.min_ratio)
+    return flagged.with_columns(anomalous=pl.col("anomalous") | job_slow)
 
 
 def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: str = "start_ns") -> pl.DataFrame:

@@ -156,6 +156,7 @@ def step_breakdown(
     *,
     waits: pl.DataFrame | None = None,
     comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS,
+    gpu: pl.DataFrame | None = None,
 ) -> Breakdown:
     """Partition every step window of every rank into :data:`CATEGORIES`.
 
@@ -171,6 +172,9 @@ def step_breakdown(
         becomes ``cross_rank_wait``.
     comm_patterns
         Regular expressions naming communication kernels.
+    gpu
+        :func:`gpu_activities` of the model if already computed (``comm_patterns`` is then
+        not used).
 
     Returns
     -------
@@ -181,7 +185,8 @@ def step_breakdown(
     >>> table = find_steps(model)  # doctest: +SKIP
     >>> step_breakdown(model, table).steps.select("step", "cpu_gap_ns")  # doctest: +SKIP
     """
-    gpu = gpu_activities(model, comm_patterns=comm_patterns)
+    if gpu is None:
+        gpu = gpu_activities(model, comm_patterns=comm_patterns)
     sync_rows = model.intervals.filter(host_sync_expr())
     step_frames: list[pl.DataFrame] = []
     gap_frames: list[pl.DataFrame] = []

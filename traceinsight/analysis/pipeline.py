@@ -18,7 +18,16 @@ from traceinsight.analysis.anomalies import (
     flag_range_instances,
     flag_steps,
 )
-from traceinsight.analysis.breakdown import CATEGORIES, step_breakdown
+from traceinsight.analysis.breakdown import CATEGORIES, gpu_activities, step_breakdown
+from traceinsight.analysis.multirank import (
+    Alignment,
+    align_clocks,
+    collective_waits,
+    communication_kernels,
+    imbalance_model,
+    straggler_reasons,
+    wait_intervals,
+)
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels
@@ -50,8 +59,18 @@ class Findings:
         Kernels by total time per rank.
     gpu
         Every GPU activity with its launch call (for per-step kernel comparisons).
-    anomalies, waits
-        Lists of JSON-ready dicts (anomaly and multi-rank analyses).
+    anomalies
+        JSON-ready dicts, one per anomalous step or range instance.
+    waits
+        JSON-ready dicts, one per (collective, waiting rank) with a wait.
+    alignment
+        Clock offsets and residuals (multi-rank).
+    collectives
+        One row per (matched collective, rank): arrival, wait, transfer, straggler, phase.
+    stragglers
+        Why the straggler of each costly collective was late.
+    imbalance
+        Per step: modeled time now and with balanced load.
     warnings
         What the input lacked.
     """
@@ -68,6 +87,10 @@ class Findings:
     gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
     anomalies: list[dict] = field(default_factory=list)
     waits: list[dict] = field(default_factory=list)
+    alignment: Alignment | None = None
+    collectives: pl.DataFrame = field(default_factory=pl.DataFrame)
+    stragglers: list[dict] = field(default_factory=list)
+    imbalance: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
 
@@ -93,7 +116,12 @@ def analyze(
             warnings.append(f"step marker {step_pattern!r} matched no annotation: the whole trace is one step")
         else:
             warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N'): the whole trace is one step")
-    breakdown = step_breakdown(model, table, comm_patterns=comm_patterns)
+    gpu = gpu_activities(model, comm_patterns=comm_patterns)
+    comm = communication_kernels(gpu, table.steps)
+    alignment = align_clocks(comm, model.ranks)
+    warnings += alignment.notes
+    collectives = collective_waits(model, comm, alignment, step_labels=table.steps.get_column("label").unique().to_list())
+    breakdown = step_breakdown(model, table, waits=wait_intervals(collectives), gpu=gpu)
     gaps = attribute_cpu_gaps(model, breakdown.gaps)
     steps = flag_steps(breakdown.steps, anomaly_options)
     # Step markers are annotations too, but the step table already covers them.
@@ -106,7 +134,9 @@ def analyze(
     anomalies += explain_range_instances(
         instances, gaps, skip_steps={(a["rank"], a["step"]) for a in anomalies}
     )
-    ranks = model.ranks.with_columns(clock_offset_ns=pl.lit(0, dtype=pl.Int64))
+    ranks = model.ranks.with_columns(
+        clock_offset_ns=pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
+    )
     return Findings(
         ranks=ranks,
         steps=steps,
@@ -119,5 +149,31 @@ def analyze(
         top_kernels=top_kernels(model, limit=10),
         gpu=breakdown.gpu,
         anomalies=anomalies,
+        waits=_wait_records(collectives),
+        alignment=alignment,
+        collectives=collectives,
+        stragglers=straggler_reasons(collectives, steps, breakdown.sets, alignment),
+        imbalance=imbalance_model(instances, collectives, steps),
         warnings=warnings,
     )
+
+
+def _wait_records(collectives: pl.DataFrame, *, min_wait_ns: int = 1_000) -> list[dict]:
+    """The JSON ``waits``: one entry per (collective, rank) that waited at least 1 µs."""
+    if collectives.is_empty():
+        return []
+    rows = collectives.filter((pl.col("wait_ns") >= min_wait_ns) & (pl.col("rank") != pl.col("straggler")))
+    return [
+        {
+            "step": r["step"], "rank": r["rank"], "waiting_for_rank": r["straggler"],
+            "phase": r["phase"] or r["label"], "wait_ms": round(r["wait_ns"] / 1e6, 4),
+            "collective": r["label"], "transfer_ms": round(r["transfer_ns"] / 1e6, 4),
+            "key": r["key"], "start_ns": r["start_ns"],
+        }
+        for r in rows.iter_rows(named=True)
+    ]
+
+
+def breakdown_ms(row: dict) -> dict[str, float]:
+    """The ``breakdown_ms`` mapping of one step row."""
+    return {name: round(row[f"{name}_ns"] / 1e6, 4) for name in CATEGORIES}

@@ -12,6 +12,7 @@ Stable keys (later analyses add keys, never change these)::
 from __future__ import annotations
 
 import msgspec
+import polars as pl
 
 import traceinsight
 from traceinsight.analysis.pipeline import Findings, breakdown_ms
@@ -19,6 +20,29 @@ from traceinsight.analysis.pipeline import Findings, breakdown_ms
 
 def _ms(ns) -> float | None:
     return None if ns is None else round(ns / 1e6, 4)
+
+
+def _us(ns) -> float | None:
+    return None if ns is None else round(ns / 1e3, 3)
+
+
+def step_stragglers(findings: Findings) -> list[dict]:
+    """Per step: the rank the others waited for most, and the total waiting it caused."""
+    if not findings.waits:
+        return []
+    waits = pl.DataFrame(findings.waits)
+    per = waits.group_by("step", "waiting_for_rank").agg(caused_ms=pl.col("wait_ms").sum())
+    best = per.sort(["step", "caused_ms"], descending=[False, True]).unique("step", keep="first", maintain_order=True)
+    phases = (
+        waits.group_by("step", "phase").agg(ms=pl.col("wait_ms").sum())
+        .sort(["step", "ms"], descending=[False, True]).unique("step", keep="first", maintain_order=True)
+    )
+    joined = best.join(phases, on="step", how="left").sort("step")
+    return [
+        {"step": r["step"], "straggler": r["waiting_for_rank"], "wait_caused_ms": round(r["caused_ms"], 4),
+         "worst_phase": r["phase"]}
+        for r in joined.iter_rows(named=True)
+    ]
 
 
 def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
@@ -65,6 +89,7 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
          "mean_us": round(r["mean_us"], 3), "share": round(r["share"], 4)}
         for r in findings.top_kernels.iter_rows(named=True)
     ]
+    alignment = findings.alignment
     return {
         "traceinsight_version": traceinsight.__version__,
         "ranks": ranks,
@@ -73,6 +98,18 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
         "steps": steps,
         "anomalies": findings.anomalies,
         "waits": findings.waits,
+        "alignment": None if alignment is None else {
+            "reference_rank": alignment.reference_rank,
+            "method": alignment.method,
+            "matched": alignment.matched,
+            "offsets_ns": {str(k): v for k, v in alignment.offsets.items()},
+            "residual_p50_us": _us(alignment.residual_p50_ns),
+            "residual_p95_us": _us(alignment.residual_p95_ns),
+            "residual_max_us": _us(alignment.residual_max_ns),
+        },
+        "stragglers": findings.stragglers,
+        "step_stragglers": step_stragglers(findings),
+        "imbalance": findings.imbalance,
         "cpu_gap_causes": causes,
         "ranges": ranges,
         "top_kernels": kernels,
