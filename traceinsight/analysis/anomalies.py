@@ -49,6 +49,8 @@ CAUSES = (
 )
 
 MAD_TO_SIGMA = 1.4826
+#: Annotations that name a communication library's call rather than a place in the model.
+LIBRARY_RANGES = r"(?i)^(?:nccl|rccl|c10d::|record_param_comms|ProfilerStep#|cub::|deep_ep)|^nccl:"
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,20 @@ def explain_steps(
         category = max(deltas, key=deltas.get)
         ranges = _range_excess(instances, rank, step, set(normal.get_column("step").to_list()))
         where, where_row = _where(ranges, excess, this["label"])
+        also = None
+        if category in ("cpu_gap", "host_sync") and (
+            where_row is None or where_row["excess_ns"] < 0.5 * deltas[category]
+        ):
+            # No range holds the growth: name the place of the largest gap instead.
+            located = _locate_largest_gap(cpu_gaps, instances, rank, step, deltas[category])
+            if located:
+                also = where_row
+                where, where_row = located, None
         cause, gap_evidence = _cause(category, cpu_gaps, rank, step, set(normal.get_column("step").to_list()))
         evidence = _evidence(where_row, category, deltas[category], gap_evidence, this, typical_duration)
+        if also is not None:
+            evidence += (f". The largest gap lies outside the ranges; of the ranges, {also['name']} grew most: "
+                         f"{_ms(also['total_ns'])} vs {_ms(also['typical_ns'])} typical")
         results.append({
             "rank": rank,
             "step": step,
@@ -254,6 +268,32 @@ def _range_excess(instances: pl.DataFrame, rank: int, step: int, normal_steps: s
         .select("name", "depth", "count", "total_ns", "typical_ns", "excess_ns", "launches",
                 "typical_launches", "lag_ns", "typical_lag_ns")
     )
+
+
+def _locate_largest_gap(cpu_gaps: pl.DataFrame, instances: pl.DataFrame, rank: int, step: int,
+                        category_excess: float) -> str | None:
+    """Where the step's largest CPU gap sits: its innermost range, or the ranges around it."""
+    gaps = cpu_gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
+    if gaps.is_empty():
+        return None
+    gap = gaps.sort("duration_ns", descending=True).row(0, named=True)
+    if gap["duration_ns"] < 0.5 * category_excess:
+        return None  # many small gaps (launch-bound): no single place holds the growth
+    ranges = instances.filter(
+        (pl.col("rank") == rank) & (pl.col("step") == step) & ~pl.col("name").str.contains(LIBRARY_RANGES)
+    )
+    inside = ranges.filter((pl.col("start_ns") <= gap["start_ns"]) & (pl.col("end_ns") >= gap["end_ns"]))
+    if inside.height:
+        return inside.sort("depth", descending=True).item(0, "name")
+    before = ranges.filter(pl.col("end_ns") <= gap["start_ns"]).sort(["end_ns", "depth"], descending=[True, False])
+    after = ranges.filter(pl.col("start_ns") >= gap["start_ns"]).sort(["start_ns", "depth"])
+    if before.height and after.height:
+        return f"step {step} between {before.item(0, 'name')} and {after.item(0, 'name')}"
+    if after.height:
+        return f"step {step} before {after.item(0, 'name')}"
+    if before.height:
+        return f"step {step} after {before.item(0, 'name')}"
+    return None
 
 
 def _where(ranges: pl.DataFrame, excess: float, step_label: str) -> tuple[str, dict | None]:
@@ -323,6 +363,8 @@ def _evidence(where_row: dict | None, category: str, category_excess: float, gap
         parts.append(text)
     if gap_evidence:
         parts.append(f"CPU during the gaps, {gap_evidence}")
+    elif category == "cpu_gap":
+        parts.append("no CPU sample, OS call, Python function or op covers the gap: the trace cannot tell what the host did")
     return ". ".join(parts)
 
 

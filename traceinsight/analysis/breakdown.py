@@ -363,9 +363,12 @@ def _gap_pieces(
                     "category": [category] * left.size,
                     "pid": np.where(has_next, act_pid[safe] if act_pid.size else 0, -1),
                     "tid": np.where(has_next, act_tid[safe] if act_tid.size else 0, -1),
-                    "next_name": np.where(has_next, act_name[safe] if act_name.size else "", None),
+                    "next_name": pl.Series(
+                        act_name[safe] if act_name.size else [""] * left.size, dtype=pl.String
+                    ),
+                    "_has_next": has_next,
                 }
-            )
+            ).with_columns(next_name=pl.when("_has_next").then("next_name")).drop("_has_next")
         )
     if not frames:
         return _empty_gaps().drop("rank")

@@ -24,6 +24,8 @@ from traceinsight.analysis.classify import cause_of_name, cause_of_stack, launch
 from traceinsight.model import TraceModel
 
 GAP_KEYS = ["rank", "pid", "tid"]
+#: The least share of a gap an op or function must cover to name the gap.
+MIN_SHARE = 0.1
 
 
 def _pairs_overlapping(
@@ -233,6 +235,11 @@ def _weights_from_intervals(
     if hits.is_empty():
         return pl.DataFrame()
     if deepest_only:
+        # Only what covers a real part of the gap may name it: an op that merely touches
+        # the gap's edge says nothing about the rest.
+        hits = hits.join(gaps.select("gap_id", "duration_ns"), on="gap_id").filter(
+            pl.col("overlap_ns").sum().over("gap_id", "name") >= MIN_SHARE * pl.col("duration_ns")
+        ).drop("duration_ns")
         hits = hits.filter(pl.col("specificity") == pl.col("specificity").max().over("gap_id"))
     names = hits.get_column("name").unique().to_list()
     cause_by_name = {name: cause_of_name(name) or default_cause for name in names}
@@ -245,7 +252,7 @@ def _weights_from_intervals(
     )
 
 
-def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
+def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: list[str] = ()) -> pl.DataFrame:
     """Give every ``cpu_gap`` piece a cause and evidence.
 
     Parameters
@@ -254,6 +261,8 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
         The trace model.
     gaps
         ``Breakdown.gaps`` from :func:`~traceinsight.analysis.breakdown.step_breakdown`.
+    marker_names
+        Step-marker annotations: they hold every gap of their step and so say nothing.
 
     Returns
     -------
@@ -305,7 +314,7 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame) -> pl.DataFrame:
         source="python functions", deepest_only=True, default_cause="python",
     )
     ops = _weights_from_intervals(
-        known, intervals.filter(pl.col("kind").is_in(["cpu_op", "annotation"])),
+        known, intervals.filter(pl.col("kind").is_in(["cpu_op", "annotation"]) & ~pl.col("name").is_in(list(marker_names))),
         source="ops", deepest_only=True, default_cause="unknown",
     )
     strong = [frame for frame in strong if not frame.is_empty()]

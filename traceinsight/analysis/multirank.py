@@ -36,12 +36,10 @@ import numpy as np
 import polars as pl
 
 from traceinsight.analysis import intervals as iv
-from traceinsight.analysis.anomalies import assign_to_steps
+from traceinsight.analysis.anomalies import LIBRARY_RANGES, assign_to_steps
 from traceinsight.analysis.breakdown import CATEGORIES, window_breakdown
 from traceinsight.model import TraceModel
 
-#: Annotations that name the communication call itself rather than the user's phase.
-LIBRARY_RANGES = r"(?i)^(?:nccl|rccl|c10d::|record_param_comms|ProfilerStep#|cub::|deep_ep)|^nccl:"
 
 MAD_CUTOFF = 5.0
 
@@ -54,6 +52,9 @@ class Alignment:
     ----------
     offsets
         rank -> ns to add to the rank's own clock to reach the common clock.
+    corrections
+        rank -> the part of the offset measured from collectives, beyond what the files'
+        wall-clock origins say (the clock skew between hosts, or an origin that was wrong).
     reference_rank
         The rank whose clock is the common clock.
     method
@@ -70,6 +71,7 @@ class Alignment:
     offsets: dict[int, int]
     reference_rank: int
     method: str
+    corrections: dict[int, int] = field(default_factory=dict)
     matched: int = 0
     residual_p50_ns: float | None = None
     residual_p95_ns: float | None = None
@@ -149,7 +151,8 @@ def align_clocks(comm: pl.DataFrame, ranks: pl.DataFrame) -> Alignment:
     aligned = np.column_stack([ends.get_column(str(r)).to_numpy() + offsets[r] for r in rank_ids])
     spread = aligned.max(axis=1) - aligned.min(axis=1)
     return Alignment(
-        offsets, reference, "collectives", matched=int(ends.height),
+        offsets, reference, "collectives", corrections={r: coarse[r] - offsets[r] for r in rank_ids},
+        matched=int(ends.height),
         residual_p50_ns=float(np.median(spread)), residual_p95_ns=float(np.percentile(spread, 95)),
         residual_max_ns=float(spread.max()), notes=notes,
     )
@@ -165,7 +168,7 @@ def _phases(model: TraceModel, comm: pl.DataFrame, step_labels: list[str]) -> pl
     )
     phases = np.full(comm.height, None, dtype=object)
     if annotations.is_empty() or comm.is_empty():
-        return comm.with_columns(phase=pl.Series(phases, dtype=pl.String))
+        return comm.with_columns(phase=pl.Series(phases.tolist(), dtype=pl.String))
     comm = comm.with_row_index("_i")
     for (rank, pid, tid), launches in comm.filter(pl.col("launch_tid").is_not_null()).group_by(
         "rank", "launch_pid", "launch_tid"
@@ -185,7 +188,7 @@ def _phases(model: TraceModel, comm: pl.DataFrame, step_labels: list[str]) -> pl
             inside = (at >= 0) & (times <= ends[np.clip(at, 0, None)])
             best[inside] = names[at[inside]]
         phases[index] = best
-    return comm.drop("_i").with_columns(phase=pl.Series(phases, dtype=pl.String))
+    return comm.drop("_i").with_columns(phase=pl.Series(phases.tolist(), dtype=pl.String))
 
 
 def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:

@@ -120,13 +120,13 @@ def analyze(
     comm = communication_kernels(gpu, table.steps)
     alignment = align_clocks(comm, model.ranks)
     warnings += alignment.notes
-    collectives = collective_waits(model, comm, alignment, step_labels=table.steps.get_column("label").unique().to_list())
+    marker_names = table.marker_names(model.intervals)
+    collectives = collective_waits(model, comm, alignment, step_labels=marker_names)
     breakdown = step_breakdown(model, table, waits=wait_intervals(collectives), gpu=gpu)
-    gaps = attribute_cpu_gaps(model, breakdown.gaps)
+    gaps = attribute_cpu_gaps(model, breakdown.gaps, marker_names=marker_names)
     steps = flag_steps(breakdown.steps, anomaly_options)
     # Step markers are annotations too, but the step table already covers them.
-    step_labels = steps.get_column("label").unique().to_list()
-    instances = range_instances(model, gpu=breakdown.gpu).filter(~pl.col("name").is_in(step_labels))
+    instances = range_instances(model, gpu=breakdown.gpu).filter(~pl.col("name").is_in(marker_names))
     instances = flag_range_instances(
         breakdown.window_breakdown(assign_to_steps(instances, steps)), anomaly_options
     )

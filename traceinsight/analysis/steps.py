@@ -54,6 +54,12 @@ class StepTable:
     source: str
     pattern: str
 
+    def marker_names(self, intervals: pl.DataFrame) -> list[str]:
+        """Every annotation name that is a step marker (``ProfilerStep#3`` and ``step 3``
+        may both mark one step); ranges analyses leave them out."""
+        names = intervals.filter(pl.col("kind") == "annotation").get_column("name").unique()
+        return names.filter(names.str.contains(self.pattern)).to_list()
+
 
 def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:
     compiled = re.compile(pattern)

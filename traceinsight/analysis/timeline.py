@@ -71,28 +71,31 @@ def typical_step(findings, rank: int) -> int | None:
     return int(ordered.get_column("step")[(ordered.height - 1) // 2])
 
 
-def _blocks(frame: pl.DataFrame, budget: int) -> pl.DataFrame:
+def _blocks(frame: pl.DataFrame, budget: int, min_gap_ns: float = 0.0) -> pl.DataFrame:
     """Merge rows (``start_ns, end_ns, name, kind``) of one lane into at most ``budget`` blocks.
 
-    Rows stay as they are when there are few enough; otherwise every gap but the
-    ``budget - 1`` largest is closed, so the longest idle stretches of the lane stay visible.
-    Adds ``count`` and ``detail``; a merged block is named after its busiest name.
+    Gaps up to ``min_gap_ns`` are closed (a gap too short to see); beyond that, rows stay as
+    they are when there are few enough, else every gap but the ``budget - 1`` largest is
+    closed, so the longest idle stretches of the lane stay visible. Adds ``count`` and
+    ``detail``; a merged block is named after its busiest name.
     """
     if frame.is_empty():
         return frame.with_columns(count=pl.lit(1, pl.Int32), detail=pl.lit(None, pl.String))
     frame = frame.sort("start_ns")
     budget = max(int(budget), 1)
-    if frame.height <= budget:
+    if frame.height <= budget and min_gap_ns <= 0:
         return frame.with_columns(count=pl.lit(1, pl.Int32), detail=pl.lit(None, pl.String))
     starts = frame.get_column("start_ns").to_numpy()
     ends = frame.get_column("end_ns").to_numpy()
     reach = np.maximum.accumulate(ends)
     gaps = starts[1:] - reach[:-1]
-    breaks = np.zeros(gaps.size, dtype=bool)
-    if budget > 1:
-        # the budget-1 largest positive gaps (stable order, so ties do not exceed the budget)
+    breaks = gaps > max(min_gap_ns, 0)
+    if breaks.sum() + 1 > budget:
+        # only the budget-1 largest gaps (stable order, so ties do not exceed the budget)
         largest = np.argsort(-gaps, kind="stable")[: budget - 1]
-        breaks[largest] = gaps[largest] > 0
+        keep = np.zeros(gaps.size, dtype=bool)
+        keep[largest] = True
+        breaks &= keep
     block = np.concatenate([[0], np.cumsum(breaks)])
     frame = frame.with_columns(_block=pl.Series(block, dtype=pl.Int64), _dur=pl.col("end_ns") - pl.col("start_ns"))
     spans = frame.group_by("_block").agg(
@@ -128,7 +131,8 @@ def _lane(frame: pl.DataFrame, lane: str, order: int) -> pl.DataFrame:
     return frame.with_columns(lane=pl.lit(lane), lane_order=pl.lit(order, pl.Int32))
 
 
-def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_events: int = 4000) -> pl.DataFrame:
+def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_events: int = 4000,
+                  resolution: float = 0.0) -> pl.DataFrame:
     """The lanes of one step window of one rank, at most about ``max_events`` rows.
 
     Parameters
@@ -143,6 +147,10 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     max_events
         Row budget: a quarter for annotations, a quarter for CUDA API calls, an eighth for CPU
         gaps, the rest for GPU streams.
+    resolution
+        A fraction of the step window (``1/1500``: about a pixel of a page-wide figure): gaps
+        shorter than that between launch calls or GPU activities are closed, CPU gaps shorter
+        than that are left out. 0 keeps every event within the budget.
 
     Returns
     -------
@@ -164,6 +172,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     w0, w1 = int(row["start_ns"]), int(row["end_ns"])
     step_tid = row.get("tid")
     budget = max(int(max_events), 40)
+    min_gap = max(float(resolution), 0.0) * (w1 - w0)
     inside = (pl.col("rank") == rank) & (pl.col("end_ns") > w0) & (pl.col("start_ns") < w1)
     clip = [pl.col("start_ns").clip(w0, w1), pl.col("end_ns").clip(w0, w1)]
     parts: list[pl.DataFrame] = []
@@ -208,7 +217,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
             kind=pl.when(pl.col("name").str.contains(LAUNCH_API.pattern)).then(pl.lit("launch"))
             .otherwise(pl.lit("cuda_api"))
         ).select("start_ns", "end_ns", "name", "kind")
-        merged = _blocks(others, max(api_budget - min(syncs.height, api_budget // 4), 1))
+        merged = _blocks(others, max(api_budget - min(syncs.height, api_budget // 4), 1), min_gap)
         # a block of launch calls and other API calls counts as launches when any are launches
         lane = pl.concat([merged, _blocks(syncs, max(api_budget // 4, 1))], how="vertical_relaxed")
         parts.append(_lane(lane, f"{prefix} · CUDA API", order))
@@ -217,6 +226,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     gaps = findings.cpu_gaps
     if gaps.height and "rank" in gaps.columns:
         gaps = gaps.filter(inside).with_columns(clip).with_columns(_d=pl.col("end_ns") - pl.col("start_ns"))
+        gaps = gaps.filter(pl.col("_d") >= min_gap)
         gaps = gaps.sort("_d", descending=True).head(max(budget // 8, 1))
         if gaps.height:
             evidence = pl.when(pl.col("evidence").is_not_null()).then(
@@ -252,6 +262,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
                 gpu.filter((pl.col("device") == device) & (pl.col("stream") == stream))
                 .select("start_ns", "end_ns", "name", "kind"),
                 share,
+                min_gap,
             )
             label = f"GPU {device if device is not None else '?'} · stream {stream if stream is not None else '?'}"
             parts.append(_lane(lane, label, order))
@@ -279,9 +290,12 @@ def report_anomalies(findings, limit: int | None = None) -> list[dict]:
     return ordered if limit is None else ordered[:limit]
 
 
-def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12,
-                         max_events: int = 1500) -> dict[tuple[int, int], pl.DataFrame]:
+def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12, max_events: int = 800,
+                         resolution: float = 1 / 1500) -> dict[tuple[int, int], pl.DataFrame]:
     """Timelines of the ``max_anomalies`` largest anomalies' steps and of their ranks' typical steps.
+
+    Sized for a page: ``max_events`` rows each, gaps below ``resolution`` of the window closed
+    (see :func:`step_timeline`).
 
     Returns ``{(rank, step): frame}`` (see :func:`step_timeline`); a step shared by several
     anomalies, or a rank's typical step, appears once.
@@ -295,7 +309,8 @@ def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12
         for key in ((rank, step), (rank, typical)):
             if key[1] is not None and key not in wanted:
                 wanted.append(key)
-    return {key: step_timeline(model, findings, rank=key[0], step=key[1], max_events=max_events) for key in wanted}
+    return {key: step_timeline(model, findings, rank=key[0], step=key[1], max_events=max_events,
+                               resolution=resolution) for key in wanted}
 
 
 __all__ = ["TIMELINE_KINDS", "TIMELINE_SCHEMA", "report_anomalies", "step_timeline", "timelines_for_report",

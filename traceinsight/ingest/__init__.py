@@ -23,8 +23,31 @@ from traceinsight.model import TraceModel
 _TRACE_SUFFIXES = (".sqlite", ".json", ".json.gz", ".sqlite3", ".db")
 
 
+def _looks_like_trace(path: str) -> bool:
+    """Cheap content check for files found in a folder: a SQLite file, or JSON whose first
+    64 KiB mention trace events (answer keys and configs beside traces are skipped)."""
+    try:
+        fmt = detect_format(path)
+    except TraceInputError:
+        return False
+    if fmt == NSYS_SQLITE:
+        return True
+    import gzip
+
+    opener = gzip.open if open(path, "rb").read(2) == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rb") as handle:
+            head = handle.read(65536)
+    except OSError:
+        return True  # let the reader report what is wrong with it
+    return b'"traceEvents"' in head or b'"ph"' in head
+
+
 def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Expand folders into the trace files they hold (sorted), keep files as given."""
+    """Expand folders into the trace files they hold (sorted), keep files as given.
+
+    In a folder, JSON files that are not traces (answer keys, configs) are skipped.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[str] = []
@@ -34,7 +57,9 @@ def expand_paths(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list
             found = sorted(
                 os.path.join(path, name)
                 for name in os.listdir(path)
-                if name.endswith(_TRACE_SUFFIXES) and os.path.isfile(os.path.join(path, name))
+                if name.endswith(_TRACE_SUFFIXES)
+                and os.path.isfile(os.path.join(path, name))
+                and _looks_like_trace(os.path.join(path, name))
             )
             if not found:
                 raise TraceInputError(

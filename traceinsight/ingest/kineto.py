@@ -75,9 +75,10 @@ import decimal
 import json
 import math
 import os
+import queue
 import re
+import threading
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,8 @@ KIND_BY_CATEGORY: dict[str, str] = {
     "user_annotation": "annotation",
     "python_function": "python",
 }
+#: CUPTI's "no stream" (a context-wide sync), written as a stream id of 2**32 - 1.
+_NO_STREAM = 0xFFFFFFFF
 #: Kinds whose rows live on a GPU stream (``device``/``stream`` set, ``tid`` null).
 _STREAM_KINDS = ("kernel", "memcpy", "memset", "gpu_annotation", "sync")
 #: Complete events of these categories are expected and deliberately not intervals.
@@ -122,6 +125,9 @@ _EPOCH_MIN_US = 1e15
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Inflate this much at a time into the output buffer.
 _INFLATE_CHUNK = 1 << 24
+#: Decompressed size from which decoding overlaps inflation (below it the thread costs more
+#: than it saves).
+_PIPELINE_MIN_BYTES = 1 << 26
 _WHITESPACE = b" \t\r\n"
 #: Salvage looks no further back than this for the start of the last event.
 _MAX_EVENT_BYTES = 1 << 24
@@ -211,7 +217,10 @@ _Event = msgspec.defstruct(
 )
 _LenientEvent = msgspec.defstruct(
     "_LenientEvent",
-    [*((name, Any, default) for name, _, default in _EVENT_FIELDS), ("args", _LenientArgs | None, None)],
+    [
+        *((name, Any, default) for name, _, default in _EVENT_FIELDS),
+        ("args", _LenientArgs | None, None),
+    ],
     gc=False,
 )
 
@@ -281,12 +290,19 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     """
     path = os.fspath(path)
     warnings: list[str] = []
-    decoded = _decode(
-        _read_json_bytes(path, salvage=salvage, warnings=warnings),
-        path=path,
-        salvage=salvage,
-        warnings=warnings,
-    )
+    raw = _read_file(path)
+    decoded = data = None
+    if raw.startswith(_GZIP_MAGIC):
+        if not salvage:
+            decoded, data = _decode_while_inflating(raw, path=path)
+        if decoded is None and data is None:
+            data = _gunzip(raw, path=path, salvage=salvage, warnings=warnings)
+    else:
+        data = raw
+    del raw
+    if decoded is None:
+        decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
+    del data
     intervals, facts = _intervals(decoded, path=path, warnings=warnings)
     ranks = _rank_frame(decoded.trace, facts, path=path)
     return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
@@ -297,7 +313,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
 # --------------------------------------------------------------------------------------------
 
 
-def _read_json_bytes(path: str, *, salvage: bool, warnings: list[str]) -> bytes | bytearray:
+def _read_file(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
             raw = handle.read()
@@ -309,8 +325,6 @@ def _read_json_bytes(path: str, *, salvage: bool, warnings: list[str]) -> bytes 
         raise TraceInputError(f"cannot read: {exc.strerror}", path=path) from None
     if not raw:
         raise TraceInputError("empty file", path=path)
-    if raw.startswith(_GZIP_MAGIC):
-        return _gunzip(raw, path=path, salvage=salvage, warnings=warnings)
     return raw
 
 
@@ -340,7 +354,9 @@ def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> byt
         except zlib.error as exc:
             if not (salvage and written):
                 raise TraceInputError(f"corrupt gzip data ({exc})", path=path) from None
-            warnings.append(f"gzip data is corrupt after {written:,} bytes ({exc}); read up to there")
+            warnings.append(
+                f"gzip data is corrupt after {written:,} bytes ({exc}); read up to there"
+            )
             break
         if not inflater.eof:
             if not salvage:
@@ -361,6 +377,144 @@ def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> byt
 
 
 # --------------------------------------------------------------------------------------------
+# Large gzip files: decode the event array while a thread inflates the rest
+# --------------------------------------------------------------------------------------------
+
+_INFLATE_DONE = object()
+_INFLATE_FAILED = object()
+
+
+def _decode_while_inflating(
+    raw: bytes, *, path: str
+) -> tuple[_Decoded | None, bytearray | None]:
+    """Overlap gzip inflation (which releases the GIL) with decoding, for large files.
+
+    A worker thread inflates into a buffer sized from the gzip trailer. Meanwhile this thread
+    decodes each run of complete events as soon as it has arrived, then decodes the document
+    head plus whatever remains as one small document. Each run must decode as a whole JSON
+    array of events, so a misjudged event boundary can only make a decode fail, never split
+    an event silently.
+
+    Returns ``(decoded, data)``: ``decoded`` is None when the file does not suit this path
+    (small, several gzip members, corrupt, not well-formed, odd JSON types); ``data`` is then
+    the inflated text if it could be inflated completely, for the ordinary path to reuse.
+    """
+    size = int.from_bytes(raw[-4:], "little")
+    if size < _PIPELINE_MIN_BYTES:
+        return None, None
+    out = bytearray(size)
+    progress: queue.SimpleQueue = queue.SimpleQueue()
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=_inflate_into, args=(raw, out, progress, stop), name="kineto-inflate", daemon=True
+    )
+    worker.start()
+    try:
+        decoded, complete = _decode_arriving(out, progress, path=path)
+    finally:
+        stop.set()
+        worker.join()
+    if decoded is None:
+        return None, (out if complete else None)
+    return decoded, out
+
+
+def _inflate_into(
+    raw: bytes, out: bytearray, progress: queue.SimpleQueue, stop: threading.Event
+) -> None:
+    """Worker: inflate one gzip member into ``out``, reporting each filled length."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    written = 0
+    pending: bytes = raw
+    try:
+        while not stop.is_set():
+            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            end = written + len(chunk)
+            if end > len(out):  # the trailer lied (over 4 GiB, or several members)
+                break
+            out[written:end] = chunk  # same length: allowed while slices are exported
+            written = end
+            pending = inflater.unconsumed_tail
+            if inflater.eof or not (pending or chunk):
+                break
+            progress.put(written)
+        whole = inflater.eof and written == len(out) and not inflater.unused_data
+    except zlib.error:
+        whole = False
+    progress.put(_INFLATE_DONE if whole else _INFLATE_FAILED)
+
+
+def _decode_arriving(
+    out: bytearray, progress: queue.SimpleQueue, *, path: str
+) -> tuple[_Decoded | None, bool]:
+    """Main-thread side of :func:`_decode_while_inflating`; returns ``(decoded, complete)``."""
+    view = memoryview(out)
+    events: list[Any] = []
+    is_list = False
+    array_open: int | None = None  # offset of the '[' that opens the event array
+    next_open: int | None = None  # the '[' or ',' before the first event not yet decoded
+    array_closed = False
+    while True:
+        item = progress.get()
+        if item is _INFLATE_FAILED:
+            return None, False
+        if item is _INFLATE_DONE:
+            break
+        available: int = item
+        if array_open is None:
+            first = _first_json_byte(view[: min(available, 4096)])
+            if first not in (b"{", b"["):
+                return None, _drain(progress)
+            is_list = first == b"["
+            array_open = _events_array_start(out, is_list, end=available)
+            next_open = array_open
+        if array_open is None or array_closed:
+            continue
+        close = _last_event_end(out, next_open, available, need_separator=True)
+        if close is None:
+            continue
+        separator = close + 1
+        while out[separator] in _WHITESPACE:
+            separator += 1
+        # Turn the run "<[ or ,> {event}, ... {event} <, or ]>" into a JSON array in place,
+        # decode it, and put the two bytes back.
+        opening_byte, closing_byte = out[next_open], out[separator]
+        out[next_open], out[separator] = ord("["), ord("]")
+        try:
+            events.extend(msgspec.json.decode(view[next_open : separator + 1], type=list[_Event]))
+        except msgspec.DecodeError:  # also type errors: the ordinary path handles both
+            return None, _drain(progress)
+        finally:
+            out[next_open], out[separator] = opening_byte, closing_byte
+        next_open = separator
+        array_closed = closing_byte == ord("]")
+    if array_open is None or next_open is None or not events:
+        return None, True
+    # The rest: the head up to and including '[', then what follows the last decoded event.
+    rest = view[next_open + 1 :] if out[next_open] == ord(",") else view[next_open:]
+    document = bytes(view[: array_open + 1]) + bytes(rest)
+    try:
+        trace, lenient = _decode_typed(document, is_list=is_list, path=path)
+    except (msgspec.DecodeError, TraceInputError):
+        return None, True
+    if lenient:
+        return None, True
+    events.extend(trace.traceEvents)
+    trace.traceEvents = events
+    return _Decoded(trace, False, is_list, out), True
+
+
+def _drain(progress: queue.SimpleQueue) -> bool:
+    """Wait for the worker to finish; True when it inflated the whole file."""
+    while True:
+        item = progress.get()
+        if item is _INFLATE_DONE:
+            return True
+        if item is _INFLATE_FAILED:
+            return False
+
+
+# --------------------------------------------------------------------------------------------
 # JSON decoding, with a lenient retry and salvage
 # --------------------------------------------------------------------------------------------
 
@@ -373,9 +527,7 @@ class _Decoded:
     source: bytes | bytearray | None  # the JSON decoded, kept for an exact re-decode of times
 
 
-def _decode(
-    data: bytes | bytearray, *, path: str, salvage: bool, warnings: list[str]
-) -> _Decoded:
+def _decode(data: bytes | bytearray, *, path: str, salvage: bool, warnings: list[str]) -> _Decoded:
     first = _first_json_byte(data)
     if first not in (b"{", b"["):
         if not first:
@@ -502,25 +654,31 @@ def _salvage(
     raise TraceInputError(nothing, path=path)
 
 
-def _events_array_start(data: bytes | bytearray, is_list: bool) -> int | None:
+def _events_array_start(
+    data: bytes | bytearray, is_list: bool, *, end: int | None = None
+) -> int | None:
+    """Offset of the '[' that opens the event array, looking no further than ``end``."""
+    end = len(data) if end is None else end
     if is_list:
-        start = data.find(b"[")
+        start = data.find(b"[", 0, end)
         return start if start >= 0 else None
-    key = data.find(b'"traceEvents"')
+    key = data.find(b'"traceEvents"', 0, end)
     if key < 0:
         return None
-    colon = data.find(b":", key + len(b'"traceEvents"'))
-    start = data.find(b"[", colon) if colon >= 0 else -1
+    colon = data.find(b":", key + len(b'"traceEvents"'), end)
+    start = data.find(b"[", colon, end) if colon >= 0 else -1
     return start if start >= 0 else None
 
 
-def _last_event_end(data: bytes | bytearray, array_start: int, before: int) -> int | None:
+def _last_event_end(
+    data: bytes | bytearray, array_start: int, before: int, *, need_separator: bool = False
+) -> int | None:
     """Offset of the ``}`` closing the last complete event that ends before ``before``.
 
-    A brace qualifies when the next non-blank byte is ``,``, ``]`` or the end of what can be
-    read, and the object it closes, from a ``{`` that follows ``[`` or ``,``, decodes as JSON
-    on its own. This finds the boundary without tokenizing the whole file in Python; the
-    decode of the whole prefix that follows confirms it.
+    A brace qualifies when the next non-blank byte is ``,``, ``]`` or (unless
+    ``need_separator``) the end of what can be read, and the object it closes, from a ``{``
+    that follows ``[`` or ``,``, decodes as JSON on its own. This finds the boundary without
+    tokenizing the whole file in Python; the decode of the whole run that follows confirms it.
     """
     view = memoryview(data)
     position = before
@@ -533,6 +691,8 @@ def _last_event_end(data: bytes | bytearray, array_start: int, before: int) -> i
         while follower < before and data[follower] in _WHITESPACE:
             follower += 1
         if follower < before and data[follower] not in b",]":
+            continue
+        if need_separator and follower >= before:
             continue
         opening = close
         for _ in range(64):  # nested objects inside args start with '{' too
@@ -558,7 +718,9 @@ def _recover_trailing_keys(trace: Any, tail: memoryview) -> None:
     Some writers put them after the event array; a salvage that cuts inside the array drops
     them with the rest, although they may still be complete in the dropped text.
     """
-    missing = [key for key in ("baseTimeNanoseconds", "distributedInfo") if getattr(trace, key) is None]
+    missing = [
+        key for key in ("baseTimeNanoseconds", "distributedInfo") if getattr(trace, key) is None
+    ]
     if not missing or len(tail) > _MAX_TAIL_BYTES:
         return
     text = bytes(tail).decode("utf-8", "replace")
@@ -588,8 +750,18 @@ def _intervals(
     trace.traceEvents = []  # from here ``events`` is the only reference: it dies with it
     if events and not any(event.ph for event in events):
         raise TraceInputError("no event has a 'ph' field: not a PyTorch profiler trace", path=path)
-    # Only complete events can be intervals; everything else is classified in polars.
-    kept = [event for event in events if event.ph == "X"]
+    # Only complete events can be intervals; they are classified in polars. The ``Trace``
+    # span goes now: its pid/tid are strings ("Spans") that would push whole columns onto
+    # the slow coercion path.
+    if decoded.lenient:
+        kept = [
+            event
+            for event in events
+            if event.ph == "X"
+            and not (isinstance(event.cat, str) and event.cat in _IGNORED_CATEGORIES)
+        ]
+    else:
+        kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
     frame = _raw_frame(_gather_columns(kept, lenient=decoded.lenient))
 
     base = _as_int(trace.baseTimeNanoseconds)
@@ -608,6 +780,7 @@ def _intervals(
     frame = _classify(frame, warnings)
     frame, main_pid = _ownership(frame)
     frame = _details(frame)
+    frame = _link_syncs(frame)
     frame = _external_ids(frame, warnings)
     rank, rank_source = _rank(trace, frame)
     frame = with_depth(conform(frame.with_columns(rank=pl.lit(rank)), INTERVAL_SCHEMA))
@@ -657,9 +830,11 @@ def _gather_columns(kept: list[Any], *, lenient: bool) -> dict[str, list[Any]]:
         "stream": [a.stream for a in args],
         "bytes": [a.bytes for a in args],
         "input_dims": [
-            encode(a.input_dims)
-            if a.input_dims is not None
-            else (None if a.legacy_input_dims is None else encode(a.legacy_input_dims))
+            (
+                encode(a.input_dims)
+                if a.input_dims is not None
+                else (None if a.legacy_input_dims is None else encode(a.legacy_input_dims))
+            )
             for a in args
         ],
     }
@@ -729,7 +904,7 @@ def _tid_series(tids: list[Any]) -> tuple[pl.Series, pl.Series]:
         match = _STREAM_TID.fullmatch(value.strip()) if isinstance(value, str) else None
         streams.append(int(match.group(1)) if match else None)
     return (
-        pl.Series("tid", [_as_int(value) for value in tids], dtype=pl.Int64),
+        _int_series("tid", tids),
         pl.Series("tid_stream", streams, dtype=pl.Int64),
     )
 
@@ -741,8 +916,14 @@ def _int_series(name: str, values: list[Any]) -> pl.Series:
     """Int64 column; values that are not integers (strings, floats, >64-bit) are coerced."""
     try:
         return pl.Series(name, values, dtype=pl.Int64, strict=True)
-    except Exception:  # any mixed-type or overflow failure: coerce value by value instead
-        return pl.Series(name, [_as_int(value) for value in values], dtype=pl.Int64)
+    except Exception:  # mixed types or overflow: coerce value by value instead
+        pass
+    # Plain ints pass through untouched (most rows of an old file's string-tid column) ...
+    coerced = [value if type(value) is int else _as_int(value) for value in values]
+    try:
+        return pl.Series(name, coerced, dtype=pl.Int64, strict=True)
+    except Exception:  # ... unless one exceeds 64 bits
+        return pl.Series(name, [_as_int(value) for value in coerced], dtype=pl.Int64)
 
 
 def _float_series(name: str, values: list[Any]) -> pl.Series:
@@ -892,6 +1073,7 @@ def _timestamps(
 # Classification and per-kind fields
 # --------------------------------------------------------------------------------------------
 
+
 def _classify(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
     """Add ``kind``; drop complete events that are not intervals (and name odd categories)."""
     kind = pl.col("cat").replace_strict(KIND_BY_CATEGORY, default=None, return_dtype=pl.String)
@@ -912,7 +1094,7 @@ def _classify(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
             f"{cat or '<none>'} ({count:,})" for cat, count in unknown.head(5).iter_rows()
         )
         warnings.append(f"ignored complete events of categories with no interval kind: {listed}")
-    return frame.filter(pl.col("kind").is_not_null()).drop("cat")
+    return frame.filter(pl.col("kind").is_not_null())
 
 
 def _ownership(frame: pl.DataFrame) -> tuple[pl.DataFrame, int | None]:
@@ -922,6 +1104,7 @@ def _ownership(frame: pl.DataFrame) -> tuple[pl.DataFrame, int | None]:
     if cpu_pids.is_empty():
         cpu_pids = frame.get_column("pid").drop_nulls()
     main_pid = None if cpu_pids.is_empty() else int(cpu_pids.mode().sort()[0])
+    stream = pl.coalesce("arg_stream", "tid_stream", "tid")
     frame = frame.with_columns(
         pid=pl.when(on_stream).then(pl.lit(main_pid, dtype=pl.Int64)).otherwise(pl.col("pid")),
         tid=pl.when(on_stream).then(None).otherwise(pl.col("tid")),
@@ -929,16 +1112,25 @@ def _ownership(frame: pl.DataFrame) -> tuple[pl.DataFrame, int | None]:
         .then(pl.coalesce("arg_device", "pid"))
         .otherwise(None)
         .cast(pl.Int32),
-        stream=pl.when(on_stream)
-        .then(pl.coalesce("arg_stream", "tid_stream", "tid"))
-        .otherwise(None),
+        stream=pl.when(on_stream & (stream != _NO_STREAM)).then(stream).otherwise(None),
         bytes=pl.when(pl.col("kind").is_in(["memcpy", "memset"])).then(pl.col("bytes")),
     )
     return frame.drop("arg_device", "arg_stream", "tid_stream"), main_pid
 
 
+#: Kineto's ``cuda_sync_kind`` spelled as the nsys reader labels CUPTI sync types.
+_SYNC_KIND_LABELS = {
+    "Stream Sync": "Stream sync",
+    "Event Sync": "Event sync",
+    "Context Sync": "Context sync",
+    "Stream Wait Event": "Stream wait sync",
+}
+#: ``detail`` of ``cuda_api`` rows, as the nsys reader fills it.
+_API_CLASS_BY_CATEGORY = {"cuda_runtime": "runtime", "Runtime": "runtime", "cuda_driver": "driver"}
+
+
 def _details(frame: pl.DataFrame) -> pl.DataFrame:
-    """Kernel short names, and ``detail`` per kind (signature, shapes, direction, sync kind)."""
+    """Kernel short names, and ``detail`` per kind (signature, shapes, direction, sync type)."""
     kind = pl.col("kind")
     kernel_names = frame.filter(kind == "kernel").get_column("name").unique().drop_nulls()
     short = {name: _short_kernel_name(name) for name in kernel_names.to_list()}
@@ -953,27 +1145,49 @@ def _details(frame: pl.DataFrame) -> pl.DataFrame:
         .when(kind == "memcpy")
         .then(pl.col("name").str.extract(r"^Memcpy\s+(\w+)", 1))
         .when(kind == "sync")
-        .then(pl.coalesce("sync_kind", "name"))
+        .then(pl.coalesce("sync_kind", "name").replace(_SYNC_KIND_LABELS))
+        .when(kind == "cuda_api")
+        .then(pl.col("cat").replace_strict(_API_CLASS_BY_CATEGORY, default=None))
         .when(kind.is_in(["cpu_op", "annotation", "python"]))
         .then(dims),
         name=pl.when(kind == "kernel")
         .then(pl.col("name").replace(short))
         .otherwise(pl.col("name")),
     )
-    frame = frame.with_columns(
-        detail=pl.when((kind == "kernel") & (pl.col("detail") == pl.col("name")))
-        .then(None)
-        .otherwise(pl.col("detail"))
+    return frame.drop("input_dims", "sync_kind", "cat")
+
+
+def _link_syncs(frame: pl.DataFrame) -> pl.DataFrame:
+    """Give each sync row the thread and name of the API call that waited.
+
+    Kineto draws ``cuda_sync`` on the GPU stream, but the span is the host thread's wait inside
+    ``cudaStreamSynchronize`` & co.; that call carries the same correlation id. The nsys
+    reader names sync rows after this call too.
+    """
+    is_sync = pl.col("kind") == "sync"
+    syncs = frame.filter(is_sync)
+    if syncs.is_empty():
+        return frame
+    calls = (
+        frame.filter(
+            (pl.col("kind") == "cuda_api")
+            & pl.col("correlation").is_in(syncs.get_column("correlation").drop_nulls().implode())
+        )
+        .select("correlation", pl.col("tid").alias("_api_tid"), pl.col("name").alias("_api"))
+        .unique(subset="correlation", keep="first")
     )
-    return frame.drop("input_dims", "sync_kind")
+    syncs = syncs.join(calls, on="correlation", how="left").with_columns(
+        tid=pl.col("_api_tid"), name=pl.coalesce("_api", "name")
+    )
+    return pl.concat([frame.filter(~is_sync), syncs.select(frame.columns)])
 
 
 def _external_ids(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
     """Merge the two spellings; drop ids that are really the event's own correlation id."""
     launched = pl.col("kind").is_in(["cuda_api", "kernel", "memcpy", "memset", "sync"])
-    frame = frame.with_columns(
-        external_id=pl.coalesce("external_id", "legacy_external_id")
-    ).drop("legacy_external_id")
+    frame = frame.with_columns(external_id=pl.coalesce("external_id", "legacy_external_id")).drop(
+        "legacy_external_id"
+    )
     # 2020-2021 runtime/GPU events say "external id": 0 when no op launched them.
     frame = frame.with_columns(
         external_id=pl.when(launched & (pl.col("external_id") == 0))
@@ -985,7 +1199,10 @@ def _external_ids(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
         & pl.col("external_id").is_not_null()
         & pl.col("correlation").is_not_null()
     )
-    if api.height and (api.get_column("external_id") == api.get_column("correlation")).mean() >= 0.9:
+    if (
+        api.height
+        and (api.get_column("external_id") == api.get_column("correlation")).mean() >= 0.9
+    ):
         # Kineto ~2022 to early 2024 (kineto issue #843): the id points at no CPU op.
         frame = frame.with_columns(
             external_id=pl.when(launched & (pl.col("external_id") == pl.col("correlation")))
@@ -1091,7 +1308,9 @@ def _version_text(value: Any) -> str | None:
 
 def _tool_version(trace: Any, info: dict[str, Any]) -> str:
     schema = trace.schemaVersion
-    parts = [f"kineto schemaVersion {schema}" if schema is not None else "kineto (no schemaVersion)"]
+    parts = [
+        f"kineto schemaVersion {schema}" if schema is not None else "kineto (no schemaVersion)"
+    ]
     for key, label in (
         ("cuda_runtime_version", "CUDA runtime"),
         ("cuda_driver_version", "CUDA driver"),

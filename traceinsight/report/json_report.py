@@ -103,6 +103,7 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
             "method": alignment.method,
             "matched": alignment.matched,
             "offsets_ns": {str(k): v for k, v in alignment.offsets.items()},
+            "skew_corrections_ns": {str(k): v for k, v in alignment.corrections.items()},
             "residual_p50_us": _us(alignment.residual_p50_ns),
             "residual_p95_us": _us(alignment.residual_p95_ns),
             "residual_max_us": _us(alignment.residual_max_ns),

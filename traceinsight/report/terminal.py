@@ -69,6 +69,20 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
         step_table.caption = f"{shown.height} anomalous of {steps.height} steps shown"
     console.print(step_table)
 
+    if findings.anomalies:
+        anomaly_table = Table(title="Anomalies", title_justify="left")
+        for column in ("rank", "step", "kind", "excess ms", "where", "cause"):
+            anomaly_table.add_column(column, justify="right" if column in ("rank", "step", "excess ms") else "left")
+        for anomaly in findings.anomalies[:20]:
+            anomaly_table.add_row(str(anomaly["rank"]), str(anomaly["step"]), anomaly["kind"],
+                                  f"{anomaly['excess_ms']:+.1f}", plain(anomaly["where"]), anomaly["cause"])
+        console.print(anomaly_table)
+        for anomaly in findings.anomalies[:5]:
+            console.print(Text(f"rank {anomaly['rank']} step {anomaly['step']}: ", style="bold").append(
+                Text(anomaly["evidence"])))
+
+    _render_waits(findings, console)
+
     causes = findings.cpu_gaps
     if causes.height:
         cause_table = Table(title="CPU gaps: what the host did while the GPU waited", title_justify="left")
@@ -110,6 +124,61 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
 
     for warning in findings.warnings:
         console.print(Text(f"note: {warning}", style="yellow"))
+
+
+def _render_waits(findings: Findings, console: Console) -> None:
+    """Multi-rank: alignment, a rank x step table of waiting, stragglers, worst phases."""
+    alignment = findings.alignment
+    if alignment is not None and alignment.method != "none":
+        residual = (
+            f", collective ends agree within {alignment.residual_p50_ns / 1e3:.1f} µs (median), "
+            f"{alignment.residual_max_ns / 1e3:.1f} µs (max) over {alignment.matched} collectives"
+            if alignment.residual_p50_ns is not None else ""
+        )
+        console.print(Text(f"Clocks aligned by {alignment.method} to rank {alignment.reference_rank}{residual}"))
+    if not findings.waits:
+        return
+    import polars as pl
+
+    waits = pl.DataFrame(findings.waits)
+    per = waits.group_by("step", "rank").agg(ms=pl.col("wait_ms").sum())
+    ranks = sorted(per.get_column("rank").unique().to_list())
+    steps = sorted(per.get_column("step").drop_nulls().unique().to_list())
+    blame = (
+        waits.group_by("step", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
+        .sort(["step", "ms"], descending=[False, True]).unique("step", keep="first", maintain_order=True)
+    )
+    straggler = {r["step"]: r["waiting_for_rank"] for r in blame.iter_rows(named=True)}
+    table = Table(title="Cross-rank waiting per step (ms)", title_justify="left")
+    table.add_column("step", justify="right")
+    shown_ranks = ranks[:16]
+    for rank in shown_ranks:
+        table.add_column(f"rank {rank}", justify="right")
+    table.add_column("straggler", justify="right")
+    lookup = {(r["step"], r["rank"]): r["ms"] for r in per.iter_rows(named=True)}
+    worst_steps = sorted(steps, key=lambda s: -sum(lookup.get((s, r), 0) for r in ranks))[:MAX_STEP_ROWS]
+    for step in sorted(worst_steps):
+        table.add_row(str(step), *[f"{lookup.get((step, r), 0):.2f}" for r in shown_ranks], str(straggler.get(step, "-")))
+    if len(ranks) > len(shown_ranks) or len(steps) > len(worst_steps):
+        table.caption = f"{len(worst_steps)} of {len(steps)} steps, {len(shown_ranks)} of {len(ranks)} ranks shown (JSON has all)"
+    console.print(table)
+    phases = (
+        waits.group_by("phase").agg(ms=pl.col("wait_ms").sum(), n=pl.len(), worst=pl.col("wait_ms").max())
+        .sort("ms", descending=True).head(8)
+    )
+    phase_table = Table(title="Where ranks waited (phases)", title_justify="left")
+    for column in ("phase", "total wait ms", "waits", "largest ms"):
+        phase_table.add_column(column, justify="left" if column == "phase" else "right")
+    for row in phases.iter_rows(named=True):
+        phase_table.add_row(plain(row["phase"]), f"{row['ms']:.2f}", str(row["n"]), f"{row['worst']:.2f}")
+    console.print(phase_table)
+    for reason in sorted(findings.stragglers, key=lambda r: -r["max_wait_ms"])[:3]:
+        console.print(Text(
+            f"step {reason['step']}: rank {reason['straggler']} arrived {reason['max_wait_ms']:.2f} ms late at "
+            f"{reason['phase'] or reason['collective']}; before it, its {reason['reason']} exceeded the others' "
+            f"by {reason['reason_excess_ms']:.2f} ms"
+            + (f"; rows sent per rank {reason['rows_sent']}" if reason.get("rows_sent") else "")
+        ))
 
 
 def render_info(descriptions: list[dict], console: Console) -> None:

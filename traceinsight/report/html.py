@@ -1,0 +1,1064 @@
+"""The HTML report (``analyze --html FILE``): one self-contained page that opens offline.
+
+plotly.js is inlined once; every figure is a ``fig.to_json()`` spec drawn by ``Plotly.newPlot``
+from one JSON block. The page aggregates (heatmaps instead of per-rank lines beyond
+:data:`LINE_RANKS` ranks, capped tables, coalesced step timelines from
+:mod:`traceinsight.analysis.timeline`) so that a 64-rank, 1000-step job stays a few megabytes.
+
+Every string that comes from a trace (kernel names, NVTX text, op names, evidence, paths) is
+untrusted. In HTML it goes through :func:`html.escape`; in figures (plotly renders a few tags
+in hover text and labels) it is escaped the same way, which plotly shows as literal text; the
+figure JSON inside ``<script>`` has ``<``, ``>``, ``&``, U+2028 and U+2029 written as ``\\uXXXX``
+escapes so that no data can close the script element. A Content-Security-Policy forbids any
+network access, so the page cannot load anything even if a string slipped through.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+from collections import Counter
+
+import numpy as np
+import plotly.graph_objects as go
+import polars as pl
+from plotly.subplots import make_subplots
+
+import traceinsight
+from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.timeline import report_anomalies, typical_step
+
+#: One color per breakdown category, in every figure (colour-blind safe, print safe).
+CATEGORY_COLORS = {
+    "gpu_compute": "#0072B2",
+    "gpu_memory": "#56B4E9",
+    "communication": "#009E73",
+    "cross_rank_wait": "#CC79A7",
+    "host_sync": "#E69F00",
+    "cpu_gap": "#D55E00",
+    "idle": "#B8B8B8",
+}
+#: Colors of timeline rows: GPU work and gaps take the color of their category.
+KIND_COLORS = {
+    "annotation": "#6B7A99",
+    "launch": "#9A9A9A",
+    "cuda_api": "#C9C9C9",
+    "sync": CATEGORY_COLORS["host_sync"],
+    "cpu_gap": CATEGORY_COLORS["cpu_gap"],
+    "kernel": CATEGORY_COLORS["gpu_compute"],
+    "comm_kernel": CATEGORY_COLORS["communication"],
+    "memcpy": CATEGORY_COLORS["gpu_memory"],
+    "memset": CATEGORY_COLORS["gpu_memory"],
+}
+KIND_LABELS = {
+    "annotation": "range (NVTX / record_function)",
+    "launch": "launch calls",
+    "cuda_api": "other CUDA API",
+    "sync": "host sync call",
+    "cpu_gap": "CPU gap (GPU idle)",
+    "kernel": "kernel",
+    "comm_kernel": "communication kernel",
+    "memcpy": "memcpy",
+    "memset": "memset",
+}
+RANK_COLORS = (
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
+)
+ANOMALY_COLOR = "#111111"
+HIGHLIGHT_FILL = "rgba(255, 196, 0, 0.30)"
+HIGHLIGHT_LINE = "#A67C00"
+
+#: Up to this many ranks the step durations are lines; beyond, a rank × step heatmap.
+LINE_RANKS = 16
+#: At most this many rank views in the breakdown selector.
+BREAKDOWN_VIEWS = 16
+#: Tables show at most this many rows.
+MAX_TABLE_ROWS = 100
+#: At most this many anomaly cards (the rest are listed in a table).
+MAX_CARDS = 30
+#: Headline sentences in the summary.
+MAX_HEADLINES = 8
+#: Longest name shown in a table cell or a tooltip.
+MAX_TEXT = 200
+
+_FONT = "system-ui, -apple-system, 'Segoe UI', Roboto, 'Helvetica Neue', Arial, sans-serif"
+_BASE_LAYOUT = dict(
+    template="none",
+    font=dict(family=_FONT, size=12, color="#222"),
+    paper_bgcolor="#ffffff",
+    plot_bgcolor="#ffffff",
+    margin=dict(l=70, r=20, t=40, b=50),
+    hoverlabel=dict(bgcolor="#ffffff", font=dict(family=_FONT, size=12, color="#111"), align="left"),
+)
+_AXIS = dict(showgrid=True, gridcolor="#e6e6e6", zeroline=False, linecolor="#999", showline=True,
+             ticks="outside", tickcolor="#999")
+
+
+# ----------------------------------------------------------------------------- escaping
+
+def esc(value, limit: int | None = MAX_TEXT) -> str:
+    """Untrusted text for HTML (and for plotly labels and hover text), shortened to ``limit``."""
+    text = "" if value is None else str(value)
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return html.escape(text, quote=True)
+
+
+def script_json(text: str) -> str:
+    """JSON text made safe inside ``<script>``: no ``<``, ``>``, ``&``, U+2028/2029 left raw.
+
+    The characters only occur inside JSON strings, where ``\\uXXXX`` means the same thing.
+    """
+    return (text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+            .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
+
+
+def _ms(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _signed_ms(value: float) -> str:
+    return ("+" if value >= 0 else "−") + _ms(abs(value))
+
+
+# ----------------------------------------------------------------------------- tables
+
+class Cell:
+    """A table cell: escaped display HTML and an optional numeric sort key."""
+
+    __slots__ = ("html", "key", "cls")
+
+    def __init__(self, html_text: str, key: float | None = None, cls: str = ""):
+        self.html, self.key, self.cls = html_text, key, cls
+
+
+def text_cell(value, limit: int = 120) -> Cell:
+    text = "" if value is None else str(value)
+    if len(text) > limit:
+        return Cell(f'<span title="{esc(text, 1000)}">{esc(text, limit)}</span>')
+    return Cell(esc(text, None))
+
+
+def num_cell(value, fmt: str = "{:.2f}", suffix: str = "") -> Cell:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return Cell("–", float("-inf"), "num")
+    return Cell(esc(fmt.format(value) + suffix), float(value), "num")
+
+
+def _table(headers: list[str], rows: list[list[Cell]], *, numeric: set[int] = frozenset(), note: str = "",
+           cls: str = "") -> str:
+    head = "".join(
+        f'<th class="{"num" if i in numeric else ""}" title="sort by {esc(h)}">{esc(h)}</th>'
+        for i, h in enumerate(headers)
+    )
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            key = "" if cell.key is None else f' data-v="{cell.key!r}"'
+            klass = f' class="{cell.cls}"' if cell.cls else ""
+            cells.append(f"<td{klass}{key}>{cell.html}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    caption = f'<p class="note">{note}</p>' if note else ""
+    return (f'<div class="table-wrap"><table class="sortable {cls}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>{caption}')
+
+
+# ----------------------------------------------------------------------------- page
+
+class _Page:
+    """Collects figures (JSON specs) and hands out their ``<div>`` placeholders."""
+
+    def __init__(self) -> None:
+        self.figures: list[tuple[str, str]] = []
+
+    def figure(self, fig: go.Figure, *, height: int, cls: str = "") -> str:
+        fig_id = f"fig-{len(self.figures) + 1}"
+        fig.update_layout(height=height)
+        self.figures.append((fig_id, fig.to_json(validate=False, pretty=False)))
+        return f'<div class="fig {cls}" id="{fig_id}" style="height:{height}px"></div>'
+
+    def figures_json(self) -> str:
+        parts = [f'{{"id":{json.dumps(fig_id)},"fig":{spec}}}' for fig_id, spec in self.figures]
+        return script_json("[" + ",".join(parts) + "]")
+
+
+def _layout(fig: go.Figure, **extra) -> go.Figure:
+    fig.update_layout(**_BASE_LAYOUT)
+    fig.update_layout(**extra)
+    fig.update_xaxes(**_AXIS)
+    fig.update_yaxes(**_AXIS)
+    return fig
+
+
+def _f32(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32)
+
+
+def _cat_ms(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    return {c: frame.get_column(f"{c}_ns").cast(pl.Float64).to_numpy() / 1e6 for c in CATEGORIES}
+
+
+# ----------------------------------------------------------------------------- summary
+
+def _ratio_of(anomaly: dict, findings) -> float | None:
+    if anomaly.get("kind", "step") == "step":
+        typical = anomaly.get("typical_ms") or 0
+        return anomaly["duration_ms"] / typical if typical else None
+    instances = findings.range_instances
+    if instances.is_empty() or "start_ns" not in anomaly:
+        return None
+    match = instances.filter((pl.col("rank") == anomaly["rank"]) & (pl.col("start_ns") == anomaly["start_ns"])
+                             & (pl.col("name") == anomaly["where"]))
+    if match.is_empty():
+        return None
+    row = match.row(0, named=True)
+    return row["duration_ns"] / row["typical_ns"] if row.get("typical_ns") else None
+
+
+def headline(anomaly: dict, findings) -> str:
+    """One sentence (plain text, not escaped) for an anomaly."""
+    ratio = _ratio_of(anomaly, findings)
+    excess = anomaly.get("excess_ms") or 0.0
+    times = f"{ratio:.1f}x " if ratio else ""
+    if anomaly.get("kind", "step") == "step":
+        return (f"step {anomaly['step']} on rank {anomaly['rank']} was {times}slower (+{_ms(excess)} ms): "
+                f"{anomaly['where']}, {anomaly['cause']}")
+    return (f"{anomaly['where']} in step {anomaly['step']} on rank {anomaly['rank']} took {times}its typical "
+            f"time (+{_ms(excess)} ms): {anomaly['cause']}")
+
+
+def _summary(findings, page: _Page, *, show_host: bool) -> str:
+    steps = findings.steps
+    ranks = findings.ranks.sort("rank") if findings.ranks.height else findings.ranks
+    n_ranks = ranks.height or steps.get_column("rank").n_unique()
+    per_rank = steps.group_by("rank").agg(n=pl.len(), lo=pl.col("start_ns").min(), hi=pl.col("end_ns").max())
+    span_ms = float((per_rank.get_column("hi") - per_rank.get_column("lo")).max() or 0) / 1e6
+    gpus: Counter = Counter()
+    for names in (ranks.get_column("gpu_names").to_list() if "gpu_names" in ranks.columns else []):
+        for name in names or []:
+            gpus[name] += 1
+    gpu_text = ", ".join(f"{n} × {name}" for name, n in gpus.most_common()) or "unknown"
+    recorded = ""
+    if "clock_origin_ns" in ranks.columns and ranks.height and steps.height:
+        origin = ranks.get_column("clock_origin_ns").drop_nulls()
+        if origin.len():
+            first = int(origin.min()) + int(steps.get_column("start_ns").min())
+            when = _dt.datetime.fromtimestamp(first / 1e9, tz=_dt.timezone.utc)
+            recorded = f"<dt>recorded</dt><dd>{esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</dd>"
+    steps_per_rank = per_rank.get_column("n")
+    steps_text = (f"{steps.height} step windows ({findings.step_source}"
+                  + (f", marker <code>{esc(findings.step_pattern)}</code>" if findings.step_pattern else "")
+                  + ")")
+    if n_ranks > 1 and steps_per_rank.len():
+        steps_text += f", {steps_per_rank.min()}–{steps_per_rank.max()} per rank"
+    n_anomalous = int(steps.get_column("anomalous").sum()) if "anomalous" in steps.columns else 0
+    facts = (
+        f"<dl class=\"facts\"><dt>ranks</dt><dd>{n_ranks}</dd><dt>GPUs</dt><dd>{esc(gpu_text)}</dd>"
+        f"<dt>steps</dt><dd>{steps_text}</dd>"
+        f"<dt>time span</dt><dd>{_ms(span_ms)} ms of steps per rank (longest)</dd>{recorded}"
+        f"<dt>anomalies</dt><dd>{n_anomalous} anomalous step(s), "
+        f"{sum(1 for a in findings.anomalies if a.get('kind') == 'range')} anomalous range instance(s)</dd></dl>"
+    )
+
+    lines = []
+    totals = {c: float(steps.get_column(f"{c}_ns").sum() or 0) for c in CATEGORIES}
+    whole = sum(totals.values()) or 1.0
+    busy = totals["gpu_compute"] / whole
+    worst = max((c for c in CATEGORIES if c != "gpu_compute"), key=lambda c: totals[c])
+    lines.append(f"The GPUs computed during {busy:.0%} of step time; the largest other share is "
+                 f"{worst} ({totals[worst] / whole:.0%}).")
+    anomalies = report_anomalies(findings)
+    for anomaly in anomalies[:MAX_HEADLINES]:
+        lines.append(headline(anomaly, findings) + ".")
+    if not anomalies:
+        lines.append("No step and no range instance stood out from its neighbours.")
+    elif len(anomalies) > MAX_HEADLINES:
+        lines.append(f"… and {len(anomalies) - MAX_HEADLINES} more anomalies (see below).")
+    waits = findings.waits or []
+    if waits:
+        frame = pl.DataFrame(waits, infer_schema_length=None)
+        top = frame.group_by("waiting_for_rank").agg(ms=pl.col("wait_ms").sum()).sort("ms", descending=True).row(0)
+        lines.append(f"Ranks waited {_ms(float(frame.get_column('wait_ms').sum()))} ms in all for other ranks; "
+                     f"most for rank {top[0]} ({_ms(top[1])} ms).")
+    headline_html = "<ol class=\"headlines\">" + "".join(f"<li>{esc(line, 600)}</li>" for line in lines) + "</ol>"
+
+    # Overall breakdown: one bar for all ranks (and one per rank up to LINE_RANKS ranks).
+    labels = ["all ranks"]
+    shares = {c: [totals[c] / whole * 100] for c in CATEGORIES}
+    rank_ids = sorted(steps.get_column("rank").unique().to_list())
+    if 1 < len(rank_ids) <= LINE_RANKS:
+        for rank in rank_ids:
+            sub = steps.filter(pl.col("rank") == rank)
+            sub_totals = {c: float(sub.get_column(f"{c}_ns").sum() or 0) for c in CATEGORIES}
+            sub_whole = sum(sub_totals.values()) or 1.0
+            labels.append(f"rank {rank}")
+            for c in CATEGORIES:
+                shares[c].append(sub_totals[c] / sub_whole * 100)
+    fig = go.Figure()
+    for c in CATEGORIES:
+        fig.add_trace(go.Bar(
+            y=labels, x=[round(v, 2) for v in shares[c]], orientation="h", name=c,
+            marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
+            hovertemplate=f"{c}: %{{x:.1f}}%% of step time<extra>%{{y}}</extra>",
+        ))
+    _layout(fig, barmode="stack", legend=dict(orientation="h", y=-0.35 if len(labels) < 3 else -0.12,
+                                               x=0, traceorder="normal"),
+            margin=dict(l=80, r=20, t=10, b=80))
+    fig.update_xaxes(title_text="share of step time (%)", range=[0, 100])
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    overview = page.figure(fig, height=150 + 26 * len(labels))
+
+    rank_rows = []
+    for row in ranks.iter_rows(named=True):
+        cells = [num_cell(row["rank"], "{:d}"), text_cell(row.get("format")),
+                 text_cell(", ".join(row.get("gpu_names") or []) or "?"), text_cell(row.get("rank_source")),
+                 num_cell((row.get("clock_offset_ns") or 0) / 1e3, "{:,.1f}"),
+                 text_cell(row.get("source"), 100)]
+        if show_host:
+            cells.append(text_cell(row.get("hostname")))
+        rank_rows.append(cells)
+    headers = ["rank", "format", "GPU", "rank from", "clock offset (µs)", "file"] + (["host"] if show_host else [])
+    note = f"{len(rank_rows)} ranks, first {MAX_TABLE_ROWS * 2} shown." if len(rank_rows) > MAX_TABLE_ROWS * 2 else ""
+    rank_table = _table(headers, rank_rows[: MAX_TABLE_ROWS * 2], numeric={0, 4}, note=note)
+    warnings = ""
+    if findings.warnings:
+        warnings = ("<div class=\"warnings\"><h3>Notes on the input</h3><ul>"
+                    + "".join(f"<li>{esc(w, 400)}</li>" for w in findings.warnings[:50]) + "</ul></div>")
+    return (f'<section id="summary"><h2>Summary</h2>{facts}<h3>Headline findings</h3>{headline_html}'
+            f'<h3>Where the step time went</h3>{overview}'
+            f'<details><summary>Ranks ({n_ranks})</summary>{rank_table}</details>{warnings}</section>')
+
+
+# ----------------------------------------------------------------------------- steps
+
+def _step_durations(findings, page: _Page) -> str:
+    steps = findings.steps.sort("rank", "step")
+    rank_ids = sorted(steps.get_column("rank").unique().to_list())
+    anomalous = steps.filter(pl.col("anomalous")) if "anomalous" in steps.columns else steps.head(0)
+    fig = go.Figure()
+    if len(rank_ids) <= LINE_RANKS:
+        with_hover = steps.height <= 20_000
+        few_steps = steps.get_column("step").n_unique() <= 200
+        for i, rank in enumerate(rank_ids):
+            sub = steps.filter(pl.col("rank") == rank)
+            cats = _cat_ms(sub)
+            trace = dict(
+                x=sub.get_column("step").to_numpy(), y=_f32(sub.get_column("duration_ns").to_numpy() / 1e6),
+                mode="lines+markers" if few_steps else "lines", name=f"rank {rank}",
+                line=dict(color=RANK_COLORS[i % len(RANK_COLORS)], width=1.5), marker=dict(size=5),
+            )
+            if with_hover:
+                trace["customdata"] = np.round(np.column_stack([cats[c] for c in CATEGORIES]), 3).astype(np.float32)
+                lines = "".join(f"<br>{c}: %{{customdata[{j}]:.2f}} ms" for j, c in enumerate(CATEGORIES))
+                trace["hovertemplate"] = f"rank {rank} · step %{{x}}: <b>%{{y:.2f}} ms</b>{lines}<extra></extra>"
+            else:
+                trace["hovertemplate"] = f"rank {rank} · step %{{x}}: %{{y:.2f}} ms<extra></extra>"
+            fig.add_trace(go.Scatter(**trace))
+        if anomalous.height:
+            fig.add_trace(go.Scatter(
+                x=anomalous.get_column("step").to_numpy(),
+                y=_f32(anomalous.get_column("duration_ns").to_numpy() / 1e6),
+                mode="markers", name="anomalous step",
+                marker=dict(symbol="circle-open", size=15, color=ANOMALY_COLOR, line=dict(width=2.5)),
+                customdata=np.column_stack([anomalous.get_column("rank").to_numpy(),
+                                            anomalous.get_column("ratio").fill_null(0).to_numpy()]).astype(np.float32),
+                hovertemplate="anomalous: step %{x} on rank %{customdata[0]:.0f}, %{y:.1f} ms "
+                              "(%{customdata[1]:.1f}x its neighbours)<extra></extra>",
+            ))
+        _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="closest",
+                margin=dict(l=70, r=20, t=30, b=50))
+        fig.update_xaxes(title_text="step")
+        fig.update_yaxes(title_text="step duration (ms)", rangemode="tozero")
+        height = 420
+        explain = "One line per rank; circles mark the anomalous steps. Hover a point for its breakdown."
+    else:
+        step_ids = sorted(steps.get_column("step").unique().to_list())
+        column = {s: j for j, s in enumerate(step_ids)}
+        row_of = {r: i for i, r in enumerate(rank_ids)}
+        z = np.full((len(rank_ids), len(step_ids)), np.nan, dtype=np.float32)
+        r_idx = np.array([row_of[r] for r in steps.get_column("rank").to_list()])
+        s_idx = np.array([column[s] for s in steps.get_column("step").to_list()])
+        z[r_idx, s_idx] = steps.get_column("duration_ns").to_numpy() / 1e6
+        fig.add_trace(go.Heatmap(
+            z=np.round(z, 2), x=step_ids, y=rank_ids, colorscale="Viridis",
+            colorbar=dict(title=dict(text="ms"), thickness=12),
+            hovertemplate="rank %{y} · step %{x}: %{z:.2f} ms<extra></extra>", name="step duration",
+        ))
+        if anomalous.height:
+            fig.add_trace(go.Scatter(
+                x=anomalous.get_column("step").to_numpy(), y=anomalous.get_column("rank").to_numpy(),
+                mode="markers", name="anomalous step",
+                marker=dict(symbol="circle-open", size=9, color="#ff2a2a", line=dict(width=2)),
+                hovertemplate="anomalous: step %{x} on rank %{y}<extra></extra>",
+            ))
+        _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="closest",
+                margin=dict(l=70, r=20, t=30, b=50))
+        fig.update_xaxes(title_text="step", showgrid=False)
+        fig.update_yaxes(title_text="rank", showgrid=False, autorange="reversed")
+        height = max(360, min(900, 14 * len(rank_ids) + 120))
+        explain = (f"{len(rank_ids)} ranks: colour is the step duration (ms) of each rank and step; "
+                   "red circles mark the anomalous steps.")
+    return (f'<section id="steps"><h2>Step durations</h2><p class="note">{explain}</p>'
+            f"{page.figure(fig, height=height)}</section>")
+
+
+def _breakdown_views(findings) -> list[tuple[str, pl.DataFrame]]:
+    steps = findings.steps
+    columns = [f"{c}_ns" for c in CATEGORIES]
+    rank_ids = sorted(steps.get_column("rank").unique().to_list())
+    flag = pl.col("anomalous") if "anomalous" in steps.columns else pl.lit(False)
+    views: list[tuple[str, pl.DataFrame]] = []
+    if len(rank_ids) > 1:
+        mean = steps.group_by("step").agg([pl.col(c).mean() for c in columns] + [flag.any().alias("anomalous")])
+        views.append(("mean of ranks", mean))
+    if len(rank_ids) > LINE_RANKS:
+        slowest = (steps.sort("duration_ns", descending=True).group_by("step", maintain_order=True).first()
+                   .select("step", *columns, flag.alias("anomalous")))
+        views.append(("slowest rank of each step", slowest))
+        counts = (steps.group_by("rank").agg(n=flag.sum(), total=pl.col("duration_ns").sum())
+                  .sort(["n", "total"], descending=True))
+        chosen = sorted(counts.head(BREAKDOWN_VIEWS - 2).get_column("rank").to_list())
+    else:
+        chosen = rank_ids
+    for rank in chosen:
+        views.append((f"rank {rank}", steps.filter(pl.col("rank") == rank).select("step", *columns,
+                                                                                  flag.alias("anomalous"))))
+    return views
+
+
+def _step_breakdown(findings, page: _Page) -> str:
+    steps = findings.steps
+    step_ids = sorted(steps.get_column("step").unique().to_list())
+    base = pl.DataFrame({"step": step_ids}, schema={"step": steps.schema["step"]})
+    views = _breakdown_views(findings)
+
+    def arrays(frame: pl.DataFrame) -> list[list]:
+        full = base.join(frame, on="step", how="left")
+        out = []
+        for c in CATEGORIES:
+            values = full.get_column(f"{c}_ns").cast(pl.Float64) / 1e6
+            out.append([None if v is None else round(v, 3) for v in values.to_list()])
+        totals = full.select(pl.sum_horizontal([pl.col(f"{c}_ns") for c in CATEGORIES]) / 1e6).to_series()
+        marks = [round(t, 3) if a else None
+                 for t, a in zip(totals.to_list(), full.get_column("anomalous").fill_null(False).to_list())]
+        out.append(marks)
+        return out
+
+    data = [arrays(frame) for _, frame in views]
+    fig = go.Figure()
+    for j, c in enumerate(CATEGORIES):
+        fig.add_trace(go.Bar(x=step_ids, y=data[0][j], name=c, marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
+                             hovertemplate=f"{c}: %{{y:.2f}} ms<extra></extra>"))
+    fig.add_trace(go.Scatter(x=step_ids, y=data[0][-1], mode="markers", name="anomalous step",
+                             marker=dict(symbol="triangle-down", size=11, color=ANOMALY_COLOR),
+                             hovertemplate="anomalous step (total %{y:.2f} ms)<extra></extra>"))
+    menus = []
+    if len(views) > 1:
+        menus = [dict(
+            type="dropdown", direction="down", x=0, xanchor="left", y=1.18, yanchor="bottom",
+            showactive=True, bgcolor="#f4f4f4", bordercolor="#999",
+            buttons=[dict(label=label, method="restyle", args=[{"y": data[i]}]) for i, (label, _) in enumerate(views)],
+        )]
+    _layout(fig, barmode="stack", bargap=0.15 if len(step_ids) < 200 else 0, hovermode="x unified",
+            legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.22 if menus else 0), updatemenus=menus,
+            margin=dict(l=70, r=20, t=60, b=50))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="time in step (ms)", rangemode="tozero")
+    shown = ", ".join(label for label, _ in views[:6]) + (" …" if len(views) > 6 else "")
+    note = (f"Each step's window split into the categories of the JSON report (they sum to the step's duration). "
+            f"Views: {esc(shown)} (choose with the menu at the top left of the figure); triangles mark anomalous steps.")
+    return (f'<section id="breakdown"><h2>Where each step\'s time went</h2><p class="note">{note}</p>'
+            f"{page.figure(fig, height=460)}</section>")
+
+
+# ----------------------------------------------------------------------------- multi-rank
+
+def _waits(findings, page: _Page) -> str:
+    waits = findings.waits or []
+    n_ranks = findings.steps.get_column("rank").n_unique() if findings.steps.height else 0
+    if not waits:
+        if n_ranks > 1:
+            return ('<section id="waits"><h2>Cross-rank waiting</h2><p class="note">These findings hold no '
+                    "cross-rank wait measurements.</p></section>")
+        return ""
+    frame = pl.DataFrame(waits, infer_schema_length=None).with_columns(
+        pl.col("wait_ms").cast(pl.Float64), pl.col("rank").cast(pl.Int64), pl.col("step").cast(pl.Int64),
+        pl.col("waiting_for_rank").cast(pl.Int64),
+        pl.col("phase").cast(pl.String).fill_null("?"), pl.col("collective").cast(pl.String).fill_null("?"),
+    )
+    rank_ids = sorted(set(frame.get_column("rank").to_list()) | set(frame.get_column("waiting_for_rank").to_list())
+                      | set(findings.steps.get_column("rank").to_list()))
+    step_ids = sorted(set(frame.get_column("step").to_list()) | set(findings.steps.get_column("step").to_list()))
+    per_cell = frame.group_by("rank", "step").agg(ms=pl.col("wait_ms").sum())
+    row_of = {r: i for i, r in enumerate(rank_ids)}
+    col_of = {s: j for j, s in enumerate(step_ids)}
+    z = np.zeros((len(rank_ids), len(step_ids)), dtype=np.float32)
+    for rank, step, ms in per_cell.iter_rows():
+        z[row_of[rank], col_of[step]] = ms
+    stragglers = (frame.group_by("step", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
+                  .sort(["step", "ms"], descending=[False, True]).group_by("step", maintain_order=True).first())
+    fig = go.Figure()
+    fig.add_trace(go.Heatmap(
+        z=np.round(z, 3), x=step_ids, y=rank_ids, name="wait",
+        colorscale=[[0, "#ffffff"], [0.15, "#f3d6e8"], [1, CATEGORY_COLORS["cross_rank_wait"]]],
+        colorbar=dict(title=dict(text="wait (ms)"), thickness=12),
+        hovertemplate="rank %{y} waited %{z:.2f} ms in step %{x}<extra></extra>",
+    ))
+    fig.add_trace(go.Scatter(
+        x=stragglers.get_column("step").to_numpy(), y=stragglers.get_column("waiting_for_rank").to_numpy(),
+        customdata=_f32(stragglers.get_column("ms").to_numpy()), mode="markers", name="straggler (waited for)",
+        marker=dict(symbol="star", size=11 if len(step_ids) <= 200 else 6, color=ANOMALY_COLOR,
+                    line=dict(width=1, color="#ffffff")),
+        hovertemplate="step %{x}: straggler rank %{y} (others waited %{customdata:.2f} ms for it)<extra></extra>",
+    ))
+    _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="closest",
+            margin=dict(l=70, r=20, t=30, b=50))
+    fig.update_xaxes(title_text="step", showgrid=False)
+    fig.update_yaxes(title_text="rank", showgrid=False, autorange="reversed", dtick=1 if len(rank_ids) <= 32 else None)
+    height = max(300, min(900, 22 * len(rank_ids) + 140)) if len(rank_ids) <= 32 else max(360, min(900, 12 * len(rank_ids) + 140))
+
+    phases = (
+        frame.group_by("phase").agg(
+            n=pl.len(), total=pl.col("wait_ms").sum(), mean=pl.col("wait_ms").mean(), max=pl.col("wait_ms").max(),
+            collectives=pl.col("collective").unique().sort().head(3),
+            n_collectives=pl.col("collective").n_unique(),
+        ).sort("total", descending=True)
+    )
+    waiter = (frame.group_by("phase", "rank").agg(ms=pl.col("wait_ms").sum()).sort(["phase", "ms"], descending=[False, True])
+              .group_by("phase", maintain_order=True).first())
+    waited = (frame.group_by("phase", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
+              .sort(["phase", "ms"], descending=[False, True]).group_by("phase", maintain_order=True).first())
+    phases = phases.join(waiter.rename({"rank": "waiter", "ms": "waiter_ms"}), on="phase", how="left").join(
+        waited.rename({"ms": "waited_ms"}), on="phase", how="left").sort("total", descending=True)
+    rows = []
+    for r in phases.head(MAX_TABLE_ROWS).iter_rows(named=True):
+        more = r["n_collectives"] - len(r["collectives"])
+        rows.append([
+            text_cell(r["phase"]), text_cell(", ".join(r["collectives"]) + (f" (+{more})" if more > 0 else "")),
+            num_cell(r["n"], "{:d}"), num_cell(r["total"]), num_cell(r["mean"], "{:.3f}"), num_cell(r["max"]),
+            num_cell(r["waiter"], "{:d}"), num_cell(r["waiter_ms"]),
+            num_cell(r["waiting_for_rank"], "{:d}"), num_cell(r["waited_ms"]),
+        ])
+    phase_table = _table(
+        ["phase", "collective", "waits", "total wait ms", "mean ms", "max ms", "rank that waited most", "its ms",
+         "rank waited for most", "its ms"], rows, numeric={2, 3, 4, 5, 6, 7, 8, 9},
+        note=f"{phases.height} phases, first {MAX_TABLE_ROWS} shown." if phases.height > MAX_TABLE_ROWS else "")
+    per_rank = (
+        pl.DataFrame({"rank": rank_ids}, schema={"rank": pl.Int64})
+        .join(frame.group_by("rank").agg(waited=pl.col("wait_ms").sum()), on="rank", how="left")
+        .join(frame.group_by("waiting_for_rank").agg(caused=pl.col("wait_ms").sum()).rename({"waiting_for_rank": "rank"}),
+              on="rank", how="left")
+        .join(stragglers.group_by("waiting_for_rank").agg(n=pl.len()).rename({"waiting_for_rank": "rank"}),
+              on="rank", how="left")
+        .with_columns(pl.col("waited", "caused").fill_null(0.0), pl.col("n").fill_null(0))
+        .sort("caused", descending=True)
+    )
+    rank_rows = [[num_cell(r["rank"], "{:d}"), num_cell(r["waited"]), num_cell(r["caused"]), num_cell(r["n"], "{:d}")]
+                 for r in per_rank.head(MAX_TABLE_ROWS * 2).iter_rows(named=True)]
+    rank_table = _table(["rank", "waited for others (ms)", "others waited for it (ms)", "straggler in steps"],
+                        rank_rows, numeric={0, 1, 2, 3})
+    return (f'<section id="waits"><h2>Cross-rank waiting</h2><p class="note">Colour: the time each rank spent '
+            f"waiting for another rank to arrive at a collective, summed per step (ms). Stars: the straggler of "
+            f"each step, the rank the others waited for longest.</p>{page.figure(fig, height=height)}"
+            f"<h3>Waiting per phase</h3>{phase_table}<h3>Per rank</h3>{rank_table}</section>")
+
+
+# ----------------------------------------------------------------------------- anomalies
+
+def _typical_categories(findings, rank: int, step: int) -> dict[str, float]:
+    steps = findings.steps.filter(pl.col("rank") == rank)
+    normal = steps.filter(~pl.col("anomalous") & (pl.col("step") != step))
+    if normal.is_empty():
+        normal = steps.filter(pl.col("step") != step)
+    return {c: float(normal.get_column(f"{c}_ns").median() or 0) / 1e6 for c in CATEGORIES}
+
+
+def _compare_bars(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """Stacked HTML bars (prints without JavaScript), scaled to the longest row."""
+    longest = max((sum(v.values()) for _, v in rows), default=0) or 1.0
+    out = ['<div class="compare">']
+    for label, values in rows:
+        total = sum(values.values())
+        segments = []
+        for c in CATEGORIES:
+            share = values.get(c, 0.0) / longest * 100
+            if share <= 0:
+                continue
+            segments.append(f'<span class="seg" style="width:{share:.3f}%;background:{CATEGORY_COLORS[c]}" '
+                            f'title="{esc(c)}: {_ms(values[c])} ms"></span>')
+        out.append(f'<div class="crow"><span class="clabel">{esc(label)}</span><span class="cbar">{"".join(segments)}'
+                   f'</span><span class="ctotal">{_ms(total)} ms</span></div>')
+    out.append("</div>")
+    return "".join(out)
+
+
+def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> dict | None:
+    """The lag from the start of the ``where`` range to its first kernel, in ms from the step start."""
+    instances = findings.range_instances
+    where = anomaly.get("where")
+    if instances.is_empty() or not where:
+        return None
+    window = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
+    if window.is_empty():
+        return None
+    w0 = window.row(0, named=True)["start_ns"]
+    match = instances.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == where))
+    if own and anomaly.get("kind") == "range" and "start_ns" in anomaly:
+        exact = match.filter(pl.col("start_ns") == anomaly["start_ns"])
+        match = exact if exact.height else match
+    if match.is_empty():
+        return None
+    row = match.sort(pl.col("first_gpu_lag_ns").fill_null(-1), "duration_ns", descending=True).row(0, named=True)
+    start = (row["start_ns"] - w0) / 1e6
+    if row.get("first_gpu_start_ns") is None:
+        return {"x0": start, "x1": (row["end_ns"] - w0) / 1e6, "text": f"{where}: no GPU work launched in it",
+                "lag_ms": None}
+    lag = (row["first_gpu_start_ns"] - row["start_ns"]) / 1e6
+    return {"x0": start, "x1": start + max(lag, 0.0), "lag_ms": lag,
+            "text": f"{_ms(lag)} ms from the start of {where} to its first GPU work"}
+
+
+def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tuple[go.Figure, int]:
+    lane_lists = []
+    for _, frame, _ in panels:
+        lanes = frame.select("lane", "lane_order").unique().sort("lane_order").get_column("lane").to_list()
+        lane_lists.append(lanes)
+    weights = [max(len(lanes), 1) + 1.5 for lanes in lane_lists]
+    fig = make_subplots(rows=len(panels), cols=1, row_heights=[w / sum(weights) for w in weights],
+                        vertical_spacing=min(0.5 / len(panels), 120 / (sum(weights) * 24 + 120 * len(panels))),
+                        subplot_titles=[esc(title) for title, _, _ in panels])
+    shown: set[str] = set()
+    for i, ((_, frame, light), lanes) in enumerate(zip(panels, lane_lists), start=1):
+        index = {lane: k for k, lane in enumerate(lanes)}
+        for kind, color in KIND_COLORS.items():
+            sub = frame.filter(pl.col("kind") == kind)
+            if sub.is_empty():
+                continue
+            starts = sub.get_column("start_ms").to_numpy()
+            ends = sub.get_column("end_ms").to_numpy()
+            names = sub.get_column("name").to_list()
+            details = sub.get_column("detail").to_list()
+            hover = [
+                f"{esc(n, 160)}<br>{s:.3f}–{e:.3f} ms ({e - s:.3f} ms)" + (f"<br>{esc(d, 300)}" if d else "")
+                for n, s, e, d in zip(names, starts, ends, details)
+            ]
+            fig.add_trace(go.Bar(
+                y=np.asarray([index[x] for x in sub.get_column("lane").to_list()], dtype=np.int16),
+                x=_f32(np.maximum(ends - starts, 0.0)), base=np.round(starts, 4).tolist(), orientation="h",
+                width=0.72, name=KIND_LABELS[kind], legendgroup=kind, showlegend=kind not in shown,
+                marker=dict(color=color, line=dict(width=0)), hovertext=hover, hoverinfo="text",
+            ), row=i, col=1)
+            shown.add(kind)
+        fig.update_yaxes(tickvals=list(range(len(lanes))), ticktext=[esc(x, 40) for x in lanes],
+                         autorange="reversed", showgrid=False, row=i, col=1)
+        fig.update_xaxes(title_text="ms since step start", row=i, col=1)
+        if light:
+            axis = "" if i == 1 else str(i)
+            fig.add_shape(type="rect", xref=f"x{axis}", yref=f"y{axis} domain", x0=light["x0"], x1=light["x1"],
+                          y0=0, y1=1, fillcolor=HIGHLIGHT_FILL, line=dict(color=HIGHLIGHT_LINE, width=1, dash="dot"),
+                          layer="below")
+            fig.add_annotation(xref=f"x{axis}", yref=f"y{axis} domain", x=light["x0"], y=1.0, xanchor="left",
+                               yanchor="bottom", showarrow=False, text=esc(light["text"], 160),
+                               font=dict(size=11, color="#6b4f00"), bgcolor="rgba(255,255,255,0.85)")
+    height = int(sum(len(lanes) * 24 + 110 for lanes in lane_lists) + 60)
+    _layout(fig, barmode="overlay", hovermode="closest",
+            legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0, font=dict(size=11)),
+            margin=dict(l=150, r=20, t=70, b=40))
+    fig.update_yaxes(showgrid=False)
+    for annotation in fig.layout.annotations:  # the subplot titles: left-aligned, bold
+        if annotation.text and annotation.xref == "paper":
+            annotation.update(x=0, xanchor="left", font=dict(size=12))
+    return fig, height
+
+
+def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _Page) -> str:
+    rank, step = anomaly["rank"], anomaly["step"]
+    kind = anomaly.get("kind", "step")
+    excess = anomaly.get("excess_ms") or 0.0
+    ratio = _ratio_of(anomaly, findings)
+    times = f"{ratio:.1f}× " if ratio else ""
+    if kind == "step":
+        title = f"Step {step} on rank {rank}: {times}slower than typical ({_signed_ms(excess)} ms)"
+    else:
+        title = f"Range “{anomaly['where']}” in step {step} on rank {rank}: {times}its typical time ({_signed_ms(excess)} ms)"
+    category = anomaly.get("category", "")
+    chip = CATEGORY_COLORS.get(category, "#888")
+    facts = [
+        ("where", f"<code>{esc(anomaly.get('where'), 300)}</code>"),
+        ("cause", f'<span class="pill" style="border-color:{chip}"><span class="dot" style="background:{chip}"></span>'
+                  f"{esc(anomaly.get('cause'))}</span>"),
+        ("category", f"{esc(category)}" + (f" ({_signed_ms(anomaly['category_excess_ms'])} ms against typical)"
+                                           if anomaly.get("category_excess_ms") is not None else "")),
+    ]
+    if kind == "step":
+        facts.append(("duration", f"{_ms(anomaly['duration_ms'])} ms, typical {_ms(anomaly['typical_ms'])} ms, "
+                                  f"excess {_signed_ms(excess)} ms"))
+    else:
+        facts.append(("excess", f"{_signed_ms(excess)} ms over the median instance of this range"))
+    facts.append(("evidence", f'<span class="evidence">{esc(anomaly.get("evidence"), 2000)}</span>'))
+    dl = "<dl class=\"pm\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
+
+    compare = ""
+    this_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
+    if kind == "step" and this_row.height:
+        this = {c: this_row.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
+        compare = _compare_bars([(f"step {step}", this), ("typical step", _typical_categories(findings, rank, step))])
+    elif kind == "range" and "start_ns" in anomaly and findings.range_instances.height:
+        same = findings.range_instances.filter((pl.col("rank") == rank) & (pl.col("name") == anomaly["where"]))
+        this_inst = same.filter(pl.col("start_ns") == anomaly["start_ns"])
+        if this_inst.height and all(f"{c}_ns" in same.columns for c in CATEGORIES):
+            this = {c: this_inst.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
+            typical = {c: float(same.get_column(f"{c}_ns").median() or 0) / 1e6 for c in CATEGORIES}
+            compare = _compare_bars([("this instance", this), ("median instance", typical)])
+
+    ranges = ""
+    if anomaly.get("ranges"):
+        rows = []
+        for r in anomaly["ranges"][:6]:
+            rows.append([
+                text_cell(r.get("name"), 80), num_cell((r.get("total_ns") or 0) / 1e6),
+                num_cell((r.get("typical_ns") or 0) / 1e6), num_cell((r.get("excess_ns") or 0) / 1e6, "{:+.2f}"),
+                num_cell(r.get("launches"), "{:.0f}"), num_cell(r.get("typical_launches"), "{:.0f}"),
+                num_cell(None if r.get("lag_ns") is None else r["lag_ns"] / 1e6),
+                num_cell(None if r.get("typical_lag_ns") is None else r["typical_lag_ns"] / 1e6),
+            ])
+        ranges = "<h4>Ranges that grew</h4>" + _table(
+            ["range", "this step ms", "typical ms", "excess ms", "launches", "typical", "lag to first kernel ms",
+             "typical lag ms"], rows, numeric={1, 2, 3, 4, 5, 6, 7}, cls="compact")
+
+    timeline = ""
+    own = timelines.get((rank, step)) if timelines else None
+    if own is not None and own.height:
+        typical = typical_step(findings, rank)
+        duration = this_row.row(0, named=True)["duration_ns"] / 1e6 if this_row.height else None
+        panels = [(f"step {step} on rank {rank} ({'anomalous' if kind == 'step' else 'holds the anomalous range'}"
+                   + (f", {_ms(duration)} ms" if duration else "") + ")", own,
+                   _highlight(findings, anomaly, rank, step, own=True))]
+        other = timelines.get((rank, typical)) if typical is not None and typical != step else None
+        if other is not None and other.height:
+            t_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == typical))
+            t_ms = t_row.row(0, named=True)["duration_ns"] / 1e6 if t_row.height else None
+            panels.append((f"step {typical} on rank {rank} (typical" + (f", {_ms(t_ms)} ms" if t_ms else "") + ")",
+                           other, _highlight(findings, anomaly, rank, typical, own=False)))
+        fig, height = _timeline_figure(panels)
+        merged = int(own.filter(pl.col("count") > 1).height)
+        note = ("Bars: CPU ranges, CUDA API calls, CPU gaps and GPU streams, in ms from the step start. "
+                "The shaded span runs from the start of the <i>where</i> range to its first GPU work.")
+        if merged:
+            note += " Dense stretches are merged into blocks (hover for what they hold)."
+        timeline = f'<h4>Timeline</h4><p class="note">{note}</p>{page.figure(fig, height=height, cls="timeline")}'
+    elif timelines is not None:
+        timeline = '<p class="note">No timeline for this anomaly (only the largest anomalies get one).</p>'
+    return (f'<article class="card" id="anomaly-{number}"><h3><span class="num">{number}</span>{esc(title, 400)}</h3>'
+            f"<div class=\"card-body\"><div class=\"card-text\">{dl}{compare}</div>{ranges}{timeline}</div></article>")
+
+
+def _anomalies(findings, timelines: dict | None, page: _Page) -> str:
+    anomalies = report_anomalies(findings)
+    if not anomalies:
+        return ('<section id="anomalies"><h2>Anomalies</h2><p class="note">No step and no range instance stood out '
+                "from its neighbours.</p></section>")
+    cards = [_anomaly_card(i, a, findings, timelines or {}, page) for i, a in enumerate(anomalies[:MAX_CARDS], start=1)]
+    rest = ""
+    if len(anomalies) > MAX_CARDS:
+        rows = [[num_cell(a["rank"], "{:d}"), num_cell(a["step"], "{:d}"), text_cell(a.get("kind")),
+                 num_cell(a.get("excess_ms")), text_cell(a.get("where"), 80), text_cell(a.get("cause"))]
+                for a in anomalies[MAX_CARDS: MAX_CARDS + MAX_TABLE_ROWS * 2]]
+        more = len(anomalies) - MAX_CARDS - len(rows)
+        rest = "<h3>More anomalies</h3>" + _table(
+            ["rank", "step", "kind", "excess ms", "where", "cause"], rows, numeric={0, 1, 3},
+            note=f"{more} more in the JSON report." if more > 0 else "")
+    intro = (f"{len(anomalies)} anomal{'y' if len(anomalies) == 1 else 'ies'}, largest excess first. Each card is the "
+             "post-mortem of one step or range instance against the typical step of its rank.")
+    return f'<section id="anomalies"><h2>Anomalies</h2><p class="note">{intro}</p>{"".join(cards)}{rest}</section>'
+
+
+# ----------------------------------------------------------------------------- CPU gaps, kernels, ranges
+
+def _cpu_gaps(findings) -> str:
+    gaps = findings.cpu_gaps
+    if gaps.is_empty() or "cause" not in gaps.columns:
+        return ('<section id="cpu-gaps"><h2>CPU gaps</h2><p class="note">No CPU gap: the GPU never waited for the '
+                "host to launch work.</p></section>")
+    total = float(gaps.get_column("duration_ns").sum() or 0) or 1.0
+    with_text = gaps.with_columns(
+        text=pl.when(pl.col("evidence").is_not_null())
+        .then(pl.format("{}: {}", pl.col("evidence_source").fill_null("evidence"), pl.col("evidence")))
+        .otherwise(pl.lit(None, pl.String))
+    )
+    summary = (with_text.sort("duration_ns", descending=True).group_by("cause", maintain_order=True)
+               .agg(total=pl.col("duration_ns").sum(), n=pl.len(), largest=pl.col("duration_ns").first(),
+                    rank=pl.col("rank").first(), step=pl.col("step").first())
+               .sort("total", descending=True))
+    evidence = (with_text.filter(pl.col("text").is_not_null()).group_by("cause", "text")
+                .agg(t=pl.col("duration_ns").sum()).sort(["cause", "t"], descending=[False, True])
+                .group_by("cause", maintain_order=True).head(3))
+    rows = []
+    for r in summary.iter_rows(named=True):
+        items = evidence.filter(pl.col("cause") == r["cause"])
+        listed = "".join(f"<li>{esc(t, 240)} <span class=\"muted\">({_ms(ms / 1e6)} ms)</span></li>"
+                         for _, t, ms in items.iter_rows())
+        color = CATEGORY_COLORS["cpu_gap"]
+        rows.append([
+            Cell(f'<span class="dot" style="background:{color}"></span>{esc(r["cause"])}'),
+            num_cell(r["total"] / 1e6), num_cell(r["total"] / total * 100, "{:.1f}", "%"), num_cell(r["n"], "{:d}"),
+            num_cell(r["largest"] / 1e6), Cell(f"rank {r['rank']}, step {esc(r['step'])}"),
+            Cell(f"<ul class=\"ev\">{listed}</ul>" if listed else '<span class="muted">no evidence in the trace</span>'),
+        ])
+    cause_table = _table(["cause", "total ms", "share", "gaps", "largest ms", "largest in", "evidence (by time)"], rows,
+                         numeric={1, 2, 3, 4})
+    starts = findings.steps.select("rank", "step", pl.col("start_ns").alias("_w0"))
+    largest = (with_text.sort("duration_ns", descending=True).head(25)
+               .join(starts, on=["rank", "step"], how="left"))
+    big_rows = []
+    for r in largest.iter_rows(named=True):
+        offset = None if r.get("_w0") is None else (r["start_ns"] - r["_w0"]) / 1e6
+        big_rows.append([
+            num_cell(r["rank"], "{:d}"), num_cell(r["step"], "{:d}") if r["step"] is not None else text_cell("–"),
+            num_cell(offset), num_cell(r["duration_ns"] / 1e6), text_cell(r["cause"]),
+            text_cell(r["text"] or "no evidence", 160), text_cell(r.get("next_name"), 80),
+        ])
+    big_table = _table(["rank", "step", "at ms", "ms", "cause", "evidence", "GPU work after it"], big_rows,
+                       numeric={0, 1, 2, 3})
+    return (f'<section id="cpu-gaps"><h2>CPU gaps: what the host did while the GPU waited</h2>'
+            f'<p class="note">{gaps.height:,} gaps, {_ms(total / 1e6)} ms in all. The evidence lists the frames, '
+            f"calls or ops found in the gaps, with their share.</p>{cause_table}<h3>Largest CPU gaps</h3>{big_table}"
+            f"</section>")
+
+
+def _kernels_and_ranges(findings) -> str:
+    parts = ['<section id="kernels"><h2>Top kernels and ranges</h2>']
+    kernels = findings.top_kernels
+    if kernels.height:
+        rows = [[num_cell(r["rank"], "{:d}"), text_cell(r["name"], 110), num_cell(r["count"], "{:,d}"),
+                 num_cell(r["total_ms"]), num_cell(r["mean_us"], "{:.1f}"), num_cell(r["share"] * 100, "{:.1f}", "%")]
+                for r in kernels.head(MAX_TABLE_ROWS).iter_rows(named=True)]
+        parts.append("<h3>Kernels by total GPU time</h3>" + _table(
+            ["rank", "kernel", "count", "total ms", "mean µs", "share of GPU time"], rows, numeric={0, 2, 3, 4, 5},
+            note=f"First {MAX_TABLE_ROWS} of {kernels.height} shown." if kernels.height > MAX_TABLE_ROWS else ""))
+    ranges = findings.ranges
+    if ranges.height:
+        ranges = ranges.sort("total_ms", descending=True) if "total_ms" in ranges.columns else ranges
+        rows = [[num_cell(r["rank"], "{:d}"), text_cell(r["name"], 90), num_cell(r["count"], "{:,d}"),
+                 num_cell(r.get("total_ms")), num_cell(r.get("p50_ms"), "{:.3f}"), num_cell(r.get("p99_ms"), "{:.3f}"),
+                 num_cell(r.get("max_ms"), "{:.3f}"), num_cell(r.get("lag_p50_ms"), "{:.3f}"),
+                 num_cell(r.get("lag_max_ms"), "{:.3f}"), num_cell(r.get("gpu_ms_mean"), "{:.3f}")]
+                for r in ranges.head(MAX_TABLE_ROWS).iter_rows(named=True)]
+        parts.append("<h3>Ranges (NVTX / record_function) by total time</h3>" + _table(
+            ["rank", "range", "count", "total ms", "p50 ms", "p99 ms", "max ms", "lag p50 ms", "lag max ms",
+             "GPU ms (mean)"], rows, numeric=set(range(10)) - {1},
+            note=(f"First {MAX_TABLE_ROWS} of {ranges.height} shown. " if ranges.height > MAX_TABLE_ROWS else "")
+            + "Lag: from the range's start to the start of the first GPU work it launched."))
+    if len(parts) == 1:
+        parts.append('<p class="note">No kernels and no ranges.</p>')
+    parts.append("</section>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- assembly
+
+_CSS = """
+:root{--ink:#1d1d1f;--muted:#5f6368;--line:#d9d9de;--bg:#ffffff;--soft:#f6f7f9;--accent:#0072B2}
+*{box-sizing:border-box}
+html{background:var(--bg)}
+body{margin:0;color:var(--ink);background:var(--bg);font:14px/1.45 %(font)s}
+header.top{padding:18px 28px 8px;border-bottom:1px solid var(--line)}
+header.top h1{margin:0;font-size:22px}
+header.top .sub{color:var(--muted);margin-top:2px}
+nav{position:sticky;top:0;z-index:10;background:rgba(255,255,255,.96);border-bottom:1px solid var(--line);
+ padding:6px 28px;display:flex;gap:18px;flex-wrap:wrap}
+nav a{color:var(--accent);text-decoration:none;font-weight:500}
+nav a:hover{text-decoration:underline}
+main{padding:4px 28px 40px;max-width:1500px}
+section{margin-top:26px}
+h2{font-size:19px;border-bottom:2px solid var(--ink);padding-bottom:3px;margin:0 0 10px}
+h3{font-size:15px;margin:16px 0 6px}
+h4{font-size:13px;margin:12px 0 4px;color:#333}
+.note{color:var(--muted);margin:4px 0 8px;font-size:13px}
+.muted{color:var(--muted)}
+code{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:12.5px;background:var(--soft);
+ padding:1px 4px;border-radius:3px;word-break:break-all}
+dl.facts{display:grid;grid-template-columns:max-content 1fr;gap:3px 16px;margin:0}
+dl.facts dt{color:var(--muted)}
+dl.facts dd{margin:0}
+ol.headlines{margin:4px 0;padding-left:22px}
+ol.headlines li{margin:3px 0}
+.fig{width:100%%;min-height:120px}
+.table-wrap{overflow-x:auto;margin:4px 0 6px}
+table{border-collapse:collapse;font-size:12.5px;min-width:40%%}
+th,td{border-bottom:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
+th{background:var(--soft);cursor:pointer;user-select:none;white-space:nowrap;position:relative;padding-right:16px}
+th::after{content:"\\2195";position:absolute;right:4px;color:#aaa;font-size:10px}
+th[data-sort=asc]::after{content:"\\25B2";color:#333}
+th[data-sort=desc]::after{content:"\\25BC";color:#333}
+td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td{word-break:break-word;max-width:560px}
+tbody tr:hover{background:#fafbff}
+ul.ev{margin:0;padding-left:16px}
+.card{border:1px solid var(--line);border-left:5px solid #D55E00;border-radius:6px;padding:10px 16px 12px;margin:14px 0;
+ background:#fff}
+.card h3{margin:2px 0 8px;font-size:15.5px}
+.card .num{display:inline-block;min-width:24px;height:24px;line-height:24px;text-align:center;border-radius:12px;
+ background:#1d1d1f;color:#fff;font-size:12px;margin-right:8px}
+dl.pm{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0 0 8px}
+dl.pm dt{color:var(--muted);font-weight:500}
+dl.pm dd{margin:0}
+.evidence{white-space:pre-wrap}
+.pill{display:inline-flex;align-items:center;gap:6px;border:1.5px solid;border-radius:12px;padding:0 8px;
+ font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
+.dot{display:inline-block;width:10px;height:10px;border-radius:5px;margin-right:6px;vertical-align:baseline}
+.pill .dot{margin-right:0}
+.compare{margin:6px 0 4px;max-width:900px}
+.crow{display:flex;align-items:center;gap:8px;margin:3px 0}
+.clabel{width:110px;color:var(--muted);font-size:12.5px}
+.cbar{flex:1;display:flex;height:16px;background:var(--soft);border-radius:2px;overflow:hidden}
+.seg{display:block;height:100%%;-webkit-print-color-adjust:exact;print-color-adjust:exact}
+.ctotal{width:80px;text-align:right;font-variant-numeric:tabular-nums;font-size:12.5px}
+.legend-inline{display:flex;flex-wrap:wrap;gap:12px;font-size:12px;color:var(--muted);margin:4px 0}
+.warnings{background:#fff8e6;border:1px solid #f0d48a;border-radius:6px;padding:4px 14px;margin-top:12px}
+details{margin-top:12px}
+summary{cursor:pointer;font-weight:600}
+footer{color:var(--muted);font-size:12px;padding:16px 28px;border-top:1px solid var(--line)}
+@media print{
+ nav,.modebar-container,.updatemenu-container{display:none!important}
+ body{font-size:11px}
+ main{padding:0 8px;max-width:none}
+ header.top{padding:6px 8px}
+ section{break-before:auto}
+ .card,.fig,table,.compare{break-inside:avoid}
+ details{display:block}
+ details>*{display:block}
+ th::after{content:""}
+ *{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+}
+""" % {"font": _FONT}
+
+_HEAD_JS = """
+(function(){var errs=[];function rec(m){errs.push(String(m).slice(0,300));
+document.documentElement.setAttribute('data-js-errors',JSON.stringify(errs));}
+window.addEventListener('error',function(e){rec((e&&e.message)||'error');});
+window.addEventListener('unhandledrejection',function(e){var r=e&&e.reason;rec('unhandled rejection: '+((r&&r.message)||r));});
+document.addEventListener('securitypolicyviolation',function(e){rec('blocked by the page policy: '+e.violatedDirective+' '+e.blockedURI);});
+window.__tiError=rec;})();
+"""
+
+_BODY_JS = """
+(function(){
+function sortable(){
+ var heads=document.querySelectorAll('table.sortable th');
+ Array.prototype.forEach.call(heads,function(th){th.addEventListener('click',function(){
+  var table=th.closest('table'),body=table.tBodies[0],col=Array.prototype.indexOf.call(th.parentNode.children,th);
+  var asc=th.getAttribute('data-sort')!=='asc';
+  Array.prototype.forEach.call(th.parentNode.children,function(h){h.removeAttribute('data-sort');});
+  th.setAttribute('data-sort',asc?'asc':'desc');
+  var rows=Array.prototype.slice.call(body.rows);
+  function key(r){var c=r.cells[col];if(!c)return '';var v=c.getAttribute('data-v');
+   return v!==null?parseFloat(v):c.textContent.toLowerCase();}
+  rows.sort(function(a,b){var x=key(a),y=key(b);var d=(typeof x==='number'&&typeof y==='number')?x-y:(x<y?-1:x>y?1:0);
+   return asc?d:-d;});
+  rows.forEach(function(r){body.appendChild(r);});
+ });});
+}
+sortable();
+var root=document.documentElement;
+if(typeof Plotly==='undefined'){window.__tiError('plotly.js did not load');return;}
+var figs=JSON.parse(document.getElementById('ti-figures').textContent);
+var config={displaylogo:false,responsive:true,modeBarButtonsToRemove:['select2d','lasso2d','autoScale2d'],
+ toImageButtonOptions:{format:'png',scale:2}};
+var drawn=0,i=0;
+root.setAttribute('data-figures-expected',String(figs.length));
+function next(){
+ if(i>=figs.length){root.setAttribute('data-figures-drawn',String(drawn));return;}
+ var f=figs[i++],el=document.getElementById(f.id);
+ Promise.resolve(Plotly.newPlot(el,f.fig.data,f.fig.layout,config)).then(function(){drawn++;
+   setTimeout(next,0);},function(e){window.__tiError('figure '+f.id+': '+((e&&e.message)||e));setTimeout(next,0);});
+}
+next();
+var widths={};
+window.addEventListener('beforeprint',function(){figs.forEach(function(f){var el=document.getElementById(f.id);
+ if(el&&el.data){Plotly.relayout(el,{width:Math.min(el.clientWidth,1000)});}});});
+window.addEventListener('afterprint',function(){figs.forEach(function(f){var el=document.getElementById(f.id);
+ if(el&&el.data){Plotly.relayout(el,{width:null,autosize:true});}});});
+})();
+"""
+
+_CSP = ("default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; style-src 'unsafe-inline'; "
+        "img-src data: blob:; font-src data:; connect-src 'none'; form-action 'none'; base-uri 'none'")
+
+
+def _plotly_js() -> str:
+    from plotly.offline import get_plotlyjs
+
+    # The bundle holds no "</script"; guard anyway, so a future bundle cannot close its own element.
+    return get_plotlyjs().replace("</script", "<\\/script").replace("</SCRIPT", "<\\/SCRIPT")
+
+
+def render_html(findings, timelines: dict | None = None, *, show_host: bool = False, title: str | None = None) -> str:
+    """The report page of ``findings`` as one self-contained HTML string.
+
+    Parameters
+    ----------
+    findings
+        From :func:`~traceinsight.analysis.pipeline.analyze`.
+    timelines
+        ``{(rank, step): frame}`` from :func:`~traceinsight.analysis.timeline.timelines_for_report`
+        (the anomalous steps and their ranks' typical steps); without it the anomaly cards
+        have no timeline.
+    show_host
+        Show host names (hidden by default, like every other report).
+
+    Examples
+    --------
+    >>> page = render_html(findings, timelines_for_report(model, findings))  # doctest: +SKIP
+    """
+    page = _Page()
+    title = title or "traceinsight report"
+    sections = [
+        _summary(findings, page, show_host=show_host),
+        _step_durations(findings, page) if findings.steps.height else "",
+        _step_breakdown(findings, page) if findings.steps.height else "",
+        _waits(findings, page) if findings.steps.height or findings.waits else "",
+        _anomalies(findings, timelines, page),
+        _cpu_gaps(findings),
+        _kernels_and_ranges(findings),
+    ]
+    nav = [("summary", "Summary"), ("steps", "Step durations"), ("breakdown", "Breakdown")]
+    if any(s.startswith('<section id="waits"') for s in sections):
+        nav.append(("waits", "Cross-rank waiting"))
+    nav += [("anomalies", f"Anomalies ({len(findings.anomalies)})"), ("cpu-gaps", "CPU gaps"),
+            ("kernels", "Kernels & ranges")]
+    nav_html = "".join(f'<a href="#{anchor}">{esc(label)}</a>' for anchor, label in nav)
+    legend = "".join(f'<span><span class="dot" style="background:{CATEGORY_COLORS[c]}"></span>{esc(c)}</span>'
+                     for c in CATEGORIES)
+    n_ranks = findings.steps.get_column("rank").n_unique() if findings.steps.height else 0
+    subtitle = (f"{n_ranks} rank(s) · {findings.steps.height} step window(s) · {len(findings.anomalies)} anomalies · "
+                f"traceinsight {esc(traceinsight.__version__)}")
+    return "".join([
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<meta name="referrer" content="no-referrer">',
+        f"<title>{esc(title)}</title><style>{_CSS}</style><script>{_HEAD_JS}</script>",
+        f"<script>{_plotly_js()}</script></head><body>",
+        f'<header class="top"><h1>{esc(title)}</h1><div class="sub">{subtitle}</div>'
+        f'<div class="legend-inline">{legend}</div></header>',
+        f"<nav>{nav_html}</nav><main>",
+        *sections,
+        "</main><footer>Generated offline by traceinsight; times in milliseconds (ms) unless stated. "
+        "Strings from the traces are shown as text.</footer>",
+        f'<script type="application/json" id="ti-figures">{page.figures_json()}</script>',
+        f"<script>{_BODY_JS}</script></body></html>\n",
+    ])
+
+
+__all__ = ["CATEGORY_COLORS", "render_html", "headline", "esc", "script_json"]
