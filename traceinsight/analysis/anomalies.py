@@ -93,9 +93,9 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
     """Add ``baseline_ns``, ``ratio`` and ``anomalous`` to the step table (per rank).
 
     Two passes keep outliers out of their neighbours' baselines: steps at least ``min_ratio``
-    times the rank's median are candidates and are left out of every local median and of
-    the spread estimate; every step is then judged against the median of its usable
-    neighbours.
+    times the median of all their neighbours are candidates and are left out of every local
+    median and of the spread estimate; every step is then judged against the median of its
+    usable neighbours. A warm-up phase has slow neighbours and is no candidate.
 
     Examples
     --------
@@ -108,7 +108,10 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
             frames.append(rank_steps.with_columns(
                 baseline_ns=pl.col("duration_ns").cast(pl.Float64), ratio=pl.lit(1.0), anomalous=pl.lit(False)))
             continue
-        usable = durations < options.min_ratio * np.median(durations)
+        # Pass 1: steps that stand out from all their neighbours are candidates. Pass 2: the
+        # baseline of every step leaves the candidates out.
+        raw = _local_median(durations, options.window, np.ones(durations.size, dtype=bool))
+        usable = durations < options.min_ratio * raw
         baseline = _local_median(durations, options.window, usable)
         ratio = durations / np.maximum(baseline, 1.0)
         spread = _robust_sigma(ratio[usable])
@@ -166,6 +169,7 @@ def explain_steps(
     cpu_gaps: pl.DataFrame,
     *,
     which: pl.DataFrame | None = None,
+    launch_counts: pl.DataFrame | None = None,
 ) -> list[dict]:
     """Root cause of each anomalous step (or of the steps in ``which``: ``rank, step``).
 
@@ -177,6 +181,10 @@ def explain_steps(
         Range instances with a ``step`` column (:func:`assign_to_steps`).
     cpu_gaps
         Attributed CPU gaps (:func:`~traceinsight.analysis.cpu_gaps.attribute_cpu_gaps`).
+    launch_counts
+        GPU activities launched per (rank, step) (:func:`launches_per_step`): a CPU gap that
+        grew along with the number of launches is launch overhead even where the trace holds
+        no stack to show it.
 
     Returns
     -------
@@ -213,7 +221,18 @@ def explain_steps(
                 also = where_row
                 where, where_row = located, None
         cause, gap_evidence = _cause(category, cpu_gaps, rank, step, set(normal.get_column("step").to_list()))
+        launches_note = None
+        if launch_counts is not None and category == "cpu_gap":
+            counts = launch_counts.filter(pl.col("rank") == rank)
+            here = counts.filter(pl.col("step") == step).get_column("launches")
+            usual = counts.filter(pl.col("step").is_in(normal.get_column("step").implode())).get_column("launches").median()
+            if here.len() and usual and here[0] >= 1.5 * usual:
+                launches_note = f"the step launched {here[0]} GPU activities vs {usual:.0f} typically ({here[0] / usual:.1f}x)"
+                if cause == "cpu_gap":
+                    cause = "cpu_gap.launch_overhead"
         evidence = _evidence(where_row, category, deltas[category], gap_evidence, this, typical_duration)
+        if launches_note and launches_note.split(" (")[0] not in evidence:
+            evidence += f". {launches_note[0].upper()}{launches_note[1:]}"
         if also is not None:
             evidence += (f". The largest gap lies outside the ranges; of the ranges, {also['name']} grew most: "
                          f"{_ms(also['total_ns'])} vs {_ms(also['typical_ns'])} typical")
@@ -232,6 +251,19 @@ def explain_steps(
             "ranges": ranges.head(8).to_dicts() if ranges.height else [],
         })
     return results
+
+
+def launches_per_step(gpu: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
+    """GPU activities launched per (rank, step), by the launch call's time."""
+    launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select("rank", "launch_start_ns")
+    if launched.is_empty():
+        return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "launches": pl.UInt32})
+    return (
+        assign_to_steps(launched, steps, time_column="launch_start_ns")
+        .filter(pl.col("step").is_not_null())
+        .group_by("rank", "step")
+        .agg(launches=pl.len())
+    )
 
 
 def _range_excess(instances: pl.DataFrame, rank: int, step: int, normal_steps: set[int]) -> pl.DataFrame:

@@ -17,6 +17,7 @@ from traceinsight.analysis.anomalies import (
     explain_steps,
     flag_range_instances,
     flag_steps,
+    launches_per_step,
 )
 from traceinsight.analysis.breakdown import CATEGORIES, gpu_activities, step_breakdown
 from traceinsight.analysis.multirank import (
@@ -85,6 +86,7 @@ class Findings:
     range_instances: pl.DataFrame
     top_kernels: pl.DataFrame
     gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
+    launch_counts: pl.DataFrame = field(default_factory=pl.DataFrame)
     anomalies: list[dict] = field(default_factory=list)
     waits: list[dict] = field(default_factory=list)
     alignment: Alignment | None = None
@@ -130,7 +132,8 @@ def analyze(
     instances = flag_range_instances(
         breakdown.window_breakdown(assign_to_steps(instances, steps)), anomaly_options
     )
-    anomalies = [{"kind": "step", **a} for a in explain_steps(steps, instances, gaps)]
+    launch_counts = launches_per_step(gpu, steps)
+    anomalies = [{"kind": "step", **a} for a in explain_steps(steps, instances, gaps, launch_counts=launch_counts)]
     anomalies += explain_range_instances(
         instances, gaps, skip_steps={(a["rank"], a["step"]) for a in anomalies}
     )
@@ -148,6 +151,7 @@ def analyze(
         range_instances=instances,
         top_kernels=top_kernels(model, limit=10),
         gpu=breakdown.gpu,
+        launch_counts=launch_counts,
         anomalies=anomalies,
         waits=_wait_records(collectives),
         alignment=alignment,

@@ -86,7 +86,8 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     normal_steps = normal.get_column("step").to_list()
     explanation = explain_steps(steps, findings.range_instances, findings.cpu_gaps,
                                 which=pl.DataFrame({"rank": [rank], "step": [step]},
-                                                   schema={"rank": pl.Int32, "step": pl.Int64}))[0]
+                                                   schema={"rank": pl.Int32, "step": pl.Int64}),
+                                launch_counts=findings.launch_counts)[0]
     categories = [
         {"category": c, "ms": round(row[f"{c}_ns"] / 1e6, 3),
          "typical_ms": round(float(normal.get_column(f"{c}_ns").median() or 0) / 1e6, 3)}
