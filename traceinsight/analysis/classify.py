@@ -8,6 +8,7 @@ analysis agrees on what "a communication kernel" or "an allocation" is.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import polars as pl
@@ -106,6 +107,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 
 
+@functools.lru_cache(maxsize=65536)
 def cause_of_name(name: str | None) -> str | None:
     """The gap cause a single frame, call or op name points to, or ``None``."""
     if not name:

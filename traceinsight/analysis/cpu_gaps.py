@@ -195,29 +195,36 @@ def _weights_from_samples(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataF
     return _sample_weights(counts, gaps.select("gap_id", "duration_ns"), key="gap_id", source="cpu samples")
 
 
-def _pooled_sample_weights(gaps: pl.DataFrame, samples: pl.DataFrame, undecided: pl.DataFrame) -> pl.DataFrame:
-    """Evidence for gaps too short to hold a sample of their own.
+def _pooled_evidence(gaps: pl.DataFrame, samples: pl.DataFrame, undecided: pl.DataFrame) -> pl.DataFrame:
+    """Cause and evidence for gaps too short to hold a sample of their own.
 
     At ~1 kHz sampling a 30 µs gap rarely holds a sample, but the samples that land in any
     CPU gap of the same thread and step are a fair draw of what those gaps held: each
-    undecided gap gets that pooled distribution.
+    undecided gap gets that pooled verdict (summarized once per pool, not once per gap).
     """
+    empty = pl.DataFrame(schema={"gap_id": pl.UInt32, "cause": pl.String, "evidence": pl.String,
+                                 "evidence_source": pl.String})
     if undecided.is_empty():
-        return pl.DataFrame()
+        return empty
     hits = _samples_in_gaps(gaps, samples)
     if hits.is_empty():
-        return pl.DataFrame()
-    hits = _classify_samples(hits.join(gaps.select("gap_id", "step"), on="gap_id"))
+        return empty
     pool_keys = ["rank", "pid", "tid", "step"]
-    hits = hits.join(gaps.select("gap_id", *pool_keys[:3]), on="gap_id")
+    hits = _classify_samples(hits.join(gaps.select("gap_id", *pool_keys), on="gap_id"))
     hits = _infer_unreadable(hits, by=pool_keys)
-    counts = hits.group_by(*pool_keys, "cause", "label").agg(count=pl.len())
-    undecided = undecided.with_columns(pool=pl.concat_str(pool_keys, separator="/"))
-    counts = counts.with_columns(pool=pl.concat_str(pool_keys, separator="/")).drop(pool_keys)
-    pooled = counts.join(undecided.select("gap_id", "pool"), on="pool").drop("pool")
-    return _sample_weights(
-        pooled, undecided.select("gap_id", "duration_ns"), key="gap_id",
-        source="cpu samples pooled over the step's gaps",
+    pool = pl.concat_str([pl.col(k).cast(pl.String) for k in pool_keys], separator="/")
+    counts = hits.group_by(*pool_keys, "cause", "label").agg(count=pl.len()).with_columns(pool=pool)
+    unit = 1_000_000  # shares of a pool are sample fractions: express them per million
+    weights = counts.with_columns(
+        weight_ns=(pl.col("count") / pl.col("count").sum().over("pool") * unit).cast(pl.Int64),
+        source=pl.lit("cpu samples pooled over the step's gaps"),
+    ).select("pool", "cause", "label", "weight_ns", "source")
+    durations = weights.select("pool").unique().with_columns(duration_ns=pl.lit(unit, pl.Int64))
+    verdicts = _summarize_evidence(weights, durations, key="pool")
+    return (
+        undecided.with_columns(pool=pool)
+        .join(verdicts, on="pool", how="inner")
+        .select("gap_id", "cause", "evidence", "evidence_source")
     )
 
 
@@ -332,7 +339,8 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
 
     take(pl.concat(strong, how="vertical_relaxed") if strong else pl.DataFrame())
     take(python)
-    take(_pooled_sample_weights(known, model.samples, known.filter(~pl.col("gap_id").is_in(list(decided_ids)))))
+    pooled = _pooled_evidence(known, model.samples, known.filter(~pl.col("gap_id").is_in(list(decided_ids))))
+    decided_ids.update(pooled.get_column("gap_id").to_list())
     take(ops)
     launch_counts = (
         _per_thread_overlaps(known, intervals.filter(launch_expr()).select("rank", "pid", "tid", "start_ns", "end_ns"))
@@ -342,11 +350,11 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
         if not launch_counts.is_empty()
         else pl.DataFrame(schema={"gap_id": pl.UInt32, "launches": pl.UInt32})
     )
+    summaries = [pooled]
     if decided:
         evidence = pl.concat(decided, how="vertical_relaxed")
-        summary = _summarize_evidence(evidence, cpu_gaps)
-    else:
-        summary = pl.DataFrame(schema={"gap_id": pl.UInt32, "cause": pl.String, "evidence": pl.String, "evidence_source": pl.String})
+        summaries.append(_summarize_evidence(evidence, cpu_gaps.select("gap_id", "duration_ns"), key="gap_id"))
+    summary = pl.concat([frame.cast({"gap_id": pl.UInt32}) for frame in summaries], how="vertical_relaxed")
     out = (
         cpu_gaps.join(summary, on="gap_id", how="left")
         .join(launch_counts, on="gap_id", how="left")
@@ -365,37 +373,46 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
     return out.drop("gap_id").sort("rank", "start_ns")
 
 
-def _summarize_evidence(evidence: pl.DataFrame, gaps: pl.DataFrame) -> pl.DataFrame:
-    """Per gap: the heaviest cause, and the top three labels with their share of the gap."""
-    by_cause = evidence.group_by("gap_id", "cause").agg(weight_ns=pl.col("weight_ns").sum())
+def _summarize_evidence(evidence: pl.DataFrame, durations: pl.DataFrame, *, key: str) -> pl.DataFrame:
+    """Per ``key``: the heaviest cause, and the top three labels with their share.
+
+    ``evidence`` has ``key, cause, label, weight_ns, source``; ``durations`` has ``key,
+    duration_ns`` (the time the shares are of).
+    """
+    by_cause = evidence.group_by(key, "cause").agg(weight_ns=pl.col("weight_ns").sum())
     best = (
-        by_cause.sort(["gap_id", "weight_ns", "cause"], descending=[False, True, False])
-        .unique("gap_id", keep="first", maintain_order=True)
-        .select("gap_id", "cause")
+        by_cause.sort([key, "weight_ns", "cause"], descending=[False, True, False])
+        .unique(key, keep="first", maintain_order=True)
+        .select(key, "cause")
     )
     # Name the labels behind the chosen cause first, readable frames before unreadable ones.
-    labels = (
-        evidence.join(best.rename({"cause": "best_cause"}), on="gap_id")
-        .group_by("gap_id", "source", "label")
+    ranked = (
+        evidence.join(best.rename({"cause": "best_cause"}), on=key)
+        .group_by(key, "source", "label")
         .agg(
             weight_ns=pl.col("weight_ns").sum(),
             backs_cause=(pl.col("cause") == pl.col("best_cause")).any(),
         )
-        .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
-        .with_columns(
-            share=(pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100),
-            unreadable=pl.col("label").str.starts_with("unresolved frames"),
-        )
-        .sort(["gap_id", "backs_cause", "unreadable", "weight_ns"], descending=[False, True, False, True])
-        .group_by("gap_id", maintain_order=True)
-        .agg(
-            evidence=pl.format("{} ({}%)", pl.col("label"), pl.col("share").round(0).cast(pl.Int64))
-            .head(3)
-            .str.join(", "),
-            evidence_source=pl.col("source").unique(maintain_order=True).str.join(" + "),
-        )
+        .join(durations, on=key)
+        .with_columns(unreadable=pl.col("label").str.starts_with("unresolved frames"))
+        .sort([key, "backs_cause", "unreadable", "weight_ns"], descending=[False, True, False, True])
     )
-    return best.join(labels, on="gap_id", how="left")
+    sources = ranked.group_by(key, maintain_order=True).agg(
+        evidence_source=pl.col("source").unique(maintain_order=True).str.join(" + ")
+    )
+    top = (
+        ranked.filter(pl.int_range(pl.len()).over(key) < 3)
+        .with_columns(
+            text=pl.format(
+                "{} ({}%)",
+                pl.col("label"),
+                (pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100).round(0).cast(pl.Int64),
+            )
+        )
+        .group_by(key, maintain_order=True)
+        .agg(evidence=pl.col("text").str.join(", "))
+    )
+    return best.join(top, on=key, how="left").join(sources, on=key, how="left")
 
 
 def summarize_causes(attributed: pl.DataFrame) -> pl.DataFrame:

@@ -56,23 +56,38 @@ def clip(a: IntervalSet, lo: int, hi: int) -> IntervalSet:
 
 
 def intersect(a: IntervalSet, b: IntervalSet) -> IntervalSet:
-    """Intersection of two disjoint sorted sets."""
-    return subtract(a, subtract(a, b))
+    """Intersection of two disjoint sorted sets.
+
+    Each interval of ``a`` meets a contiguous run of ``b`` (found by binary search); the
+    pairs are expanded and clipped, so the cost is O((n + m) log m + pairs).
+    """
+    a_starts, a_ends = a
+    b_starts, b_ends = b
+    if a_starts.size == 0 or b_starts.size == 0:
+        return EMPTY
+    first = np.searchsorted(b_ends, a_starts, side="right")
+    last = np.searchsorted(b_starts, a_ends, side="left")
+    counts = np.maximum(last - first, 0)
+    owner = np.repeat(np.arange(a_starts.size), counts)
+    if owner.size == 0:
+        return EMPTY
+    offsets = np.arange(owner.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    partner = first[owner] + offsets
+    starts = np.maximum(a_starts[owner], b_starts[partner])
+    ends = np.minimum(a_ends[owner], b_ends[partner])
+    keep = ends > starts
+    # Pairs come out in order of a, then b: already sorted and disjoint.
+    return starts[keep], ends[keep]
 
 
 def subtract(a: IntervalSet, b: IntervalSet) -> IntervalSet:
     """``a`` minus ``b`` for disjoint sorted sets."""
     a_starts, a_ends = a
-    b_starts, b_ends = b
-    if a_starts.size == 0 or b_starts.size == 0:
+    if a_starts.size == 0 or b[0].size == 0:
         return a_starts.copy(), a_ends.copy()
-    # Boundaries of both sets; a point is in the result when inside a and outside b.
-    points = np.unique(np.concatenate([a_starts, a_ends, b_starts, b_ends]))
-    left, right = points[:-1], points[1:]
-    in_a = covered(a, left)
-    in_b = covered(b, left)
-    keep = in_a & ~in_b
-    return merge(left[keep], right[keep])
+    lo = int(min(a_starts[0], b[0][0]))
+    hi = int(max(a_ends[-1], b[1][-1]))
+    return intersect(a, complement(b, lo, hi))
 
 
 def covered(a: IntervalSet, points: np.ndarray) -> np.ndarray:

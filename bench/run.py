@@ -1,0 +1,228 @@
+"""Side-by-side benchmark: traceinsight against the physical floor and against peers.
+
+Every case runs as its own process, one after the other, in the same invocation (this machine
+is noisy: compare ratios from one run, not figures from different runs). Wall time and the
+peak resident memory of that process alone (``os.wait4``) are recorded.
+
+Cases, per input:
+
+- **floor** (Kineto): gzip decompression + ``orjson.loads`` of the same bytes, nothing else.
+- **floor** (nsys): a plain ``sqlite3`` scan of the kernel, runtime, NVTX, OS-runtime and
+  sampling tables (every row fetched).
+- **hta**: Holistic Trace Analysis parsing the trace (``TraceAnalysis``), when installed.
+- **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``.
+
+``--growth`` also measures ``analyze`` on the trace repeated 1x, 2x and 4x (copies shifted
+in time, step numbers and correlation ids renumbered) to show time and memory grow linearly.
+
+Usage::
+
+    pip install '.[bench]'
+    python bench/run.py ../shared/traces/device/h200_single_torch/trace.json.gz --growth
+    python bench/run.py ../shared/traces/device/h200_single_nsys/trace.sqlite --markdown bench/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+FLOOR_KINETO = """
+import gzip, sys, orjson
+with open(sys.argv[1], "rb") as f:
+    data = f.read()
+if data[:2] == b"\\x1f\\x8b":
+    data = gzip.decompress(data)
+obj = orjson.loads(data)
+print(len(obj["traceEvents"]) if isinstance(obj, dict) else len(obj))
+"""
+
+FLOOR_NSYS = """
+import sqlite3, sys
+db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+rows = 0
+for t in ("CUPTI_ACTIVITY_KIND_KERNEL", "CUPTI_ACTIVITY_KIND_RUNTIME", "NVTX_EVENTS", "OSRT_API",
+          "COMPOSITE_EVENTS", "SAMPLING_CALLCHAINS", "StringIds"):
+    if t in tables:
+        rows += len(db.execute(f"SELECT * FROM {t}").fetchall())
+print(rows)
+"""
+
+HTA = """
+import os, shutil, sys, tempfile
+from hta.trace_analysis import TraceAnalysis
+folder = tempfile.mkdtemp()
+shutil.copy(sys.argv[1], os.path.join(folder, "rank-0.json.gz" if sys.argv[1].endswith(".gz") else "rank-0.json"))
+analyzer = TraceAnalysis(trace_dir=folder)
+print(len(analyzer.t.get_trace(0)))
+"""
+
+
+@dataclass
+class Result:
+    case: str
+    seconds: float
+    peak_mb: float
+    ok: bool
+    note: str = ""
+
+
+def run_case(case: str, argv: list[str], *, timeout: float = 1800) -> Result:
+    """Run ``argv`` as a child process; wall time and its own peak RSS."""
+    start = time.perf_counter()
+    with open(os.devnull, "wb") as devnull:
+        proc = subprocess.Popen(argv, stdout=devnull, stderr=subprocess.PIPE)
+    deadline = start + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.perf_counter() > deadline:
+            proc.kill()
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.01)
+    seconds = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+    ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    # ru_maxrss is in KiB on Linux.
+    return Result(case, seconds, usage.ru_maxrss / 1024, ok, "" if ok else (stderr[-1] if stderr else "failed"))
+
+
+def is_sqlite(path: str) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(16).startswith(b"SQLite format 3")
+
+
+def hta_available() -> bool:
+    probe = subprocess.run([sys.executable, "-c", "import hta.trace_analysis"], capture_output=True)
+    return probe.returncode == 0
+
+
+def cases_for(path: str, out_dir: str, *, with_hta: bool) -> list[tuple[str, list[str]]]:
+    python = sys.executable
+    traceinsight = [python, "-m", "traceinsight.cli"]
+    cases: list[tuple[str, list[str]]] = []
+    if is_sqlite(path):
+        cases.append(("floor: sqlite3 scan", [python, "-c", FLOOR_NSYS, path]))
+    else:
+        cases.append(("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, path]))
+        if with_hta:
+            cases.append(("HTA TraceAnalysis parse", [python, "-c", HTA, path]))
+    cases.append(("traceinsight info --json", [*traceinsight, "info", "--json", path]))
+    cases.append(("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
+                                                  "--json", os.path.join(out_dir, "findings.json")]))
+    return cases
+
+
+def repeat_trace(path: str, copies: int, out_path: str) -> None:
+    """Write ``path`` repeated ``copies`` times back to back (Kineto JSON)."""
+    import orjson
+
+    with open(path, "rb") as handle:
+        data = handle.read()
+    if data[:2] == b"\x1f\x8b":
+        data = gzip.decompress(data)
+    trace = orjson.loads(data)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    timed = [e for e in events if isinstance(e.get("ts"), (int, float)) and e.get("ph") != "M"]
+    span = max(e["ts"] + float(e.get("dur", 0) or 0) for e in timed) - min(e["ts"] for e in timed)
+    steps = [int(e["name"].split("#")[1]) for e in events
+             if str(e.get("name", "")).startswith("ProfilerStep#")]
+    step_span = (max(steps) - min(steps) + 1) if steps else 0
+    out = list(events)
+    for copy in range(1, copies):
+        shift = copy * (span + 1000.0)
+        id_shift = copy * 10_000_000
+        for event in timed:
+            clone = dict(event)
+            clone["ts"] = event["ts"] + shift
+            name = str(clone.get("name", ""))
+            if name.startswith("ProfilerStep#"):
+                clone["name"] = f"ProfilerStep#{int(name.split('#')[1]) + copy * step_span}"
+            args = clone.get("args")
+            if isinstance(args, dict):
+                args = dict(args)
+                for key in ("correlation", "External id", "external id"):
+                    if isinstance(args.get(key), int):
+                        args[key] += id_shift
+                clone["args"] = args
+            if clone.get("ph") in ("s", "f") and isinstance(clone.get("id"), int):
+                clone["id"] += id_shift
+            out.append(clone)
+    if isinstance(trace, dict):
+        trace["traceEvents"] = out
+    else:
+        trace = out
+    with gzip.open(out_path, "wb", compresslevel=1) as handle:
+        handle.write(orjson.dumps(trace))
+
+
+def markdown(rows: list[tuple[str, Result]], ratios: list[str]) -> str:
+    lines = ["| input | case | wall s | peak RSS MB | ok |", "|---|---|---:|---:|---|"]
+    for name, result in rows:
+        lines.append(f"| {name} | {result.case} | {result.seconds:.2f} | {result.peak_mb:,.0f} | "
+                     f"{'yes' if result.ok else 'no: ' + result.note} |")
+    return "\n".join(lines + [""] + [f"- {r}" for r in ratios]) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("traces", nargs="+")
+    parser.add_argument("--growth", action="store_true", help="also run analyze on 1x, 2x, 4x copies (Kineto)")
+    parser.add_argument("--no-hta", action="store_true", help="skip Holistic Trace Analysis even if installed")
+    parser.add_argument("--markdown", metavar="FILE", help="append the results table to FILE")
+    args = parser.parse_args()
+    with_hta = not args.no_hta and hta_available()
+    out_dir = tempfile.mkdtemp(prefix="traceinsight-bench-")
+    rows: list[tuple[str, Result]] = []
+    ratios: list[str] = []
+    try:
+        for path in args.traces:
+            name = os.path.relpath(path)
+            size_mb = os.path.getsize(path) / 2**20
+            print(f"== {name} ({size_mb:.1f} MB on disk)", flush=True)
+            results = {}
+            for case, argv in cases_for(path, out_dir, with_hta=with_hta):
+                result = run_case(case, argv)
+                results[case.split(":")[0].split(" ")[0] if case.startswith("floor") else case] = result
+                rows.append((name, result))
+                print(f"  {case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MB"
+                      f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
+            floor = results.get("floor")
+            analyze = results.get("traceinsight analyze --json")
+            if floor and analyze and floor.seconds > 0:
+                ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
+                              f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory")
+            hta = results.get("HTA TraceAnalysis parse")
+            if hta and analyze and hta.ok:
+                ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
+            if args.growth and not is_sqlite(path):
+                for copies in (1, 2, 4):
+                    grown = os.path.join(out_dir, f"x{copies}.json.gz")
+                    repeat_trace(path, copies, grown)
+                    result = run_case(f"analyze {copies}x", [sys.executable, "-m", "traceinsight.cli", "analyze",
+                                                             grown, "--quiet", "--json", os.path.join(out_dir, "g.json")])
+                    rows.append((name, result))
+                    print(f"  analyze {copies}x{'':24s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MB", flush=True)
+                    os.unlink(grown)
+        for line in ratios:
+            print(line)
+        if args.markdown:
+            with open(args.markdown, "a", encoding="utf-8") as handle:
+                handle.write(markdown(rows, ratios))
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    return 0 if all(r.ok for _, r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
