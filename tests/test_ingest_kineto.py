@@ -551,3 +551,11 @@ def test_missing_file_is_an_input_error(tmp_path: Path) -> None:
 def test_empty_event_list_gives_an_empty_model(tmp_path: Path) -> None:
     model = read_kineto(write(tmp_path, "[]"))
     assert model.intervals.is_empty() and model.ranks.height == 1
+
+
+def test_multi_member_gzip_reads_every_member(tmp_path: Path) -> None:
+    text = kineto_text(30).encode()
+    half = len(text) // 2
+    data = gzip.compress(text[:half]) + gzip.compress(text[half:]) + b"\x00" * 8
+    model = read_kineto(write(tmp_path, data, name="two_members.json.gz"))
+    assert model.intervals.height == 30

@@ -2,42 +2,59 @@
 
 How the file is read
 --------------------
-The whole file is decompressed once (gzip is recognised by its magic bytes ``1f 8b``, never by
-the name) and decoded with :mod:`msgspec` straight into typed structs that declare only the
+The file is decompressed once (gzip is recognised by its magic bytes ``1f 8b``, never by the
+name) and decoded with :mod:`msgspec` straight into typed structs that declare only the
 fields the model needs. msgspec skips every other key without building Python objects for it,
 the structs are not tracked by the garbage collector, and no per-event ``dict`` exists at any
 point; the columns are then gathered with one list comprehension per field and handed to
-polars. On a 320 MB trace this is faster than ``orjson.loads`` alone and needs about half its
-memory. If an event field has an unexpected JSON type, the file is decoded a second time with
-loosely typed structs and the values are coerced one by one (slow, but it never rejects a
-trace over a field the model only uses for enrichment).
+polars. On a 320 MB trace this is faster than ``orjson.loads`` of the same bytes alone and
+needs less than half its memory. If an event field has an unexpected JSON type, the file is
+decoded a second time with loosely typed structs and the values are coerced one by one (slow,
+but a trace is never rejected over a field the model only uses for enrichment).
 
-Mapping (by ``cat``, never by ``pid``; old category names in brackets)
-----------------------------------------------------------------------
-============================================= ================== ===========================
-``cat``                                       ``kind``           side
-============================================= ================== ===========================
-``kernel`` (``Kernel``)                       ``kernel``         GPU
-``gpu_memcpy`` (``Memcpy``)                   ``memcpy``         GPU (``bytes``, direction)
-``gpu_memset`` (``Memset``)                   ``memset``         GPU (``bytes``)
-``gpu_user_annotation``                       ``gpu_annotation`` GPU
-``cuda_sync``                                 ``sync``           drawn on the GPU stream
-``cuda_runtime`` (``Runtime``), ``cuda_driver`` ``cuda_api``     CPU
-``cpu_op`` (``Operator``)                     ``cpu_op``         CPU
-``user_annotation``                           ``annotation``     CPU
-``python_function``                           ``python``         CPU
-============================================= ================== ===========================
+Format eras (see ``shared/traces/kineto/FORMAT.md``)
+----------------------------------------------------
+- 2020: a bare JSON list of events; categories ``Operator``/``Runtime``/``Kernel``/
+  ``Memcpy``/``Memset``; GPU ``tid`` is the string ``"stream 7"``, CPU ``tid`` a numeric
+  string; ``Input dims``; runtime/GPU events link to ops through lower-case ``external id``.
+- 2021: a JSON object (``schemaVersion``, ``deviceProperties``, ``traceEvents``), old
+  categories still, ``Input Dims``.
+- 2022 to early 2024: today's category names (``cpu_op``, ``cuda_runtime``, ``kernel``…),
+  integer epoch µs; runtime/GPU ``External id`` is a copy of their own ``correlation``.
+- 2024: fractional µs (``x.yyy``), ``baseTimeNanoseconds`` with relative ``ts``, real
+  ``External id`` links, collective args on ``record_param_comms`` and NCCL kernels.
+- 2025-2026: ``python_function``, ``cuda_driver``, ``Rank``/``Seq`` collective args; some
+  tools re-serialise files (other indentation, no ``M`` events, metadata after the events).
+
+Mapping (by ``cat``, never by ``pid``; 2020-2021 names in brackets)
+-------------------------------------------------------------------
+=========================================== ================== ============================
+``cat``                                     ``kind``           side
+=========================================== ================== ============================
+``kernel`` (``Kernel``)                     ``kernel``         GPU
+``gpu_memcpy`` (``Memcpy``)                 ``memcpy``         GPU (``bytes``, direction)
+``gpu_memset`` (``Memset``)                 ``memset``         GPU (``bytes``)
+``gpu_user_annotation``                     ``gpu_annotation`` GPU
+``cuda_sync``                               ``sync``           host wait, on a GPU stream
+``cuda_runtime`` (``Runtime``)              ``cuda_api``       CPU, ``detail`` ``runtime``
+``cuda_driver``                             ``cuda_api``       CPU, ``detail`` ``driver``
+``cpu_op`` (``Operator``)                   ``cpu_op``         CPU
+``user_annotation``                         ``annotation``     CPU
+``python_function``                         ``python``         CPU
+=========================================== ================== ============================
 
 - ``ProfilerStep#N`` is an ``annotation`` whatever its category (``user_annotation`` since
   2022, ``Operator`` before, ``cpu_op`` after some third-party rewrites).
 - GPU rows get ``device`` from ``args.device`` (else the event's ``pid``), ``stream`` from
-  ``args.stream`` (else the ``tid``, which was the string ``"stream 7"`` in 2020–2021), a null
-  ``tid``, and the rank's main CPU process as ``pid`` (Kineto's own GPU ``pid`` is the device).
+  ``args.stream`` (else the ``tid``), a null ``tid``, and the rank's main CPU process as
+  ``pid``: Kineto's own GPU ``pid`` is the device index, not a process.
 - ``cuda_sync`` events (``Stream Sync``, ``Event Sync``, ``Context Sync``, ``Stream Wait
-  Event``) are CUPTI synchronization records: their span is the time the *host* thread spent
-  in the synchronizing API call, but Kineto draws them on the GPU stream they waited for and
-  does not say which thread waited. They keep ``device`` and ``stream``; ``detail`` holds the
-  ``cuda_sync_kind``.
+  Event``) are CUPTI synchronization records. Their span is the time the *host* thread spent
+  inside the synchronizing call (``cudaStreamSynchronize``…, whose runtime event carries the
+  same correlation id), but Kineto draws them on the GPU stream waited for. They keep
+  ``device`` and ``stream`` (null for a context-wide sync) and, as in the nsys reader, take
+  the name and thread of that call; ``detail`` is the sync type (``Stream sync``,
+  ``Event sync``, ``Context sync``, ``Stream wait sync``).
 - Kernels: ``name`` is the base function name (as nsys ``shortName``: no return type,
   namespaces, template or call arguments) and ``detail`` the full demangled signature.
 - ``detail`` of ops holds ``Input Dims`` (``Input dims`` in 2020) as compact JSON, e.g.
@@ -45,28 +62,29 @@ Mapping (by ``cat``, never by ``pid``; old category names in brackets)
 - ``record_param_comms`` ops and the NCCL kernels linked to them (2024+) fill the ``comm_*``
   columns from ``Collective name``, ``In/Out msg nelems``, ``Group size``, ``Process Group
   Name``, ``Seq`` and ``In/Out split size``.
-- ``external_id`` comes from ``External id`` (``external id`` on 2020–2021 runtime and GPU
-  events). From about 2022 to early 2024 Kineto wrote each runtime/GPU event's own
-  ``correlation`` there, which points at no CPU op; such values are dropped (with a warning)
-  so that nobody joins on them by mistake.
+- ``external_id`` comes from ``External id`` (``external id`` in 2020-2021, where 0 means
+  none). Where runtime/GPU events carry their own ``correlation`` there (2022 to early
+  2024), which points at no CPU op, those values are dropped with a warning so that nobody
+  joins on them by mistake.
 - Not intervals: flows (``ac2g``, ``async``…), ``M`` metadata, instants (``[memory]``, step
-  markers), the ``Trace`` span, Kineto ``overhead``.
+  markers), the ``Trace`` span, Kineto ``overhead``. Complete events of other, unknown
+  categories are skipped with a warning.
 
 Time
 ----
-``ts``/``dur`` are microseconds in every era. With ``baseTimeNanoseconds`` (2024-05+)
-``ts`` is relative and the epoch time is ``base + round(ts * 1000)``; the rank's
-``clock_origin_ns`` is the base and ``start_ns = round(ts * 1000)``. Without it ``ts`` is
-absolute epoch µs; the origin is the earliest event, floored to a whole µs. Absolute stamps
-with a fraction (``1712195495519689.047``, spring 2024) have more digits than a float64 keeps,
-so such files are decoded once more with ``decimal.Decimal`` timestamps to keep every
-nanosecond.
+``ts``/``dur`` are microseconds in every era. With ``baseTimeNanoseconds`` ``ts`` is
+relative and the epoch time is ``base + round(ts * 1000)`` (as Kineto and HTA define it); the
+rank's ``clock_origin_ns`` is the base and ``start_ns = round(ts * 1000)``. Without it ``ts``
+is absolute epoch µs; the origin is the earliest event floored to a whole µs. Absolute stamps
+with a fraction (``1712195495519689.047``) have more digits than a float64 keeps, so such
+files are decoded once more with ``decimal.Decimal`` timestamps to keep every nanosecond.
 
 Ranks
 -----
 One rank per file: ``distributedInfo.rank``, else the ``Rank`` arg of ``record_param_comms``,
 else 0. ``world_size`` comes from ``distributedInfo``; ``gpu_names`` from the
-``deviceProperties`` entries of the devices the GPU events use.
+``deviceProperties`` entries of the devices the GPU events use (all distinct names when the
+ids do not match, as with ROCm's offset device numbers).
 """
 
 from __future__ import annotations
@@ -75,9 +93,7 @@ import decimal
 import json
 import math
 import os
-import queue
 import re
-import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -123,11 +139,11 @@ _FLOAT_EXACT_LIMIT_US = 2**53 / 1000
 _EPOCH_MIN_US = 1e15
 
 _GZIP_MAGIC = b"\x1f\x8b"
-#: Inflate this much at a time into the output buffer.
-_INFLATE_CHUNK = 1 << 24
-#: Decompressed size from which decoding overlaps inflation (below it the thread costs more
-#: than it saves).
-_PIPELINE_MIN_BYTES = 1 << 26
+#: A gzip size trailer claiming more than this ratio is not trusted (JSON traces: 10-30x).
+_MAX_COMPRESSION_RATIO = 100
+#: Compressed bytes fed to zlib per call: slicing the input avoids the copies that
+#: ``max_length`` makes of the unconsumed rest.
+_INFLATE_INPUT = 1 << 20
 _WHITESPACE = b" \t\r\n"
 #: Salvage looks no further back than this for the start of the last event.
 _MAX_EVENT_BYTES = 1 << 24
@@ -282,7 +298,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     >>> from traceinsight.ingest.kineto import read_kineto
     >>> model = read_kineto("rank0.json.gz")  # doctest: +SKIP
     >>> model.of_kind("kernel").height  # doctest: +SKIP
-    105734
+    10470
     >>> model.ranks.select("rank", "rank_source", "world_size").row(0)  # doctest: +SKIP
     (0, 'distributedInfo', 2)
     >>> read_kineto("crashed.json.gz", salvage=True).warnings  # doctest: +SKIP
@@ -290,19 +306,11 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     """
     path = os.fspath(path)
     warnings: list[str] = []
-    raw = _read_file(path)
-    decoded = data = None
-    if raw.startswith(_GZIP_MAGIC):
-        if not salvage:
-            decoded, data = _decode_while_inflating(raw, path=path)
-        if decoded is None and data is None:
-            data = _gunzip(raw, path=path, salvage=salvage, warnings=warnings)
-    else:
-        data = raw
-    del raw
-    if decoded is None:
-        decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
-    del data
+    data = _read_file(path)
+    if data.startswith(_GZIP_MAGIC):
+        data = _gunzip(data, path=path, salvage=salvage, warnings=warnings)
+    decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
+    del data  # the events keep what they need of it (their raw Input Dims point into it)
     intervals, facts = _intervals(decoded, path=path, warnings=warnings)
     ranks = _rank_frame(decoded.trace, facts, path=path)
     return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
@@ -335,22 +343,22 @@ def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> byt
     twice the decompressed size for a moment. Filling a buffer sized from the gzip trailer
     (ISIZE: the size modulo 4 GiB, so only a hint) keeps the peak at one copy.
     """
-    out = bytearray(int.from_bytes(raw[-4:], "little") if len(raw) >= 18 else 0)
+    out = bytearray(_inflated_size_hint(raw) or 16 * len(raw))
     written = 0
-    pending: bytes | memoryview = memoryview(raw)
-    while True:
+    source = memoryview(raw)
+    position = 0
+    while True:  # one gzip member per round
         inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
         try:
-            while True:
-                chunk = inflater.decompress(pending, _INFLATE_CHUNK)
+            while not inflater.eof and position < len(raw):
+                piece = source[position : position + _INFLATE_INPUT]
+                position += len(piece)
+                chunk = inflater.decompress(piece)
                 end = written + len(chunk)
-                if end > len(out):
-                    out.extend(bytes(end - len(out)))
+                if end > len(out):  # grow geometrically: each growth may copy the buffer
+                    out.extend(bytes(max(end - len(out), len(out) // 2)))
                 out[written:end] = chunk
                 written = end
-                pending = inflater.unconsumed_tail
-                if inflater.eof or not (pending or chunk):
-                    break
         except zlib.error as exc:
             if not (salvage and written):
                 raise TraceInputError(f"corrupt gzip data ({exc})", path=path) from None
@@ -367,151 +375,28 @@ def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> byt
                 )
             warnings.append(f"gzip stream is truncated; decompressed its first {written:,} bytes")
             break
-        # Several members back to back (``cat a.gz b.gz``) make one valid gzip file.
-        rest = inflater.unused_data.lstrip(b"\x00")
-        if not rest.startswith(_GZIP_MAGIC):
+        # Several members back to back (``cat a.gz b.gz``) make one valid gzip file;
+        # zero padding between or after them is tolerated, as gzip(1) does.
+        position -= len(inflater.unused_data)
+        while position < len(raw) and raw[position] == 0:
+            position += 1
+        if raw[position : position + 2] != _GZIP_MAGIC:
             break
-        pending = rest
     del out[written:]
     return out
 
 
-# --------------------------------------------------------------------------------------------
-# Large gzip files: decode the event array while a thread inflates the rest
-# --------------------------------------------------------------------------------------------
+def _inflated_size_hint(raw: bytes) -> int | None:
+    """The gzip trailer's ISIZE when it is believable, else None.
 
-_INFLATE_DONE = object()
-_INFLATE_FAILED = object()
-
-
-def _decode_while_inflating(
-    raw: bytes, *, path: str
-) -> tuple[_Decoded | None, bytearray | None]:
-    """Overlap gzip inflation (which releases the GIL) with decoding, for large files.
-
-    A worker thread inflates into a buffer sized from the gzip trailer. Meanwhile this thread
-    decodes each run of complete events as soon as it has arrived, then decodes the document
-    head plus whatever remains as one small document. Each run must decode as a whole JSON
-    array of events, so a misjudged event boundary can only make a decode fail, never split
-    an event silently.
-
-    Returns ``(decoded, data)``: ``decoded`` is None when the file does not suit this path
-    (small, several gzip members, corrupt, not well-formed, odd JSON types); ``data`` is then
-    the inflated text if it could be inflated completely, for the ordinary path to reuse.
+    ISIZE is the size modulo 4 GiB of the last member only, and a truncated file ends in
+    four arbitrary bytes; trusting those blindly could allocate gigabytes for nothing.
+    Profiler JSON compresses 10-30x, so anything far outside that is not used.
     """
+    if len(raw) < 18:
+        return None
     size = int.from_bytes(raw[-4:], "little")
-    if size < _PIPELINE_MIN_BYTES:
-        return None, None
-    out = bytearray(size)
-    progress: queue.SimpleQueue = queue.SimpleQueue()
-    stop = threading.Event()
-    worker = threading.Thread(
-        target=_inflate_into, args=(raw, out, progress, stop), name="kineto-inflate", daemon=True
-    )
-    worker.start()
-    try:
-        decoded, complete = _decode_arriving(out, progress, path=path)
-    finally:
-        stop.set()
-        worker.join()
-    if decoded is None:
-        return None, (out if complete else None)
-    return decoded, out
-
-
-def _inflate_into(
-    raw: bytes, out: bytearray, progress: queue.SimpleQueue, stop: threading.Event
-) -> None:
-    """Worker: inflate one gzip member into ``out``, reporting each filled length."""
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
-    written = 0
-    pending: bytes = raw
-    try:
-        while not stop.is_set():
-            chunk = inflater.decompress(pending, _INFLATE_CHUNK)
-            end = written + len(chunk)
-            if end > len(out):  # the trailer lied (over 4 GiB, or several members)
-                break
-            out[written:end] = chunk  # same length: allowed while slices are exported
-            written = end
-            pending = inflater.unconsumed_tail
-            if inflater.eof or not (pending or chunk):
-                break
-            progress.put(written)
-        whole = inflater.eof and written == len(out) and not inflater.unused_data
-    except zlib.error:
-        whole = False
-    progress.put(_INFLATE_DONE if whole else _INFLATE_FAILED)
-
-
-def _decode_arriving(
-    out: bytearray, progress: queue.SimpleQueue, *, path: str
-) -> tuple[_Decoded | None, bool]:
-    """Main-thread side of :func:`_decode_while_inflating`; returns ``(decoded, complete)``."""
-    view = memoryview(out)
-    events: list[Any] = []
-    is_list = False
-    array_open: int | None = None  # offset of the '[' that opens the event array
-    next_open: int | None = None  # the '[' or ',' before the first event not yet decoded
-    array_closed = False
-    while True:
-        item = progress.get()
-        if item is _INFLATE_FAILED:
-            return None, False
-        if item is _INFLATE_DONE:
-            break
-        available: int = item
-        if array_open is None:
-            first = _first_json_byte(view[: min(available, 4096)])
-            if first not in (b"{", b"["):
-                return None, _drain(progress)
-            is_list = first == b"["
-            array_open = _events_array_start(out, is_list, end=available)
-            next_open = array_open
-        if array_open is None or array_closed:
-            continue
-        close = _last_event_end(out, next_open, available, need_separator=True)
-        if close is None:
-            continue
-        separator = close + 1
-        while out[separator] in _WHITESPACE:
-            separator += 1
-        # Turn the run "<[ or ,> {event}, ... {event} <, or ]>" into a JSON array in place,
-        # decode it, and put the two bytes back.
-        opening_byte, closing_byte = out[next_open], out[separator]
-        out[next_open], out[separator] = ord("["), ord("]")
-        try:
-            events.extend(msgspec.json.decode(view[next_open : separator + 1], type=list[_Event]))
-        except msgspec.DecodeError:  # also type errors: the ordinary path handles both
-            return None, _drain(progress)
-        finally:
-            out[next_open], out[separator] = opening_byte, closing_byte
-        next_open = separator
-        array_closed = closing_byte == ord("]")
-    if array_open is None or next_open is None or not events:
-        return None, True
-    # The rest: the head up to and including '[', then what follows the last decoded event.
-    rest = view[next_open + 1 :] if out[next_open] == ord(",") else view[next_open:]
-    document = bytes(view[: array_open + 1]) + bytes(rest)
-    try:
-        trace, lenient = _decode_typed(document, is_list=is_list, path=path)
-    except (msgspec.DecodeError, TraceInputError):
-        return None, True
-    if lenient:
-        return None, True
-    events.extend(trace.traceEvents)
-    trace.traceEvents = events
-    return _Decoded(trace, False, is_list, out), True
-
-
-def _drain(progress: queue.SimpleQueue) -> bool:
-    """Wait for the worker to finish; True when it inflated the whole file."""
-    while True:
-        item = progress.get()
-        if item is _INFLATE_DONE:
-            return True
-        if item is _INFLATE_FAILED:
-            return False
+    return size if len(raw) <= size <= _MAX_COMPRESSION_RATIO * len(raw) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -654,31 +539,26 @@ def _salvage(
     raise TraceInputError(nothing, path=path)
 
 
-def _events_array_start(
-    data: bytes | bytearray, is_list: bool, *, end: int | None = None
-) -> int | None:
-    """Offset of the '[' that opens the event array, looking no further than ``end``."""
-    end = len(data) if end is None else end
+def _events_array_start(data: bytes | bytearray, is_list: bool) -> int | None:
+    """Offset of the '[' that opens the event array."""
     if is_list:
-        start = data.find(b"[", 0, end)
+        start = data.find(b"[")
         return start if start >= 0 else None
-    key = data.find(b'"traceEvents"', 0, end)
+    key = data.find(b'"traceEvents"')
     if key < 0:
         return None
-    colon = data.find(b":", key + len(b'"traceEvents"'), end)
-    start = data.find(b"[", colon, end) if colon >= 0 else -1
+    colon = data.find(b":", key + len(b'"traceEvents"'))
+    start = data.find(b"[", colon) if colon >= 0 else -1
     return start if start >= 0 else None
 
 
-def _last_event_end(
-    data: bytes | bytearray, array_start: int, before: int, *, need_separator: bool = False
-) -> int | None:
+def _last_event_end(data: bytes | bytearray, array_start: int, before: int) -> int | None:
     """Offset of the ``}`` closing the last complete event that ends before ``before``.
 
-    A brace qualifies when the next non-blank byte is ``,``, ``]`` or (unless
-    ``need_separator``) the end of what can be read, and the object it closes, from a ``{``
-    that follows ``[`` or ``,``, decodes as JSON on its own. This finds the boundary without
-    tokenizing the whole file in Python; the decode of the whole run that follows confirms it.
+    A brace qualifies when the next non-blank byte is ``,``, ``]`` or the end of what can be
+    read, and the object it closes, from a ``{`` that follows ``[`` or ``,``, decodes as JSON
+    on its own. This finds the boundary without tokenizing the whole file in Python; the
+    decode of the whole prefix that follows confirms it.
     """
     view = memoryview(data)
     position = before
@@ -691,8 +571,6 @@ def _last_event_end(
         while follower < before and data[follower] in _WHITESPACE:
             follower += 1
         if follower < before and data[follower] not in b",]":
-            continue
-        if need_separator and follower >= before:
             continue
         opening = close
         for _ in range(64):  # nested objects inside args start with '{' too
