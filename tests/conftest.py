@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+import tempfile
+
 import polars as pl
 import pytest
+
+# CLI runs in tests must not fill the user's ~/.cache: give the session its own cache folder.
+os.environ.setdefault("TRACEINSIGHT_CACHE_DIR", tempfile.mkdtemp(prefix="traceinsight-test-cache-"))
 
 from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, TraceModel, conform, with_depth
 

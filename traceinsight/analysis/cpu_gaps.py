@@ -395,7 +395,7 @@ def _summarize_evidence(evidence: pl.DataFrame, durations: pl.DataFrame, *, key:
         )
         .join(durations, on=key)
         .with_columns(unreadable=pl.col("label").str.starts_with("unresolved frames"))
-        .sort([key, "backs_cause", "unreadable", "weight_ns"], descending=[False, True, False, True])
+        .sort([key, "backs_cause", "unreadable", "weight_ns", "label"], descending=[False, True, False, True, False])
     )
     sources = ranked.group_by(key, maintain_order=True).agg(
         evidence_source=pl.col("source").unique(maintain_order=True).str.join(" + ")

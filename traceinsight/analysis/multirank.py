@@ -383,7 +383,7 @@ def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.Data
         balanced = float(part.get_column("mean_ns").sum())
         measured_row = measured.filter(pl.col("step") == step)
         phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "mean_ms": round(r["mean_ns"] / 1e6, 3)}
-                  for r in part.iter_rows(named=True)}
+                  for r in part.sort("phase").iter_rows(named=True)}
         out.append({
             "step": step, "phases": phases,
             "modeled_ms": round(modeled / 1e6, 3), "balanced_ms": round(balanced / 1e6, 3),

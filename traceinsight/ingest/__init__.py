@@ -12,7 +12,7 @@ expands folders, and gives every process its own rank.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import polars as pl
 
@@ -117,8 +117,63 @@ def assign_ranks(models: list[TraceModel]) -> list[TraceModel]:
     return renumbered
 
 
+def _read_one(path: str, salvage: bool, cache_dir: str | None) -> TraceModel:
+    """Read one file, through the cache when ``cache_dir`` is set (runs in worker processes)."""
+    if cache_dir:
+        from traceinsight.ingest import cache
+
+        model = cache.load_cached(path, cache_dir, salvage=salvage)
+        if model is not None:
+            return model
+        model = read_file(path, salvage=salvage)
+        cache.store(path, model, cache_dir, salvage=salvage)
+        return model
+    return read_file(path, salvage=salvage)
+
+
+def read_files(
+    paths: list[str],
+    *,
+    salvage: bool = False,
+    cache_dir: str | None = None,
+    jobs: int = 1,
+    on_done: Callable[[str], None] | None = None,
+) -> list[TraceModel]:
+    """Read files in order, ``jobs`` at a time in worker processes.
+
+    ``on_done(path)`` is called as each file finishes (for progress bars).
+    """
+    jobs = max(1, min(jobs, len(paths)))
+    if jobs == 1:
+        models = []
+        for path in paths:
+            models.append(_read_one(path, salvage, cache_dir))
+            if on_done:
+                on_done(path)
+        return models
+    import concurrent.futures
+    import multiprocessing
+
+    # fork would copy whatever the parent holds; spawn starts clean workers.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_read_one, path, salvage, cache_dir): index for index, path in enumerate(paths)}
+        results: list[TraceModel | None] = [None] * len(paths)
+        for future in concurrent.futures.as_completed(futures):
+            index = futures[future]
+            results[index] = future.result()
+            if on_done:
+                on_done(paths[index])
+    return results  # type: ignore[return-value]
+
+
 def load(
-    paths: str | os.PathLike | Iterable[str | os.PathLike], *, salvage: bool = False
+    paths: str | os.PathLike | Iterable[str | os.PathLike],
+    *,
+    salvage: bool = False,
+    cache_dir: str | None = None,
+    jobs: int = 1,
+    on_done: Callable[[str], None] | None = None,
 ) -> TraceModel:
     """Read trace files (or folders of them) into one model.
 
@@ -129,6 +184,13 @@ def load(
         folders holding them.
     salvage
         Read a Kineto trace cut short mid-write up to its last complete event.
+    cache_dir
+        Keep a columnar copy of each file's model there and reuse it while the file is
+        unchanged (see :mod:`traceinsight.ingest.cache`); ``None`` reads every file.
+    jobs
+        Files read at once, each in its own process.
+    on_done
+        Called with each path as it finishes.
 
     Examples
     --------
@@ -137,5 +199,5 @@ def load(
     >>> model.rank_ids  # doctest: +SKIP
     [0, 1]
     """
-    models = [read_file(path, salvage=salvage) for path in expand_paths(paths)]
+    models = read_files(expand_paths(paths), salvage=salvage, cache_dir=cache_dir, jobs=jobs, on_done=on_done)
     return TraceModel.concat(assign_ranks(models))
