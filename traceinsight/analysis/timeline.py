@@ -197,7 +197,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
         .head(annotation_budget)
     )
     for tid in threads:
-        prefix = "main thread" if tid == step_tid else f"thread {tid}"
+        prefix = "main thread" if tid == step_tid else f"tid {tid}"
         mine = annotations.filter(pl.col("tid") == tid)
         for depth in sorted(d for d in mine.get_column("depth").unique().to_list() if d is not None):
             lane = mine.filter(pl.col("depth") == depth).select(
@@ -290,7 +290,7 @@ def report_anomalies(findings, limit: int | None = None) -> list[dict]:
     return ordered if limit is None else ordered[:limit]
 
 
-def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12, max_events: int = 800,
+def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12, max_events: int = 600,
                          resolution: float = 1 / 1500) -> dict[tuple[int, int], pl.DataFrame]:
     """Timelines of the ``max_anomalies`` largest anomalies' steps and of their ranks' typical steps.
 

@@ -23,7 +23,7 @@ from collections import Counter
 import numpy as np
 import plotly.graph_objects as go
 import polars as pl
-from plotly.subplots import make_subplots
+from plotly.io.json import to_json_plotly
 
 import traceinsight
 from traceinsight.analysis.breakdown import CATEGORIES
@@ -52,28 +52,30 @@ KIND_COLORS = {
     "memset": CATEGORY_COLORS["gpu_memory"],
 }
 KIND_LABELS = {
-    "annotation": "range (NVTX / record_function)",
-    "launch": "launch calls",
+    "annotation": "range",
+    "launch": "launch call",
     "cuda_api": "other CUDA API",
-    "sync": "host sync call",
-    "cpu_gap": "CPU gap (GPU idle)",
+    "sync": "sync call",
+    "cpu_gap": "CPU gap",
     "kernel": "kernel",
-    "comm_kernel": "communication kernel",
-    "memcpy": "memcpy",
-    "memset": "memset",
+    "comm_kernel": "comm. kernel",
+    "memcpy": "memcpy/memset",
+    "memset": "memcpy/memset",
 }
 RANK_COLORS = (
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
 )
 ANOMALY_COLOR = "#111111"
-HIGHLIGHT_FILL = "rgba(255, 196, 0, 0.30)"
+HIGHLIGHT_SPAN = "rgba(255, 196, 0, 0.13)"
+HIGHLIGHT_FILL = "rgba(255, 160, 0, 0.45)"
 HIGHLIGHT_LINE = "#A67C00"
 
 #: Up to this many ranks the step durations are lines; beyond, a rank × step heatmap.
 LINE_RANKS = 16
-#: At most this many rank views in the breakdown selector.
-BREAKDOWN_VIEWS = 16
+#: Beyond LINE_RANKS ranks, the breakdown selector offers this many ranks (those with the
+#: most anomalous steps, then the slowest), besides the mean and the slowest rank of each step.
+BREAKDOWN_RANKS = 8
 #: Tables show at most this many rows.
 MAX_TABLE_ROWS = 100
 #: At most this many anomaly cards (the rest are listed in a table).
@@ -179,16 +181,23 @@ class _Page:
     """Collects figures (JSON specs) and hands out their ``<div>`` placeholders."""
 
     def __init__(self) -> None:
-        self.figures: list[tuple[str, str]] = []
+        self.figures: list[tuple[str, str, bool]] = []
 
-    def figure(self, fig: go.Figure, *, height: int, cls: str = "") -> str:
+    def figure(self, fig: go.Figure | dict, *, height: int, cls: str = "", modebar: bool = True) -> str:
+        """Register ``fig`` (a figure, or a figure dict of the same schema) and return its placeholder."""
         fig_id = f"fig-{len(self.figures) + 1}"
-        fig.update_layout(height=height)
-        self.figures.append((fig_id, fig.to_json(validate=False, pretty=False)))
+        if isinstance(fig, dict):
+            fig["layout"]["height"] = height
+            spec = to_json_plotly(fig)
+        else:
+            fig.update_layout(height=height)
+            spec = fig.to_json(validate=False, pretty=False)
+        self.figures.append((fig_id, spec, modebar))
         return f'<div class="fig {cls}" id="{fig_id}" style="height:{height}px"></div>'
 
     def figures_json(self) -> str:
-        parts = [f'{{"id":{json.dumps(fig_id)},"fig":{spec}}}' for fig_id, spec in self.figures]
+        parts = [f'{{"id":{json.dumps(fig_id)},"modebar":{json.dumps(modebar)},"fig":{spec}}}'
+                 for fig_id, spec, modebar in self.figures]
         return script_json("[" + ",".join(parts) + "]")
 
 
@@ -256,9 +265,11 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
             when = _dt.datetime.fromtimestamp(first / 1e9, tz=_dt.timezone.utc)
             recorded = f"<dt>recorded</dt><dd>{esc(when.strftime('%Y-%m-%d %H:%M:%S UTC'))}</dd>"
     steps_per_rank = per_rank.get_column("n")
-    steps_text = (f"{steps.height} step windows ({findings.step_source}"
-                  + (f", marker <code>{esc(findings.step_pattern)}</code>" if findings.step_pattern else "")
-                  + ")")
+    marker = ""
+    if findings.step_pattern:
+        marker = f' <code title="{esc(findings.step_pattern, 400)}">{esc(findings.step_pattern, 40)}</code>'
+    steps_text = (f"{steps.height} step windows (from step markers{marker})" if findings.step_source == "marker"
+                  else f"{steps.height} step window(s) ({esc(findings.step_source)})")
     if n_ranks > 1 and steps_per_rank.len():
         steps_text += f", {steps_per_rank.min()}–{steps_per_rank.max()} per rank"
     n_anomalous = int(steps.get_column("anomalous").sum()) if "anomalous" in steps.columns else 0
@@ -311,12 +322,12 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
             marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
             hovertemplate=f"{c}: %{{x:.1f}}%% of step time<extra>%{{y}}</extra>",
         ))
-    _layout(fig, barmode="stack", legend=dict(orientation="h", y=-0.35 if len(labels) < 3 else -0.12,
-                                               x=0, traceorder="normal"),
-            margin=dict(l=80, r=20, t=10, b=80))
+    _layout(fig, barmode="stack", legend=dict(orientation="h", yref="container", y=1, yanchor="top", x=0,
+                                               traceorder="normal"),
+            margin=dict(l=80, r=20, t=36, b=50))
     fig.update_xaxes(title_text="share of step time (%)", range=[0, 100])
     fig.update_yaxes(autorange="reversed", showgrid=False)
-    overview = page.figure(fig, height=150 + 26 * len(labels))
+    overview = page.figure(fig, height=120 + 28 * len(labels), modebar=False)
 
     rank_rows = []
     for row in ranks.iter_rows(named=True):
@@ -427,7 +438,7 @@ def _breakdown_views(findings) -> list[tuple[str, pl.DataFrame]]:
         views.append(("slowest rank of each step", slowest))
         counts = (steps.group_by("rank").agg(n=flag.sum(), total=pl.col("duration_ns").sum())
                   .sort(["n", "total"], descending=True))
-        chosen = sorted(counts.head(BREAKDOWN_VIEWS - 2).get_column("rank").to_list())
+        chosen = sorted(counts.head(BREAKDOWN_RANKS).get_column("rank").to_list())
     else:
         chosen = rank_ids
     for rank in chosen:
@@ -447,9 +458,9 @@ def _step_breakdown(findings, page: _Page) -> str:
         out = []
         for c in CATEGORIES:
             values = full.get_column(f"{c}_ns").cast(pl.Float64) / 1e6
-            out.append([None if v is None else round(v, 3) for v in values.to_list()])
+            out.append([None if v is None else round(v, 2) for v in values.to_list()])
         totals = full.select(pl.sum_horizontal([pl.col(f"{c}_ns") for c in CATEGORIES]) / 1e6).to_series()
-        marks = [round(t, 3) if a else None
+        marks = [round(t, 2) if a else None
                  for t, a in zip(totals.to_list(), full.get_column("anomalous").fill_null(False).to_list())]
         out.append(marks)
         return out
@@ -465,18 +476,21 @@ def _step_breakdown(findings, page: _Page) -> str:
     menus = []
     if len(views) > 1:
         menus = [dict(
-            type="dropdown", direction="down", x=0, xanchor="left", y=1.18, yanchor="bottom",
+            type="dropdown", direction="down", x=1, xanchor="right", y=1.02, yanchor="bottom",
             showactive=True, bgcolor="#f4f4f4", bordercolor="#999",
             buttons=[dict(label=label, method="restyle", args=[{"y": data[i]}]) for i, (label, _) in enumerate(views)],
         )]
     _layout(fig, barmode="stack", bargap=0.15 if len(step_ids) < 200 else 0, hovermode="x unified",
-            legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0.22 if menus else 0), updatemenus=menus,
-            margin=dict(l=70, r=20, t=60, b=50))
+            legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0, traceorder="normal"),
+            updatemenus=menus,
+            margin=dict(l=70, r=20, t=50, b=50))
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="time in step (ms)", rangemode="tozero")
     shown = ", ".join(label for label, _ in views[:6]) + (" …" if len(views) > 6 else "")
-    note = (f"Each step's window split into the categories of the JSON report (they sum to the step's duration). "
-            f"Views: {esc(shown)} (choose with the menu at the top left of the figure); triangles mark anomalous steps.")
+    note = "Each step's window split into the categories of the JSON report (they sum to the step's duration)"
+    note += (f"; views: {esc(shown)} (choose with the menu at the top right of the figure)" if len(views) > 1
+             else f" ({esc(shown)})")
+    note += "; triangles mark anomalous steps."
     return (f'<section id="breakdown"><h2>Where each step\'s time went</h2><p class="note">{note}</p>'
             f"{page.figure(fig, height=460)}</section>")
 
@@ -567,10 +581,83 @@ def _waits(findings, page: _Page) -> str:
                  for r in per_rank.head(MAX_TABLE_ROWS * 2).iter_rows(named=True)]
     rank_table = _table(["rank", "waited for others (ms)", "others waited for it (ms)", "straggler in steps"],
                         rank_rows, numeric={0, 1, 2, 3})
-    return (f'<section id="waits"><h2>Cross-rank waiting</h2><p class="note">Colour: the time each rank spent '
-            f"waiting for another rank to arrive at a collective, summed per step (ms). Stars: the straggler of "
-            f"each step, the rank the others waited for longest.</p>{page.figure(fig, height=height)}"
-            f"<h3>Waiting per phase</h3>{phase_table}<h3>Per rank</h3>{rank_table}</section>")
+    return (f'<section id="waits"><h2>Cross-rank waiting</h2>{_alignment_note(findings)}<p class="note">Colour: the '
+            f"time each rank spent waiting for another rank to arrive at a collective, summed per step (ms). Stars: "
+            f"the straggler of each step, the rank the others waited for longest.</p>{page.figure(fig, height=height)}"
+            f"<h3>Waiting per phase</h3>{phase_table}<h3>Per rank</h3>{rank_table}{_straggler_reasons(findings)}"
+            f"{_imbalance(findings, page)}</section>")
+
+
+def _alignment_note(findings) -> str:
+    """One line on the clock alignment, where the multi-rank analysis reports one."""
+    alignment = getattr(findings, "alignment", None)
+    if alignment is None or not getattr(alignment, "offsets", None):
+        return ""
+    offsets = [abs(v) for v in alignment.offsets.values() if v is not None]
+    text = (f"Clocks aligned by {getattr(alignment, 'method', '?')} from {getattr(alignment, 'matched', 0)} "
+            f"matched collectives; largest offset {max(offsets, default=0) / 1e3:,.1f} µs")
+    p50, p95 = getattr(alignment, "residual_p50_ns", None), getattr(alignment, "residual_p95_ns", None)
+    if p50 is not None and p95 is not None:
+        text += f", residual spread p50 {p50 / 1e3:,.1f} µs, p95 {p95 / 1e3:,.1f} µs"
+    return f'<p class="note">{esc(text, 400)}.</p>'
+
+
+def _rank_key(value) -> tuple:
+    text = str(value)
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
+def _straggler_reasons(findings) -> str:
+    """Why the straggler of each costly collective was late (``findings.stragglers``), largest wait first."""
+    reasons = [r for r in (getattr(findings, "stragglers", None) or []) if isinstance(r, dict)]
+    if not reasons:
+        return ""
+    reasons = sorted(reasons, key=lambda r: -(r.get("max_wait_ms") or 0))
+    rows = []
+    for r in reasons[:25]:
+        sent = dict(sorted((r.get("rows_sent") or {}).items(), key=lambda kv: _rank_key(kv[0])))
+        before = dict(sorted((r.get("before_ms") or {}).items(), key=lambda kv: _rank_key(kv[0])))
+        rows.append([
+            num_cell(r.get("step"), "{}"), text_cell(r.get("phase"), 60), text_cell(r.get("collective"), 40),
+            num_cell(r.get("straggler"), "{}"), num_cell(r.get("max_wait_ms")), text_cell(r.get("reason")),
+            num_cell(r.get("reason_excess_ms")),
+            text_cell(", ".join(f"{k}: {_ms(v)}" for k, v in list(before.items())[:8]), 120),
+            text_cell(", ".join(f"{k}: {v}" for k, v in list(sent.items())[:8]) if sent else "–", 120),
+        ])
+    note = f"{len(reasons)} in all; the 25 largest shown." if len(reasons) > 25 else ""
+    return "<h3>Why the stragglers were late</h3>" + _table(
+        ["step", "phase", "collective", "straggler", "max wait ms", "reason", "reason excess ms",
+         "ms before it, per rank", "rows sent, per rank"], rows, numeric={0, 3, 4, 6}, note=note)
+
+
+def _imbalance(findings, page: _Page) -> str:
+    """Measured step time against the modeled and the balanced estimate (``findings.imbalance``)."""
+    rows = [r for r in (getattr(findings, "imbalance", None) or [])
+            if isinstance(r, dict) and r.get("step") is not None and r.get("modeled_ms") is not None]
+    if not rows:
+        return ""
+    rows.sort(key=lambda r: r["step"])
+    steps = [r["step"] for r in rows]
+    fig = go.Figure()
+    for key, label, color, dash in (("measured_ms", "measured", "#222222", "solid"),
+                                    ("modeled_ms", "modeled: max(attention)+max(dispatch)+experts+max(combine)",
+                                     CATEGORY_COLORS["gpu_compute"], "dash"),
+                                    ("balanced_ms", "modeled with balanced load", CATEGORY_COLORS["communication"],
+                                     "dot")):
+        values = [r.get(key) for r in rows]
+        if all(v is None for v in values):
+            continue
+        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if len(steps) <= 200 else "lines",
+                                 name=label, line=dict(color=color, dash=dash, width=1.8), marker=dict(size=4),
+                                 hovertemplate=f"{label.split(':')[0]}: %{{y:.2f}} ms<extra>step %{{x}}</extra>"))
+    _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="x unified",
+            margin=dict(l=70, r=20, t=40, b=50))
+    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="step time (ms)", rangemode="tozero")
+    saving = sum(r.get("saving_ms") or 0 for r in rows)
+    return (f"<h3>Load imbalance</h3><p class=\"note\">The MoE critical path of each step as modeled from its "
+            f"phases, and the same with the load balanced across ranks: {_ms(saving)} ms in all over "
+            f"{len(rows)} steps would be saved by balance.</p>{page.figure(fig, height=340)}")
 
 
 # ----------------------------------------------------------------------------- anomalies
@@ -603,7 +690,7 @@ def _compare_bars(rows: list[tuple[str, dict[str, float]]]) -> str:
 
 
 def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> dict | None:
-    """The lag from the start of the ``where`` range to its first kernel, in ms from the step start."""
+    """The ``where`` range instance of a step and the lag to its first GPU work, in ms from the step start."""
     instances = findings.range_instances
     where = anomaly.get("where")
     if instances.is_empty() or not where:
@@ -617,68 +704,107 @@ def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> d
         exact = match.filter(pl.col("start_ns") == anomaly["start_ns"])
         match = exact if exact.height else match
     if match.is_empty():
-        return None
+        return _largest_gap(findings, rank, step, w0) if own else None
     row = match.sort(pl.col("first_gpu_lag_ns").fill_null(-1), "duration_ns", descending=True).row(0, named=True)
-    start = (row["start_ns"] - w0) / 1e6
+    start, end = (row["start_ns"] - w0) / 1e6, (row["end_ns"] - w0) / 1e6
     if row.get("first_gpu_start_ns") is None:
-        return {"x0": start, "x1": (row["end_ns"] - w0) / 1e6, "text": f"{where}: no GPU work launched in it",
-                "lag_ms": None}
-    lag = (row["first_gpu_start_ns"] - row["start_ns"]) / 1e6
-    return {"x0": start, "x1": start + max(lag, 0.0), "lag_ms": lag,
-            "text": f"{_ms(lag)} ms from the start of {where} to its first GPU work"}
+        return {"x0": start, "x1": end, "lag": None,
+                "text": f"{where} ({_ms(end - start)} ms), no GPU work launched in it"}
+    lag = max((row["first_gpu_start_ns"] - row["start_ns"]) / 1e6, 0.0)
+    return {"x0": start, "x1": end, "lag": (start, start + lag),
+            "text": f"{where} ({_ms(end - start)} ms); darker: the {_ms(lag)} ms before its first GPU work"}
 
 
-def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tuple[go.Figure, int]:
+def _largest_gap(findings, rank: int, step: int, w0: int) -> dict | None:
+    """Where no range instance is named: the step's largest CPU gap."""
+    gaps = findings.cpu_gaps
+    if gaps.is_empty() or "step" not in gaps.columns:
+        return None
+    mine = gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step)).sort("duration_ns", descending=True)
+    if mine.is_empty():
+        return None
+    row = mine.row(0, named=True)
+    start, end = (row["start_ns"] - w0) / 1e6, (row["end_ns"] - w0) / 1e6
+    return {"x0": start, "x1": end, "lag": None,
+            "text": f"the step's largest CPU gap ({_ms(end - start)} ms, {row.get('cause') or 'unknown'})"}
+
+
+def _axis(extra: dict) -> dict:
+    return {**_AXIS, **extra}
+
+
+def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tuple[dict, int]:
+    """Horizontal-bar timelines, one panel per step, as a plotly figure dict.
+
+    Built as a plain ``{"data", "layout"}`` dict (the schema of ``go.Figure``) because the
+    graph-object validation of a few thousand bars costs more than the rest of the page.
+    """
     lane_lists = []
     for _, frame, _ in panels:
         lanes = frame.select("lane", "lane_order").unique().sort("lane_order").get_column("lane").to_list()
         lane_lists.append(lanes)
-    weights = [max(len(lanes), 1) + 1.5 for lanes in lane_lists]
-    fig = make_subplots(rows=len(panels), cols=1, row_heights=[w / sum(weights) for w in weights],
-                        vertical_spacing=min(0.5 / len(panels), 120 / (sum(weights) * 24 + 120 * len(panels))),
-                        subplot_titles=[esc(title) for title, _, _ in panels])
+    plot_px = [len(lanes) * 24 + 30 for lanes in lane_lists]
+    gap_px = 110  # x-axis title of the panel above + the two-line title of the next
+    height = int(sum(plot_px) + gap_px * (len(panels) - 1) + 44 + 100)
+    inner = height - 44 - 100
+    data: list[dict] = []
+    shapes: list[dict] = []
+    annotations: list[dict] = []
+    layout: dict = {}
     shown: set[str] = set()
-    for i, ((_, frame, light), lanes) in enumerate(zip(panels, lane_lists), start=1):
+    top = 1.0
+    kinds = list(KIND_COLORS)
+    for i, ((title, frame, light), lanes) in enumerate(zip(panels, lane_lists), start=1):
+        suffix = "" if i == 1 else str(i)
+        bottom = max(top - plot_px[i - 1] / inner, 0.0)
         index = {lane: k for k, lane in enumerate(lanes)}
-        for kind, color in KIND_COLORS.items():
+        for kind in kinds:
             sub = frame.filter(pl.col("kind") == kind)
             if sub.is_empty():
                 continue
             starts = sub.get_column("start_ms").to_numpy()
             ends = sub.get_column("end_ms").to_numpy()
-            names = sub.get_column("name").to_list()
-            details = sub.get_column("detail").to_list()
             hover = [
-                f"{esc(n, 160)}<br>{s:.3f}–{e:.3f} ms ({e - s:.3f} ms)" + (f"<br>{esc(d, 300)}" if d else "")
-                for n, s, e, d in zip(names, starts, ends, details)
+                f"{esc(n, 120)}<br>{s:.3f}–{e:.3f} ms ({e - s:.3f} ms)" + (f"<br>{esc(d, 160)}" if d else "")
+                for n, s, e, d in zip(sub.get_column("name").to_list(), starts, ends, sub.get_column("detail").to_list())
             ]
-            fig.add_trace(go.Bar(
-                y=np.asarray([index[x] for x in sub.get_column("lane").to_list()], dtype=np.int16),
-                x=_f32(np.maximum(ends - starts, 0.0)), base=np.round(starts, 4).tolist(), orientation="h",
-                width=0.72, name=KIND_LABELS[kind], legendgroup=kind, showlegend=kind not in shown,
-                marker=dict(color=color, line=dict(width=0)), hovertext=hover, hoverinfo="text",
-            ), row=i, col=1)
-            shown.add(kind)
-        fig.update_yaxes(tickvals=list(range(len(lanes))), ticktext=[esc(x, 40) for x in lanes],
-                         autorange="reversed", showgrid=False, row=i, col=1)
-        fig.update_xaxes(title_text="ms since step start", row=i, col=1)
+            label = KIND_LABELS[kind]
+            data.append({
+                "type": "bar", "orientation": "h", "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
+                "y": np.asarray([index[x] for x in sub.get_column("lane").to_list()], dtype=np.int16),
+                "x": _f32(np.maximum(ends - starts, 0.0)), "base": _f32(starts), "width": 0.72,
+                "name": label, "legendgroup": label, "legendrank": 100 + kinds.index(kind),
+                "showlegend": label not in shown, "marker": {"color": KIND_COLORS[kind], "line": {"width": 0}},
+                "hovertext": hover, "hoverinfo": "text",
+            })
+            shown.add(label)
+        layout[f"xaxis{suffix}"] = _axis({"domain": [0, 1], "anchor": f"y{suffix}",
+                                          "title": {"text": "ms since step start"}})
+        layout[f"yaxis{suffix}"] = _axis({"domain": [bottom, top], "anchor": f"x{suffix}",
+                                          "tickvals": list(range(len(lanes))), "ticktext": [esc(x, 30) for x in lanes],
+                                          "autorange": "reversed", "showgrid": False})
+        text = esc(title, 160) + (f"<br><span style='color:#7a5b00'>shaded: {esc(light['text'], 160)}</span>"
+                                  if light else "")
+        annotations.append({"text": text, "xref": "paper", "yref": "paper", "x": 0, "y": top, "xanchor": "left",
+                            "yanchor": "bottom", "showarrow": False, "font": {"size": 12}, "align": "left"})
         if light:
-            axis = "" if i == 1 else str(i)
-            fig.add_shape(type="rect", xref=f"x{axis}", yref=f"y{axis} domain", x0=light["x0"], x1=light["x1"],
-                          y0=0, y1=1, fillcolor=HIGHLIGHT_FILL, line=dict(color=HIGHLIGHT_LINE, width=1, dash="dot"),
-                          layer="below")
-            fig.add_annotation(xref=f"x{axis}", yref=f"y{axis} domain", x=light["x0"], y=1.0, xanchor="left",
-                               yanchor="bottom", showarrow=False, text=esc(light["text"], 160),
-                               font=dict(size=11, color="#6b4f00"), bgcolor="rgba(255,255,255,0.85)")
-    height = int(sum(len(lanes) * 24 + 110 for lanes in lane_lists) + 60)
-    _layout(fig, barmode="overlay", hovermode="closest",
-            legend=dict(orientation="h", y=1.0, yanchor="bottom", x=0, font=dict(size=11)),
-            margin=dict(l=150, r=20, t=70, b=40))
-    fig.update_yaxes(showgrid=False)
-    for annotation in fig.layout.annotations:  # the subplot titles: left-aligned, bold
-        if annotation.text and annotation.xref == "paper":
-            annotation.update(x=0, xanchor="left", font=dict(size=12))
-    return fig, height
+            shapes.append({"type": "rect", "xref": f"x{suffix}", "yref": f"y{suffix} domain", "x0": light["x0"],
+                           "x1": light["x1"], "y0": 0, "y1": 1, "fillcolor": HIGHLIGHT_SPAN, "layer": "below",
+                           "line": {"color": HIGHLIGHT_LINE, "width": 1, "dash": "dot"}})
+            if light["lag"]:
+                shapes.append({"type": "rect", "xref": f"x{suffix}", "yref": f"y{suffix} domain",
+                               "x0": light["lag"][0], "x1": light["lag"][1], "y0": 0, "y1": 1,
+                               "fillcolor": HIGHLIGHT_FILL, "layer": "below",
+                               "line": {"color": HIGHLIGHT_LINE, "width": 1.5}})
+        top = bottom - gap_px / inner
+    layout.update(_BASE_LAYOUT)
+    layout.update({
+        "barmode": "overlay", "hovermode": "closest", "shapes": shapes, "annotations": annotations,
+        "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "xref": "container",
+                   "x": 0, "font": {"size": 11}},
+        "margin": {"l": 175, "r": 20, "t": 44, "b": 100},
+    })
+    return {"data": data, "layout": layout}, height
 
 
 def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _Page) -> str:
@@ -712,7 +838,13 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
     this_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
     if kind == "step" and this_row.height:
         this = {c: this_row.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
-        compare = _compare_bars([(f"step {step}", this), ("typical step", _typical_categories(findings, rank, step))])
+        typical = typical_step(findings, rank)
+        t_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == typical))
+        if typical is not None and typical != step and t_row.height:
+            compare = _compare_bars([(f"step {step}", this), (f"step {typical} (typical)",
+                                     {c: t_row.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES})])
+        else:
+            compare = _compare_bars([(f"step {step}", this), ("typical", _typical_categories(findings, rank, step))])
     elif kind == "range" and "start_ns" in anomaly and findings.range_instances.height:
         same = findings.range_instances.filter((pl.col("rank") == rank) & (pl.col("name") == anomaly["where"]))
         this_inst = same.filter(pl.col("start_ns") == anomaly["start_ns"])
@@ -753,13 +885,14 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
         fig, height = _timeline_figure(panels)
         merged = int(own.filter(pl.col("count") > 1).height)
         note = ("Bars: CPU ranges, CUDA API calls, CPU gaps and GPU streams, in ms from the step start. "
-                "The shaded span runs from the start of the <i>where</i> range to its first GPU work.")
+                "The shaded span is the <i>where</i> range; the darker part runs from its start to its first GPU work.")
         if merged:
             note += " Dense stretches are merged into blocks (hover for what they hold)."
-        timeline = f'<h4>Timeline</h4><p class="note">{note}</p>{page.figure(fig, height=height, cls="timeline")}'
+        timeline = (f'<div class="keep"><h4>Timeline</h4><p class="note">{note}</p>'
+                    f'{page.figure(fig, height=height, cls="timeline")}</div>')
     elif timelines is not None:
         timeline = '<p class="note">No timeline for this anomaly (only the largest anomalies get one).</p>'
-    return (f'<article class="card" id="anomaly-{number}"><h3><span class="num">{number}</span>{esc(title, 400)}</h3>'
+    return (f'<article class="card" id="anomaly-{number}"><h3><span class="badge">{number}</span>{esc(title, 400)}</h3>'
             f"<div class=\"card-body\"><div class=\"card-text\">{dl}{compare}</div>{ranges}{timeline}</div></article>")
 
 
@@ -808,9 +941,8 @@ def _cpu_gaps(findings) -> str:
         items = evidence.filter(pl.col("cause") == r["cause"])
         listed = "".join(f"<li>{esc(t, 240)} <span class=\"muted\">({_ms(ms / 1e6)} ms)</span></li>"
                          for _, t, ms in items.iter_rows())
-        color = CATEGORY_COLORS["cpu_gap"]
         rows.append([
-            Cell(f'<span class="dot" style="background:{color}"></span>{esc(r["cause"])}'),
+            text_cell(r["cause"]),
             num_cell(r["total"] / 1e6), num_cell(r["total"] / total * 100, "{:.1f}", "%"), num_cell(r["n"], "{:d}"),
             num_cell(r["largest"] / 1e6), Cell(f"rank {r['rank']}, step {esc(r['step'])}"),
             Cell(f"<ul class=\"ev\">{listed}</ul>" if listed else '<span class="muted">no evidence in the trace</span>'),
@@ -902,13 +1034,13 @@ th::after{content:"\\2195";position:absolute;right:4px;color:#aaa;font-size:10px
 th[data-sort=asc]::after{content:"\\25B2";color:#333}
 th[data-sort=desc]::after{content:"\\25BC";color:#333}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-td{word-break:break-word;max-width:560px}
+td{overflow-wrap:break-word;max-width:560px}
 tbody tr:hover{background:#fafbff}
 ul.ev{margin:0;padding-left:16px}
 .card{border:1px solid var(--line);border-left:5px solid #D55E00;border-radius:6px;padding:10px 16px 12px;margin:14px 0;
  background:#fff}
 .card h3{margin:2px 0 8px;font-size:15.5px}
-.card .num{display:inline-block;min-width:24px;height:24px;line-height:24px;text-align:center;border-radius:12px;
+.card .badge{display:inline-block;min-width:24px;height:24px;line-height:24px;text-align:center;border-radius:12px;
  background:#1d1d1f;color:#fff;font-size:12px;margin-right:8px}
 dl.pm{display:grid;grid-template-columns:max-content 1fr;gap:4px 14px;margin:0 0 8px}
 dl.pm dt{color:var(--muted);font-weight:500}
@@ -920,7 +1052,7 @@ dl.pm dd{margin:0}
 .pill .dot{margin-right:0}
 .compare{margin:6px 0 4px;max-width:900px}
 .crow{display:flex;align-items:center;gap:8px;margin:3px 0}
-.clabel{width:110px;color:var(--muted);font-size:12.5px}
+.clabel{width:130px;color:var(--muted);font-size:12.5px}
 .cbar{flex:1;display:flex;height:16px;background:var(--soft);border-radius:2px;overflow:hidden}
 .seg{display:block;height:100%%;-webkit-print-color-adjust:exact;print-color-adjust:exact}
 .ctotal{width:80px;text-align:right;font-variant-numeric:tabular-nums;font-size:12.5px}
@@ -935,9 +1067,11 @@ footer{color:var(--muted);font-size:12px;padding:16px 28px;border-top:1px solid 
  main{padding:0 8px;max-width:none}
  header.top{padding:6px 8px}
  section{break-before:auto}
- .card,.fig,table,.compare{break-inside:avoid}
- details{display:block}
- details>*{display:block}
+ .fig,table,.compare,.keep,dl.pm{break-inside:avoid}
+ h2,h3,h4,section>.note{break-after:avoid}
+ .table-wrap{overflow:visible}
+ table{font-size:9.5px}
+ td{max-width:320px}
  th::after{content:""}
  *{-webkit-print-color-adjust:exact;print-color-adjust:exact}
 }
@@ -978,15 +1112,18 @@ var config={displaylogo:false,responsive:true,modeBarButtonsToRemove:['select2d'
 var drawn=0,i=0;
 root.setAttribute('data-figures-expected',String(figs.length));
 function next(){
- if(i>=figs.length){root.setAttribute('data-figures-drawn',String(drawn));return;}
+ if(i>=figs.length){root.setAttribute('data-render-ms',String(Math.round(performance.now())));
+  root.setAttribute('data-figures-drawn',String(drawn));return;}
  var f=figs[i++],el=document.getElementById(f.id);
- Promise.resolve(Plotly.newPlot(el,f.fig.data,f.fig.layout,config)).then(function(){drawn++;
+ var c=Object.assign({},config);if(!f.modebar){c.displayModeBar=false;}
+ Promise.resolve(Plotly.newPlot(el,f.fig.data,f.fig.layout,c)).then(function(){drawn++;
    setTimeout(next,0);},function(e){window.__tiError('figure '+f.id+': '+((e&&e.message)||e));setTimeout(next,0);});
 }
 next();
-var widths={};
-window.addEventListener('beforeprint',function(){figs.forEach(function(f){var el=document.getElementById(f.id);
- if(el&&el.data){Plotly.relayout(el,{width:Math.min(el.clientWidth,1000)});}});});
+window.addEventListener('beforeprint',function(){
+ Array.prototype.forEach.call(document.querySelectorAll('details'),function(d){d.open=true;});
+ figs.forEach(function(f){var el=document.getElementById(f.id);
+ if(el&&el.data){Plotly.relayout(el,{width:Math.min(el.clientWidth,700)});}});});
 window.addEventListener('afterprint',function(){figs.forEach(function(f){var el=document.getElementById(f.id);
  if(el&&el.data){Plotly.relayout(el,{width:null,autosize:true});}});});
 })();
