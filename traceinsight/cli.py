@@ -54,7 +54,13 @@ def _guarded(command):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="traceinsight-moe", prog_name="traceinsight")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def main(debug: bool) -> None:
+@click.option("--cache-dir", metavar="DIR", envvar="TRACEINSIGHT_CACHE_DIR",
+              help="Where parsed traces are cached (default ~/.cache/traceinsight).")
+@click.option("--no-cache", is_flag=True, envvar="TRACEINSIGHT_NO_CACHE",
+              help="Parse every file again; neither read nor write the cache.")
+@click.option("--jobs", "-j", type=click.IntRange(min=0), default=0, envvar="TRACEINSIGHT_JOBS",
+              help="Files parsed at once in worker processes (default: all cores for large inputs).")
+def main(debug: bool, cache_dir: str | None, no_cache: bool, jobs: int) -> None:
     """Why was this MoE step slow, and who waited for whom.
 
     Reads Nsight Systems SQLite exports (nsys export --type sqlite) and PyTorch profiler
@@ -62,6 +68,39 @@ def main(debug: bool) -> None:
     """
     global _debug
     _debug = debug
+    _loading.update(cache_dir=None if no_cache else (cache_dir or _default_cache_dir()), jobs=jobs)
+
+
+_loading: dict = {"cache_dir": None, "jobs": 0}
+
+
+def _default_cache_dir() -> str:
+    from traceinsight.ingest.cache import default_cache_dir
+
+    return default_cache_dir()
+
+
+def _load(paths, *, salvage: bool = False):
+    """``traceinsight.load`` with the group's cache and parallelism options and, on a
+    terminal, a progress bar over the files."""
+    from traceinsight.ingest import assign_ranks, expand_paths, read_files
+    from traceinsight.model import TraceModel
+
+    files = expand_paths(paths)
+    jobs = _loading["jobs"]
+    if not jobs:
+        # Worker processes cost a second or two to start: only worth it for big inputs.
+        total = sum(os.path.getsize(f) for f in files if os.path.exists(f))
+        jobs = min(len(files), os.cpu_count() or 1) if total > 64 * 2**20 else 1
+    options = {"salvage": salvage, "cache_dir": _loading["cache_dir"], "jobs": jobs}
+    if not sys.stderr.isatty():
+        return TraceModel.concat(assign_ranks(read_files(files, **options)))
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("reading traces", total=len(files))
+        models = read_files(files, on_done=lambda _: progress.advance(task), **options)
+    return TraceModel.concat(assign_ranks(models))
 
 
 @main.command()
@@ -110,7 +149,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
     from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
     from traceinsight.analysis.pipeline import analyze as run_analysis
 
-    model = traceinsight.load(paths, salvage=salvage)
+    model = _load(paths, salvage=salvage)
     findings = run_analysis(model, step_pattern=step_marker,
                             comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
     if json_path:
@@ -161,7 +200,7 @@ def explain(paths, step, rank, json_path, step_marker, salvage):
     from traceinsight.analysis.pipeline import analyze as run_analysis
     from traceinsight.analysis.postmortem import step_postmortem
 
-    findings = run_analysis(traceinsight.load(paths, salvage=salvage), step_pattern=step_marker)
+    findings = run_analysis(_load(paths, salvage=salvage), step_pattern=step_marker)
     report = step_postmortem(findings, step=step, rank=rank)
     if json_path:
         data = msgspec.json.format(msgspec.json.encode(report), indent=1)
@@ -183,6 +222,174 @@ def _check_writable(path: str) -> None:
         raise TraceInputError(f"output folder {folder} does not exist")
     if os.path.isdir(path):
         raise TraceInputError(f"output path {path} is a directory")
+
+
+# --- merge and diff ---------------------------------------------------------------------------
+
+
+def _step_range(ctx, param, value):
+    """``20-30`` or ``27`` -> ``(20, 30)`` / ``(27, 27)``; None stays None."""
+    if value is None:
+        return None
+    import re
+
+    match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+    if not match:
+        raise click.BadParameter(f"{value!r} is not a step range like 20-30 or 27", ctx=ctx, param=param)
+    first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+    if last < first:
+        raise click.BadParameter(f"{value!r}: the range ends before it starts", ctx=ctx, param=param)
+    return first, last
+
+
+def _rank_list(ctx, param, value):
+    """``0,3`` or ``0-3,6`` -> ``[0, 3]`` / ``[0, 1, 2, 3, 6]``; None stays None."""
+    if value is None:
+        return None
+    ranks: set[int] = set()
+    for part in value.split(","):
+        part = part.strip()
+        bounds = _step_range(ctx, param, part) if part else None
+        if bounds is None:
+            raise click.BadParameter(f"{value!r} is not a rank list like 0,3 or 0-3", ctx=ctx, param=param)
+        ranks.update(range(bounds[0], bounds[1] + 1))
+    return sorted(ranks)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", "output", required=True, metavar="FILE",
+              help="Merged trace to write (.json, or .json.gz for gzip).")
+@click.option("--steps", "steps", callback=_step_range, metavar="A-B",
+              help="Only events overlapping steps A to B (e.g. 20-30).")
+@click.option("--ranks", "ranks", callback=_rank_list, metavar="LIST", help="Only these ranks (e.g. 0,3 or 0-3).")
+@click.option("--min-cpu-us", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Drop CPU ops, Python frames and OS-runtime calls shorter than this (µs).")
+@click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
+@click.option("--show-host", is_flag=True, help="Put host names into the process names.")
+@click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
+@_guarded
+def merge(paths, output, steps, ranks, min_cpu_us, step_marker, show_host, salvage):
+    """All ranks on one aligned timeline: a Chrome trace for Perfetto UI / chrome://tracing.
+
+    One process per rank, CPU threads and GPU streams apart, clocks aligned from the
+    collectives (offsets in the file's "traceinsight" metadata), and a "traceinsight" track per
+    rank with the steps (anomalous ones named with their cause), cross-rank waits inside their
+    collectives and arrows from each waiting rank to the straggler.
+    """
+    import traceinsight
+    from traceinsight.analysis.pipeline import analyze as run_analysis
+    from traceinsight.report.chrome_trace import write_merged
+
+    _check_writable(output)
+    if os.path.isfile(output) and not output.lower().endswith((".json", ".json.gz")):
+        raise TraceInputError(f"-o {output}: the merged trace must be named .json or .json.gz "
+                              "(refusing to overwrite another kind of file)")
+    model = _load(paths, salvage=salvage)
+    findings = run_analysis(model, step_pattern=step_marker)
+    result = write_merged(output, model, findings, steps=steps, ranks=ranks, min_cpu_us=min_cpu_us,
+                          show_host=show_host)
+    for note in dict.fromkeys(findings.warnings + result.notes):
+        click.echo(f"note: {note}", err=True)
+    counts = result.counts
+    trace_counts = ", ".join(f"{cat} {n:,}" for cat, n in sorted(counts.items(), key=lambda kv: -kv[1])
+                             if not cat.startswith("traceinsight") and cat not in ("flows", "metadata") and n)
+    size = f"{result.bytes_written / 2**20:,.1f} MiB"
+    if result.bytes_written != result.json_bytes:
+        size += f" ({result.json_bytes / 2**20:,.1f} MiB of JSON)"
+    click.echo(f"merged {len(result.ranks)} rank(s) into {output}: {size}, {result.events:,} events")
+    click.echo(f"  trace events: {trace_counts or 'none'}")
+    click.echo(f"  traceinsight: {counts.get('traceinsight.step', 0):,} steps, "
+               f"{counts.get('traceinsight.anomaly', 0):,} anomalous ranges, "
+               f"{counts.get('traceinsight.wait', 0):,} waits, {counts.get('flows', 0):,} arrows; "
+               f"{counts.get('metadata', 0):,} metadata events")
+
+
+class _AgainstCommand(click.Command):
+    """Lets ``--against`` take several paths: ``--against A B C`` = ``--against A --against B ...``.
+
+    The paths after ``--against`` run up to the next option (or ``--``).
+    """
+
+    def parse_args(self, ctx, args):
+        rewritten: list[str] = []
+        collecting = False
+        for position, arg in enumerate(args):
+            if arg == "--":
+                rewritten.extend(args[position:])
+                break
+            if arg == "--against":
+                collecting = True
+                continue
+            if arg.startswith("--against="):
+                rewritten += ["--against", arg.split("=", 1)[1]]
+                collecting = True
+                continue
+            if collecting and not arg.startswith("-"):
+                rewritten += ["--against", arg]
+                continue
+            collecting = False
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+@main.command(cls=_AgainstCommand)
+@click.argument("before", nargs=-1, required=True, type=click.Path())
+@click.option("--against", "after", multiple=True, required=True, metavar="AFTER...",
+              help="The files of the run to compare with (several may follow --against).")
+@click.option("--steps-before", callback=_step_range, metavar="A-B", help="Compare only steps A to B of BEFORE.")
+@click.option("--steps-after", callback=_step_range, metavar="A-B", help="Compare only steps A to B of AFTER.")
+@click.option("--json", "json_path", metavar="FILE", help="Write the diff as JSON to FILE ('-' for stdout).")
+@click.option("--fail-if-slower", type=float, metavar="PCT",
+              help="Exit with status 3 when the median step got slower by more than PCT percent.")
+@click.option("--by-rank/--no-by-rank", default=None,
+              help="Also compare per rank (default: when both sides have the same ranks).")
+@click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
+@click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
+@click.option("--quiet", "-q", is_flag=True, help="No terminal tables.")
+@_guarded
+def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by_rank, step_marker, salvage,
+         quiet):
+    """Before/after: what got slower or faster per step category, range and kernel.
+
+    Each side is one or more trace files (or folders) of one run; the same files may be given
+    on both sides with --steps-before/--steps-after. A change counts only when it exceeds the
+    step-to-step spread of both sides. Exit status: 0 done, 2 bad input, 1 internal error,
+    3 with --fail-if-slower when the median step got slower by more than PCT percent.
+    """
+    import traceinsight
+    from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
+    from traceinsight.analysis.pipeline import analyze as run_analysis
+
+    before_findings = run_analysis(_load(before, salvage=salvage), step_pattern=step_marker)
+    if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
+        after_findings = before_findings  # the same run: analyze it once
+    else:
+        after_findings = run_analysis(_load(after, salvage=salvage), step_pattern=step_marker)
+    result = diff_findings(before_findings, after_findings, steps_before=steps_before, steps_after=steps_after,
+                           options=DiffOptions(by_rank=by_rank))
+    if json_path:
+        from traceinsight.report.diff_report import render_diff_json
+
+        data = render_diff_json(result)
+        if json_path == "-":
+            click.echo(data.decode())
+            quiet = True
+        else:
+            from traceinsight.report.output import write_atomic
+
+            _check_writable(json_path)
+            write_atomic(json_path, data)
+    if not quiet:
+        from traceinsight.report.diff_report import render_diff
+
+        render_diff(result, Console())
+        if json_path and json_path != "-":
+            click.echo(f"diff written to {json_path}")
+    if fail_if_slower is not None and slower_than(result, fail_if_slower):
+        click.echo(f"traceinsight: median step slower by {result.summary['step_change_pct']:.1f}% "
+                   f"(more than {fail_if_slower:g}%)", err=True)
+        sys.exit(EXIT_SLOWER)
 
 
 if __name__ == "__main__":  # pragma: no cover
