@@ -94,3 +94,13 @@ def test_json_has_waits_offsets_and_imbalance(findings):
     assert data["waits"] and set(data["waits"][0]) >= {"step", "rank", "waiting_for_rank", "phase", "wait_ms", "collective"}
     assert data["alignment"]["matched"] == findings.alignment.matched
     assert any(entry["step"] == ours(12) for entry in data["imbalance"])
+
+
+def test_imbalance_model_sees_savings_only_in_imbalanced_steps(findings):
+    saving = {entry["step"]: entry["saving_ms"] for entry in findings.imbalance}
+    imbalanced = [ours(s) for s in (11, 12, 13, 14, 20, 21, 22)]
+    balanced = sorted(v for step, v in saving.items() if step not in imbalanced and step != ours(10))
+    typical = balanced[len(balanced) // 2]
+    assert all(saving[step] > max(5 * typical, 0.3) for step in imbalanced)
+    for entry in findings.imbalance:
+        assert entry["balanced_ms"] <= entry["modeled_ms"] + 1e-6

@@ -351,14 +351,18 @@ def phase_class(name: str | None) -> str | None:
 
 
 def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
-    """Per step: what balance across ranks would save, from measured per-rank times.
+    """Per step: what balanced load across ranks would save, from measured per-rank rates.
 
     Each MoE phase's time per rank: attention and experts from the GPU time of the work
     launched in the matching annotations; dispatch and combine from the transfer part of
     their collectives. Ranks meet at every dispatch and combine, so a step costs about
-    ``max(attention) + max(dispatch) + max(experts) + max(combine)``; with balanced load
-    each phase costs the ranks' mean instead. Returns ``modeled_ms`` (max form),
-    ``balanced_ms`` (mean form), ``measured_ms`` (slowest rank's step) and their difference.
+    ``max(attention) + max(dispatch) + max(experts) + max(combine)``.
+
+    Balanced, compute phases cost the ranks' mean. A collective's transfer is set by the rank
+    receiving the most rows (``t = max rows / bandwidth``, the measured transfer); balanced,
+    each rank receives the mean, so it takes ``t * mean rows / max rows`` (where the trace
+    records no row counts, the mean transfer time). Returns ``modeled_ms``, ``balanced_ms``, ``saving_ms`` and the
+    ``measured_ms`` of the slowest rank's step, with the per-phase maxima and means.
     """
     if waits.is_empty() or instances.is_empty():
         return []
@@ -366,23 +370,40 @@ def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.Data
         instances.with_columns(phase=pl.col("name").map_elements(phase_class, return_dtype=pl.String))
         .filter(pl.col("phase").is_in(["attention", "experts"]) & pl.col("step").is_not_null())
         .group_by("step", "rank", "phase").agg(t=pl.col("gpu_ns").sum())
+        .group_by("step", "phase").agg(max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean())
     )
-    comm = (
-        waits.with_columns(phase=pl.col("phase").map_elements(phase_class, return_dtype=pl.String))
-        .filter(pl.col("phase").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null())
-        .group_by("step", "rank", "phase").agg(t=pl.col("transfer_ns").sum())
+    transfers = waits.with_columns(phase=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)).filter(
+        pl.col("phase").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()
     )
-    per_phase = pl.concat([compute, comm], how="vertical_relaxed")
-    if per_phase.is_empty():
+    # Participants leave a collective together, so its transfer time is set by the rank that
+    # receives the most rows at the link's bandwidth: t = max rows / bandwidth. Balanced, every
+    # rank receives the mean, so t_balanced = t * mean rows / max rows.
+    per_collective = (
+        transfers.group_by("step", "phase", "key")
+        .agg(
+            max_ns=pl.col("transfer_ns").max(),
+            mean_ns=pl.col("transfer_ns").mean(),
+            max_rows=pl.col("rows_received").max(),
+            mean_rows=pl.col("rows_received").mean(),
+        )
+        .with_columns(
+            balanced_ns=pl.when(pl.col("max_rows") > 0)
+            .then(pl.col("max_ns") * pl.col("mean_rows") / pl.col("max_rows"))
+            .otherwise(pl.col("mean_ns"))
+        )
+        .group_by("step", "phase")
+        .agg(pl.col("max_ns").sum(), pl.col("balanced_ns").sum())
+    )
+    summary = pl.concat([compute, per_collective], how="vertical_relaxed")
+    if summary.is_empty():
         return []
-    summary = per_phase.group_by("step", "phase").agg(max_ns=pl.col("t").max(), mean_ns=pl.col("t").mean())
     measured = steps.group_by("step").agg(measured=pl.col("duration_ns").max())
     out = []
     for (step,), part in summary.sort("step").group_by(["step"], maintain_order=True):
         modeled = float(part.get_column("max_ns").sum())
-        balanced = float(part.get_column("mean_ns").sum())
+        balanced = float(part.get_column("balanced_ns").sum())
         measured_row = measured.filter(pl.col("step") == step)
-        phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "mean_ms": round(r["mean_ns"] / 1e6, 3)}
+        phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "balanced_ms": round(r["balanced_ns"] / 1e6, 3)}
                   for r in part.sort("phase").iter_rows(named=True)}
         out.append({
             "step": step, "phases": phases,
@@ -391,3 +412,27 @@ def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.Data
             "measured_ms": round(measured_row.item(0, "measured") / 1e6, 3) if measured_row.height else None,
         })
     return out
+
+
+def collective_summary(waits: pl.DataFrame) -> list[dict]:
+    """One entry per matched collective: straggler, worst wait, transfer, phase."""
+    if waits.is_empty():
+        return []
+    per = (
+        waits.group_by("key", maintain_order=True)
+        .agg(
+            step=pl.col("step").first(), collective=pl.col("label").first(),
+            phase=pl.col("phase").drop_nulls().first(), straggler=pl.col("straggler").first(),
+            participants=pl.col("participants").first(), max_wait_ns=pl.col("wait_ns").max(),
+            total_wait_ns=pl.col("wait_ns").sum(), transfer_ns=pl.col("transfer_ns").max(),
+            arrival_ns=pl.col("last_arrival_ns").first(),
+        )
+        .sort("arrival_ns")
+    )
+    return [
+        {"key": r["key"], "step": r["step"], "collective": r["collective"], "phase": r["phase"],
+         "straggler": r["straggler"], "participants": r["participants"],
+         "max_wait_ms": round(r["max_wait_ns"] / 1e6, 4), "total_wait_ms": round(r["total_wait_ns"] / 1e6, 4),
+         "transfer_ms": round(r["transfer_ns"] / 1e6, 4)}
+        for r in per.iter_rows(named=True)
+    ]

@@ -15,6 +15,7 @@ import msgspec
 import polars as pl
 
 import traceinsight
+from traceinsight.analysis.multirank import collective_summary
 from traceinsight.analysis.pipeline import Findings, breakdown_ms
 
 
@@ -109,6 +110,7 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
             "residual_max_us": _us(alignment.residual_max_ns),
         },
         "stragglers": findings.stragglers,
+        "collectives": collective_summary(findings.collectives),
         "step_stragglers": step_stragglers(findings),
         "imbalance": findings.imbalance,
         "cpu_gap_causes": causes,
