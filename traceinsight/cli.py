@@ -277,7 +277,6 @@ def merge(paths, output, steps, ranks, min_cpu_us, step_marker, show_host, salva
     rank with the steps (anomalous ones named with their cause), cross-rank waits inside their
     collectives and arrows from each waiting rank to the straggler.
     """
-    import traceinsight
     from traceinsight.analysis.pipeline import analyze as run_analysis
     from traceinsight.report.chrome_trace import write_merged
 
@@ -357,7 +356,6 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     step-to-step spread of both sides. Exit status: 0 done, 2 bad input, 1 internal error,
     3 with --fail-if-slower when the median step got slower by more than PCT percent.
     """
-    import traceinsight
     from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
     from traceinsight.analysis.pipeline import analyze as run_analysis
 
