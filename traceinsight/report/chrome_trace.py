@@ -528,8 +528,8 @@ def _interval_lines(intervals: pl.DataFrame, offsets: dict[int, int], base: int)
 
 
 def _step_events(findings: Findings, ranks: list[int], steps: tuple[int, int] | None,
-                 offsets: dict[int, int]) -> list[tuple[int, int, str, dict]]:
-    """``(aligned_start, aligned_end, name, args)`` placeholders become events later; here rows."""
+                 offsets: dict[int, int]) -> list[tuple[int, int, int, str, dict]]:
+    """One ``(rank, aligned_start, aligned_end, name, args)`` per step slice to draw."""
     anomalies = {(a["rank"], a["step"]): a for a in findings.anomalies if a.get("kind") == "step"}
     frame = findings.steps.filter(pl.col("rank").is_in(ranks))
     if steps is not None:
