@@ -122,11 +122,18 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
     if not frames:
         return steps.with_columns(
             baseline_ns=pl.lit(None, pl.Float64), ratio=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
-    flagged = pl.concat(frames)
-    # Ranks of one job meet at every collective, so a step that stands out on one rank is a
-    # slow step of the job: flag it on every rank where it is also ``min_ratio`` slower.
+    return pl.concat(frames)
+
+
+def flag_job_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
+    """Extend per-rank flags (:func:`flag_steps`) to the job.
+
+    Ranks of one job meet at every collective, so a step that stands out on one rank is a
+    slow step of the job: it is flagged on every rank where it is also ``min_ratio`` slower
+    than that rank's baseline.
+    """
     job_slow = pl.col("anomalous").any().over("step") & (pl.col("ratio") >= options.min_ratio)
-    return flagged.with_columns(anomalous=pl.col("anomalous") | job_slow)
+    return steps.with_columns(anomalous=pl.col("anomalous") | job_slow)
 
 
 def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: str = "start_ns") -> pl.DataFrame:

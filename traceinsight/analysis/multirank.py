@@ -216,22 +216,18 @@ def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:
     ).drop("_op_in", "_op_out")
 
 
-def collective_waits(
-    model: TraceModel, comm: pl.DataFrame, alignment: Alignment, *, step_labels: list[str]
-) -> pl.DataFrame:
-    """Per matched collective and rank: arrival, wait, transfer and straggler (common clock).
+def enrich_collectives(model: TraceModel, comm: pl.DataFrame, *, step_labels: list[str]) -> pl.DataFrame:
+    """Per-rank part of :func:`collective_waits`: add each collective's phase and row counts."""
+    if comm.is_empty():
+        return comm
+    return _tokens(model, _phases(model, comm, step_labels))
 
-    Returns
-    -------
-    polars.DataFrame
-        ``key, step, group, label, rank, phase, start_ns, end_ns`` (own clock),
-        ``arrival_ns, end_aligned_ns`` (common clock), ``last_arrival_ns, straggler,
-        wait_ns, transfer_ns, participants, rows_sent, rows_received``.
-    """
+
+def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
+    """Cross-rank part of :func:`collective_waits`, on enriched collectives of all ranks."""
     if comm.is_empty():
         return pl.DataFrame()
     offsets = pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
-    comm = _tokens(model, _phases(model, comm, step_labels))
     matched = comm.with_columns(
         arrival_ns=pl.col("start_ns") + offsets,
         end_aligned_ns=pl.col("end_ns") + offsets,
@@ -239,7 +235,7 @@ def collective_waits(
     ).filter(pl.col("participants") >= 2)
     if matched.is_empty():
         return matched
-    last = matched.sort("arrival_ns", descending=True).group_by("key").agg(
+    last = matched.sort(["arrival_ns", "rank"], descending=[True, False]).group_by("key").agg(
         last_arrival_ns=pl.col("arrival_ns").first(),
         straggler=pl.col("rank").first(),
         collective_end_ns=pl.col("end_aligned_ns").max(),
@@ -258,8 +254,23 @@ def collective_waits(
             "end_aligned_ns", "last_arrival_ns", "collective_end_ns", "straggler", "wait_ns",
             "transfer_ns", "participants", "rows_sent", "rows_received",
         )
-        .sort("arrival_ns", "rank")
+        .sort("arrival_ns", "rank", "key")
     )
+
+
+def collective_waits(
+    model: TraceModel, comm: pl.DataFrame, alignment: Alignment, *, step_labels: list[str]
+) -> pl.DataFrame:
+    """Per matched collective and rank: arrival, wait, transfer and straggler (common clock).
+
+    Returns
+    -------
+    polars.DataFrame
+        ``key, step, group, label, rank, phase, start_ns, end_ns`` (own clock),
+        ``arrival_ns, end_aligned_ns`` (common clock), ``last_arrival_ns, straggler,
+        wait_ns, transfer_ns, participants, rows_sent, rows_received``.
+    """
+    return match_waits(enrich_collectives(model, comm, step_labels=step_labels), alignment)
 
 
 def wait_intervals(waits: pl.DataFrame) -> pl.DataFrame:
@@ -271,6 +282,83 @@ def wait_intervals(waits: pl.DataFrame) -> pl.DataFrame:
     )
 
 
+def straggler_windows(
+    waits: pl.DataFrame, steps: pl.DataFrame, alignment: Alignment, *, min_wait_ns: int = 100_000
+) -> pl.DataFrame:
+    """The windows to break down to explain each costly collective's straggler.
+
+    For every collective where some rank waited at least ``min_wait_ns``: each rank's span
+    from the end of the previous collective of the step (or the step's start) to its own
+    arrival, on the rank's own clock. Columns ``key, rank, start_ns, end_ns, rows_sent``.
+    """
+    empty = pl.DataFrame(schema={"key": pl.String, "rank": pl.Int32, "start_ns": pl.Int64,
+                                 "end_ns": pl.Int64, "rows_sent": pl.Int64})
+    if waits.is_empty():
+        return empty
+    offsets = pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
+    per_key = (
+        waits.group_by("key", maintain_order=True)
+        .agg(step=pl.col("step").first(), max_wait_ns=pl.col("wait_ns").max(),
+             last_arrival_ns=pl.col("last_arrival_ns").first(), end_ns=pl.col("collective_end_ns").first())
+        .sort("last_arrival_ns", "key")
+    )
+    step_start = dict(
+        steps.with_columns(aligned=pl.col("start_ns") + offsets).group_by("step").agg(start=pl.col("aligned").min()).iter_rows()
+    )
+    previous_end: dict = {}
+    starts = {}
+    for row in per_key.iter_rows(named=True):
+        window_start = previous_end.get(row["step"], step_start.get(row["step"]))
+        previous_end[row["step"]] = row["end_ns"]
+        if row["max_wait_ns"] >= min_wait_ns and window_start is not None:
+            starts[row["key"]] = window_start
+    if not starts:
+        return empty
+    return (
+        waits.filter(pl.col("key").is_in(list(starts)))
+        .with_columns(
+            start_ns=pl.col("key").replace_strict(starts, return_dtype=pl.Int64) - offsets,
+            end_ns=pl.col("arrival_ns") - offsets,
+        )
+        .filter(pl.col("end_ns") > pl.col("start_ns"))
+        .select("key", pl.col("rank").cast(pl.Int32), "start_ns", "end_ns", pl.col("rows_sent").cast(pl.Int64))
+    )
+
+
+def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> list[dict]:
+    """Why each straggler was late, from the windows of :func:`straggler_windows` broken down
+    per rank (:func:`~traceinsight.analysis.breakdown.window_breakdown`): the category in
+    which the straggler exceeds the median of the others most."""
+    if waits.is_empty() or broken.is_empty():
+        return []
+    per_key = (
+        waits.group_by("key", maintain_order=True)
+        .agg(step=pl.col("step").first(), label=pl.col("label").first(), phase=pl.col("phase").drop_nulls().first(),
+             straggler=pl.col("straggler").first(), max_wait_ns=pl.col("wait_ns").max(),
+             last_arrival_ns=pl.col("last_arrival_ns").first())
+        .sort("last_arrival_ns", "key")
+    )
+    reasons = []
+    for row in per_key.iter_rows(named=True):
+        windows = broken.filter(pl.col("key") == row["key"]).sort("rank")
+        late = windows.filter(pl.col("rank") == row["straggler"])
+        others = windows.filter(pl.col("rank") != row["straggler"])
+        if late.is_empty() or others.is_empty():
+            continue
+        late = late.row(0, named=True)
+        deltas = {c: late[f"{c}_ns"] - float(others.get_column(f"{c}_ns").median()) for c in CATEGORIES}
+        category = max(deltas, key=deltas.get)
+        tokens = dict(zip(windows.get_column("rank").to_list(), windows.get_column("rows_sent").to_list()))
+        reasons.append({
+            "step": row["step"], "collective": row["label"], "phase": row["phase"],
+            "straggler": row["straggler"], "max_wait_ms": round(row["max_wait_ns"] / 1e6, 3),
+            "reason": category, "reason_excess_ms": round(deltas[category] / 1e6, 3),
+            "before_ms": {str(r["rank"]): round((r["end_ns"] - r["start_ns"]) / 1e6, 3) for r in windows.iter_rows(named=True)},
+            "rows_sent": {str(k): v for k, v in tokens.items()} if any(v is not None for v in tokens.values()) else None,
+        })
+    return reasons
+
+
 def straggler_reasons(
     waits: pl.DataFrame,
     steps: pl.DataFrame,
@@ -279,59 +367,16 @@ def straggler_reasons(
     *,
     min_wait_ns: int = 100_000,
 ) -> list[dict]:
-    """Why the straggler of each costly collective arrived late.
+    """Why the straggler of each costly collective arrived late (all ranks in one process).
 
     For each collective where some rank waited at least ``min_wait_ns``, every rank's time
     from the previous collective (or its step's start) to its own arrival is broken down; the
     category in which the straggler exceeds the others' median most is the reason.
     """
-    if waits.is_empty():
+    windows = straggler_windows(waits, steps, alignment, min_wait_ns=min_wait_ns)
+    if windows.is_empty():
         return []
-    per_key = (
-        waits.group_by("key", maintain_order=True)
-        .agg(
-            step=pl.col("step").first(), label=pl.col("label").first(), phase=pl.col("phase").drop_nulls().first(),
-            straggler=pl.col("straggler").first(), max_wait_ns=pl.col("wait_ns").max(),
-            last_arrival_ns=pl.col("last_arrival_ns").first(), end_ns=pl.col("collective_end_ns").first(),
-        )
-        .sort("last_arrival_ns")
-    )
-    step_starts = (
-        steps.with_columns(aligned=pl.col("start_ns") + pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64))
-        .group_by("step").agg(start=pl.col("aligned").min())
-    )
-    step_start = dict(step_starts.iter_rows())
-    previous_end: dict = {}
-    reasons = []
-    for row in per_key.iter_rows(named=True):
-        window_start = previous_end.get(row["step"], step_start.get(row["step"]))
-        previous_end[row["step"]] = row["end_ns"]
-        if row["max_wait_ns"] < min_wait_ns or window_start is None:
-            continue
-        ranks = waits.filter(pl.col("key") == row["key"]).select("rank", "arrival_ns", "rows_sent")
-        windows = ranks.with_columns(
-            start_ns=pl.lit(window_start, pl.Int64) - pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64),
-            end_ns=pl.col("arrival_ns") - pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64),
-        ).filter(pl.col("end_ns") > pl.col("start_ns"))
-        if windows.height < 2:
-            continue
-        broken = window_breakdown(sets, windows.select("rank", "start_ns", "end_ns", "rows_sent"))
-        late = broken.filter(pl.col("rank") == row["straggler"])
-        others = broken.filter(pl.col("rank") != row["straggler"])
-        if late.is_empty() or others.is_empty():
-            continue
-        late = late.row(0, named=True)
-        deltas = {c: late[f"{c}_ns"] - float(others.get_column(f"{c}_ns").median()) for c in CATEGORIES}
-        category = max(deltas, key=deltas.get)
-        tokens = dict(zip(ranks.get_column("rank").to_list(), ranks.get_column("rows_sent").to_list()))
-        reasons.append({
-            "step": row["step"], "collective": row["label"], "phase": row["phase"],
-            "straggler": row["straggler"], "max_wait_ms": round(row["max_wait_ns"] / 1e6, 3),
-            "reason": category, "reason_excess_ms": round(deltas[category] / 1e6, 3),
-            "before_ms": {str(r["rank"]): round((r["end_ns"] - r["start_ns"]) / 1e6, 3) for r in broken.iter_rows(named=True)},
-            "rows_sent": {str(k): v for k, v in tokens.items()} if any(v is not None for v in tokens.values()) else None,
-        })
-    return reasons
+    return reasons_from_windows(waits, window_breakdown(sets, windows))
 
 
 def phase_class(name: str | None) -> str | None:
@@ -350,27 +395,45 @@ def phase_class(name: str | None) -> str | None:
     return None
 
 
+def compute_phase_times(instances: pl.DataFrame) -> pl.DataFrame:
+    """GPU time of the attention and expert work per (step, rank, phase) (per-rank part of
+    :func:`imbalance_model`)."""
+    if instances.is_empty():
+        return pl.DataFrame(schema={"step": pl.Int64, "rank": pl.Int32, "phase": pl.String, "t": pl.Int64})
+    return (
+        instances.with_columns(phase=pl.col("name").map_elements(phase_class, return_dtype=pl.String))
+        .filter(pl.col("phase").is_in(["attention", "experts"]) & pl.col("step").is_not_null())
+        .group_by("step", "rank", "phase").agg(t=pl.col("gpu_ns").sum())
+        .sort("step", "rank", "phase")
+    )
+
+
 def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
+    """Per step: what balanced load across ranks would save (all ranks in one process).
+
+    See :func:`imbalance_from`.
+    """
+    return imbalance_from(compute_phase_times(instances), waits, steps)
+
+
+def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
     """Per step: what balanced load across ranks would save, from measured per-rank rates.
 
     Each MoE phase's time per rank: attention and experts from the GPU time of the work
-    launched in the matching annotations; dispatch and combine from the transfer part of
-    their collectives. Ranks meet at every dispatch and combine, so a step costs about
-    ``max(attention) + max(dispatch) + max(experts) + max(combine)``.
+    launched in the matching annotations (``compute_times``); dispatch and combine from the
+    transfer part of their collectives. Ranks meet at every dispatch and combine, so a step
+    costs about ``max(attention) + max(dispatch) + max(experts) + max(combine)``.
 
     Balanced, compute phases cost the ranks' mean. A collective's transfer is set by the rank
     receiving the most rows (``t = max rows / bandwidth``, the measured transfer); balanced,
     each rank receives the mean, so it takes ``t * mean rows / max rows`` (where the trace
-    records no row counts, the mean transfer time). Returns ``modeled_ms``, ``balanced_ms``, ``saving_ms`` and the
-    ``measured_ms`` of the slowest rank's step, with the per-phase maxima and means.
+    records no row counts, the mean transfer time). Returns ``modeled_ms``, ``balanced_ms``,
+    ``saving_ms`` and the ``measured_ms`` of the slowest rank's step, with per-phase figures.
     """
-    if waits.is_empty() or instances.is_empty():
+    if waits.is_empty() or compute_times.is_empty():
         return []
-    compute = (
-        instances.with_columns(phase=pl.col("name").map_elements(phase_class, return_dtype=pl.String))
-        .filter(pl.col("phase").is_in(["attention", "experts"]) & pl.col("step").is_not_null())
-        .group_by("step", "rank", "phase").agg(t=pl.col("gpu_ns").sum())
-        .group_by("step", "phase").agg(max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean())
+    compute = compute_times.group_by("step", "phase").agg(
+        max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean()
     )
     transfers = waits.with_columns(phase=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)).filter(
         pl.col("phase").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()

@@ -1,7 +1,8 @@
-"""Run the analyses in order and collect their results into :class:`Findings`.
+"""The results of an analysis (:class:`Findings`) and the entry point :func:`analyze`.
 
-Each analysis stays a plain function of model frames; this module only wires them together
-so that the CLI, the renderers and the Python API see the same results.
+Each analysis stays a plain function of model frames; :mod:`traceinsight.analysis.engine`
+wires them into per-rank phases, so that the CLI, the renderers, the Python API and the Ray
+engine all see the same results.
 """
 
 from __future__ import annotations
@@ -10,30 +11,10 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from traceinsight.analysis.anomalies import (
-    AnomalyOptions,
-    assign_to_steps,
-    explain_range_instances,
-    explain_steps,
-    flag_range_instances,
-    flag_steps,
-    launches_per_step,
-)
-from traceinsight.analysis.breakdown import CATEGORIES, gpu_activities, step_breakdown
-from traceinsight.analysis.multirank import (
-    Alignment,
-    align_clocks,
-    collective_waits,
-    communication_kernels,
-    imbalance_model,
-    straggler_reasons,
-    wait_intervals,
-)
+from traceinsight.analysis.anomalies import AnomalyOptions
+from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
-from traceinsight.analysis.inventory import top_kernels
-from traceinsight.analysis.ranges import range_instances, range_statistics
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.multirank import Alignment
 from traceinsight.model import TraceModel
 
 
@@ -111,58 +92,13 @@ def analyze(
     >>> from traceinsight.analysis.pipeline import analyze
     >>> findings = analyze(traceinsight.load("sample_traces/moe_single_nsys.sqlite"))  # doctest: +SKIP
     """
-    warnings = list(model.warnings)
-    table = find_steps(model, pattern=step_pattern)
-    if table.source != "marker":
-        if step_pattern:
-            warnings.append(f"step marker {step_pattern!r} matched no annotation: the whole trace is one step")
-        else:
-            warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N'): the whole trace is one step")
-    gpu = gpu_activities(model, comm_patterns=comm_patterns)
-    comm = communication_kernels(gpu, table.steps)
-    alignment = align_clocks(comm, model.ranks)
-    warnings += alignment.notes
-    marker_names = table.marker_names(model.intervals)
-    collectives = collective_waits(model, comm, alignment, step_labels=marker_names)
-    breakdown = step_breakdown(model, table, waits=wait_intervals(collectives), gpu=gpu)
-    gaps = attribute_cpu_gaps(model, breakdown.gaps, marker_names=marker_names)
-    steps = flag_steps(breakdown.steps, anomaly_options)
-    # Step markers are annotations too, but the step table already covers them.
-    instances = range_instances(model, gpu=breakdown.gpu).filter(~pl.col("name").is_in(marker_names))
-    instances = flag_range_instances(
-        breakdown.window_breakdown(assign_to_steps(instances, steps)), anomaly_options
-    )
-    launch_counts = launches_per_step(gpu, steps)
-    anomalies = [{"kind": "step", **a} for a in explain_steps(steps, instances, gaps, launch_counts=launch_counts)]
-    anomalies += explain_range_instances(
-        instances, gaps, skip_steps={(a["rank"], a["step"]) for a in anomalies}
-    )
-    ranks = model.ranks.with_columns(
-        clock_offset_ns=pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
-    )
-    return Findings(
-        ranks=ranks,
-        steps=steps,
-        step_source=table.source,
-        step_pattern=table.pattern,
-        cpu_gaps=gaps,
-        cpu_gap_causes=summarize_causes(gaps),
-        ranges=range_statistics(instances),
-        range_instances=instances,
-        top_kernels=top_kernels(model, limit=10),
-        gpu=breakdown.gpu,
-        launch_counts=launch_counts,
-        anomalies=anomalies,
-        waits=_wait_records(collectives),
-        alignment=alignment,
-        collectives=collectives,
-        stragglers=straggler_reasons(collectives, steps, breakdown.sets, alignment),
-        imbalance=imbalance_model(instances, collectives, steps),
-        warnings=warnings,
-    )
+    from traceinsight.analysis.engine import Options, analyze_model
+
+    return analyze_model(model, Options(step_pattern=step_pattern, comm_patterns=comm_patterns,
+                                        anomaly_options=anomaly_options))
 
 
-def _wait_records(collectives: pl.DataFrame, *, min_wait_ns: int = 1_000) -> list[dict]:
+def wait_records(collectives: pl.DataFrame, *, min_wait_ns: int = 1_000) -> list[dict]:
     """The JSON ``waits``: one entry per (collective, rank) that waited at least 1 µs."""
     if collectives.is_empty():
         return []

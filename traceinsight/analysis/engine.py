@@ -1,0 +1,231 @@
+"""The analysis as per-rank phases and small cross-rank reductions.
+
+Almost everything traceinsight computes depends on one rank's events only; what crosses
+ranks (clock alignment, collective waits, job-level step flags, straggler reasons, the
+imbalance model) needs only small summaries. So the analysis runs as three per-rank phases
+with a cross-rank reduction after each, and the same code serves two engines:
+
+- **local** (:func:`analyze_model`): the workers live in this process;
+- **ray** (:mod:`traceinsight.engines.ray_engine`): each file's workers live in a Ray actor
+  next to the file, and only the summaries below travel to the driver.
+
+Per rank (:class:`RankWorker`):
+
+1. :meth:`~RankWorker.steps_and_collectives`: steps, GPU activities, communication kernels
+   with their phase and row counts.
+2. :meth:`~RankWorker.breakdown`: given the rank's wait spans, the step breakdown and the
+   rank's own step flags.
+3. :meth:`~RankWorker.finish`: given the job's step flags and the straggler windows to break
+   down, CPU-gap causes, ranges, anomalies and their causes, top kernels.
+
+Results are identical between engines by construction: the driver code is the same and
+combines per-rank results in rank order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+from traceinsight.analysis.anomalies import (
+    AnomalyOptions,
+    assign_to_steps,
+    explain_range_instances,
+    explain_steps,
+    flag_job_steps,
+    flag_range_instances,
+    flag_steps,
+    launches_per_step,
+)
+from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
+from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
+from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
+from traceinsight.analysis.inventory import top_kernels
+from traceinsight.analysis.multirank import (
+    align_clocks,
+    communication_kernels,
+    compute_phase_times,
+    enrich_collectives,
+    imbalance_from,
+    match_waits,
+    reasons_from_windows,
+    straggler_windows,
+    wait_intervals,
+)
+from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.steps import find_steps
+from traceinsight.model import TraceModel
+
+#: Largest CPU gaps per rank kept when only summaries may travel (the Ray engine).
+SUMMARY_GAPS = 500
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user chose for the analysis."""
+
+    step_pattern: str | None = None
+    comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS
+    anomaly_options: AnomalyOptions = AnomalyOptions()
+
+
+class RankWorker:
+    """One rank's state across the three phases."""
+
+    def __init__(self, model: TraceModel, options: Options) -> None:
+        self.model = model
+        self.options = options
+        self.rank = int(model.ranks.get_column("rank")[0])
+
+    def steps_and_collectives(self) -> dict:
+        model, options = self.model, self.options
+        self.table = find_steps(model, pattern=options.step_pattern)
+        self.marker_names = self.table.marker_names(model.intervals)
+        self.gpu = gpu_activities(model, comm_patterns=options.comm_patterns)
+        comm = communication_kernels(self.gpu, self.table.steps)
+        return {
+            "steps": self.table.steps,
+            "step_source": self.table.source,
+            "step_pattern": self.table.pattern,
+            "comm": enrich_collectives(model, comm, step_labels=self.marker_names),
+            "ranks": model.ranks,
+            "warnings": list(model.warnings),
+        }
+
+    def breakdown(self, waits: pl.DataFrame) -> pl.DataFrame:
+        self.result = step_breakdown(self.model, self.table, waits=waits, gpu=self.gpu)
+        return flag_steps(self.result.steps, self.options.anomaly_options)
+
+    def finish(self, steps: pl.DataFrame, windows: pl.DataFrame, *, keep_details: bool) -> dict:
+        model, options = self.model, self.options
+        gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
+        # Step markers are annotations too, but the step table already covers them.
+        instances = range_instances(model, gpu=self.gpu).filter(~pl.col("name").is_in(self.marker_names))
+        instances = flag_range_instances(
+            self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options
+        )
+        launch_counts = launches_per_step(self.gpu, steps)
+        step_anomalies = explain_steps(steps, instances, gaps, launch_counts=launch_counts)
+        range_anomalies = explain_range_instances(
+            instances, gaps, skip_steps={(a["rank"], a["step"]) for a in step_anomalies}
+        )
+        broken = window_breakdown(self.result.sets, windows) if windows.height else windows
+        details = {
+            "cpu_gaps": gaps,
+            "range_instances": instances,
+            "gpu": self.gpu,
+        } if keep_details else {
+            "cpu_gaps": gaps.sort("duration_ns", descending=True).head(SUMMARY_GAPS).sort("rank", "start_ns"),
+            "range_instances": instances.filter(pl.col("anomalous")),
+            "gpu": self.gpu.head(0),
+        }
+        return {
+            **details,
+            "cpu_gap_causes": summarize_causes(gaps),
+            "ranges": range_statistics(instances),
+            "top_kernels": top_kernels(model, limit=10),
+            "launch_counts": launch_counts,
+            "step_anomalies": step_anomalies,
+            "range_anomalies": range_anomalies,
+            "broken_windows": broken,
+            "compute_times": compute_phase_times(instances),
+        }
+
+
+def _frames(parts: list[pl.DataFrame]) -> pl.DataFrame:
+    parts = [p for p in parts if p is not None and p.width]
+    return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def run_phases(call, options: Options):
+    """Drive the per-rank phases through ``call(method, per_rank_args) -> {rank: result}``.
+
+    ``call`` runs ``RankWorker.<method>`` on every rank (here or remotely) with that rank's
+    arguments from ``per_rank_args`` (a dict rank -> tuple) and returns the results by rank.
+    Returns :class:`~traceinsight.analysis.pipeline.Findings`.
+    """
+    from traceinsight.analysis.pipeline import Findings, wait_records
+
+    first = call("steps_and_collectives", None)
+    ranks_order = sorted(first)
+    ranks = _frames([first[r]["ranks"] for r in ranks_order])
+    warnings = [w for r in ranks_order for w in first[r]["warnings"]]
+    sources = {first[r]["step_source"] for r in ranks_order}
+    step_source = "marker" if sources == {"marker"} else ("whole trace" if sources == {"whole trace"} else "mixed")
+    if step_source != "marker":
+        if options.step_pattern:
+            warnings.append(f"step marker {options.step_pattern!r} matched no annotation on some ranks: "
+                            "there the whole trace is one step")
+        else:
+            warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N') on some ranks: "
+                            "there the whole trace is one step")
+    comm = _frames([first[r]["comm"] for r in ranks_order])
+    alignment = align_clocks(comm, ranks)
+    warnings += alignment.notes
+    collectives = match_waits(comm, alignment) if comm.height else pl.DataFrame()
+    spans = wait_intervals(collectives)
+    flagged = call("breakdown", {r: (spans.filter(pl.col("rank") == r),) for r in ranks_order})
+    steps = _frames([flagged[r] for r in ranks_order])
+    steps = flag_job_steps(steps, options.anomaly_options)
+    windows = straggler_windows(collectives, steps, alignment)
+    done = call("finish", {
+        r: (steps.filter(pl.col("rank") == r), windows.filter(pl.col("rank") == r))
+        for r in ranks_order
+    })
+    range_anomalies = sorted(
+        (a for r in ranks_order for a in done[r]["range_anomalies"]),
+        key=lambda a: (-a["excess_ms"], a["rank"], a["step"], a["where"]),
+    )
+    anomalies = [{"kind": "step", **a} for r in ranks_order for a in done[r]["step_anomalies"]] + range_anomalies
+    instances = _frames([done[r]["range_instances"] for r in ranks_order])
+    return Findings(
+        ranks=ranks.with_columns(
+            clock_offset_ns=pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
+        ),
+        steps=steps,
+        step_source=step_source,
+        step_pattern=first[ranks_order[0]]["step_pattern"],
+        cpu_gaps=_frames([done[r]["cpu_gaps"] for r in ranks_order]),
+        cpu_gap_causes=_frames([done[r]["cpu_gap_causes"] for r in ranks_order]),
+        ranges=_frames([done[r]["ranges"] for r in ranks_order]).sort(
+            ["total_ms", "rank", "name"], descending=[True, False, False]),
+        range_instances=instances,
+        top_kernels=_frames([done[r]["top_kernels"] for r in ranks_order]),
+        gpu=_frames([done[r]["gpu"] for r in ranks_order]),
+        launch_counts=_frames([done[r]["launch_counts"] for r in ranks_order]),
+        anomalies=anomalies,
+        waits=wait_records(collectives),
+        alignment=alignment,
+        collectives=collectives,
+        stragglers=reasons_from_windows(collectives, _frames([done[r]["broken_windows"] for r in ranks_order])),
+        imbalance=imbalance_from(_frames([done[r]["compute_times"] for r in ranks_order]), collectives, steps),
+        warnings=warnings,
+    )
+
+
+def split_by_rank(model: TraceModel) -> dict[int, TraceModel]:
+    """One single-rank model per rank."""
+    out = {}
+    for rank in model.rank_ids:
+        out[rank] = TraceModel(
+            intervals=model.intervals.filter(pl.col("rank") == rank),
+            samples=model.samples.filter(pl.col("rank") == rank),
+            ranks=model.ranks.filter(pl.col("rank") == rank),
+            warnings=list(model.warnings) if rank == model.rank_ids[0] else [],
+        )
+    return out
+
+
+def analyze_model(model: TraceModel, options: Options = Options()):
+    """The local engine: every rank's worker in this process."""
+    workers = {rank: RankWorker(part, options) for rank, part in split_by_rank(model).items()}
+
+    def call(method: str, per_rank_args: dict | None) -> dict:
+        keep = {"keep_details": True} if method == "finish" else {}
+        return {
+            rank: getattr(worker, method)(*(per_rank_args[rank] if per_rank_args else ()), **keep)
+            for rank, worker in workers.items()
+        }
+
+    return run_phases(call, options)
