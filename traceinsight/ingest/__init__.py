@@ -81,9 +81,29 @@ def read_file(path: str, *, salvage: bool = False) -> TraceModel:
 
         return read_nsys(path)
     assert fmt == KINETO_JSON
+    from traceinsight.ingest import merged
+
+    if merged.is_merged(_json_head(path)):
+        return merged.load_merged(path)
     from traceinsight.ingest.kineto import read_kineto
 
     return read_kineto(path, salvage=salvage)
+
+
+def _json_head(path: str, size: int = 4096) -> bytes:
+    """The first bytes of a JSON trace, decompressed if it is gzip."""
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                handle.seek(0)
+                return handle.read(size)
+        with gzip.open(path, "rb") as handle:
+            return handle.read(size)
+    except (OSError, EOFError, zlib.error):
+        return b""  # the reader reports what is wrong with the file
 
 
 def assign_ranks(models: list[TraceModel]) -> list[TraceModel]:
