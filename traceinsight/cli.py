@@ -140,18 +140,28 @@ def info(paths, as_json, step_marker, show_host, salvage):
 @click.option("--show-host", is_flag=True, help="Include host names from the traces.")
 @click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
 @click.option("--quiet", "-q", is_flag=True, help="No terminal summary.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="Where per-rank work runs: this process, or Ray actors next to the files.")
+@click.option("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local one).")
 @click.option("--html", "html_path", is_flag=False, flag_value="traceinsight-report.html", default=None,
               metavar="[FILE]", help="Write the HTML report to FILE (default traceinsight-report.html).")
 @_guarded
-def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, quiet, html_path):
+def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, quiet, engine, ray_address,
+            html_path):
     """Steps, where their time went, CPU-gap causes, ranges and kernels."""
-    import traceinsight
     from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-    from traceinsight.analysis.pipeline import analyze as run_analysis
+    from traceinsight.analysis.engine import Options, analyze_model
 
-    model = _load(paths, salvage=salvage)
-    findings = run_analysis(model, step_pattern=step_marker,
-                            comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
+    options = Options(step_pattern=step_marker, comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
+    if engine == "ray":
+        from traceinsight.engines.ray_engine import analyze_with_ray
+
+        model = None  # the events stay with the Ray actors
+        findings = analyze_with_ray(paths, options=options, address=ray_address, salvage=salvage,
+                                    cache_dir=_loading["cache_dir"])
+    else:
+        model = _load(paths, salvage=salvage)
+        findings = analyze_model(model, options)
     if json_path:
         from traceinsight.report.json_report import render_json
         from traceinsight.report.output import write_atomic
@@ -173,7 +183,8 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
             raise TraceInputError(f"--html would overwrite {html_path}, which is not an .html file; "
                                   "give the report a .html name or put --html after the trace paths")
         _check_writable(html_path)
-        write_atomic(html_path, render_html(findings, timelines_for_report(model, findings), show_host=show_host))
+        timelines = timelines_for_report(model, findings) if model is not None else {}
+        write_atomic(html_path, render_html(findings, timelines, show_host=show_host))
     if not quiet:
         from traceinsight.report.terminal import render_findings
 

@@ -23,7 +23,7 @@ def top_kernels(model: TraceModel, *, limit: int = 10) -> pl.DataFrame:
             mean_us=pl.col("total_ns") / pl.col("count") / 1e3,
             share=pl.col("total_ns") / pl.col("total_ns").sum().over("rank"),
         )
-        .sort(["rank", "total_ns"], descending=[False, True])
+        .sort(["rank", "total_ns", "name"], descending=[False, True, False])
         .group_by("rank", maintain_order=True)
         .head(limit)
         .drop("total_ns")

@@ -160,5 +160,5 @@ def range_statistics(instances: pl.DataFrame) -> pl.DataFrame:
             gpu_ms_mean=pl.col("gpu_ns").mean() * ms,
             launches_mean=pl.col("launches").mean(),
         )
-        .sort("total_ms", descending=True)
+        .sort(["total_ms", "rank", "name"], descending=[True, False, False])
     )
