@@ -62,6 +62,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import polars as pl
 
 #: GPU-side interval kinds.
@@ -163,62 +164,59 @@ def with_depth(intervals: pl.DataFrame) -> pl.DataFrame:
 
     Rows must be well nested per thread for the number to mean "stack depth"; where ranges
     overlap without nesting (NVTX start/end ranges may), the depth counts the ranges still
-    open at the row's start. Computed with a sweep over sorted starts and ends, no Python
-    loop per row.
+    open at the row's start. For each row: the rows of its group that started before it
+    (in (start, -end) order) minus those that had already ended, found by one binary
+    search over the group's sorted ends; no Python loop per row.
     """
     if intervals.is_empty():
         return intervals
     family = pl.col("kind").replace_strict(_FAMILY, default=None)
-    frame = intervals.with_row_index("_row").with_columns(_family=family)
-    nested = frame.filter(pl.col("_family").is_not_null() & pl.col("tid").is_not_null())
-    if nested.is_empty():
-        return intervals.with_columns(
-            depth=pl.when(_is_cpu_kind).then(0).otherwise(None).cast(pl.Int32)
-        )
-    keys = ["rank", "pid", "tid", "_family"]
-    # Sort by (start asc, end desc) so a parent precedes the children it contains.
-    nested = nested.sort([*keys, "start_ns", "end_ns"], descending=[False] * 5 + [True])
-    # depth = number of earlier-starting rows in the group whose end is after this start.
-    # Count "opens before me" minus "closed at or before my start" using a sorted search of ends.
-    ends = nested.select([*keys, "end_ns"]).sort([*keys, "end_ns"])
-    nested = nested.with_columns(_opened=pl.int_range(pl.len()).over(keys))
-    closed = (
-        nested.select([*keys, "_row", "start_ns"])
-        .sort("start_ns")
-        .join_asof(
-            ends.with_columns(_closed=pl.int_range(1, pl.len() + 1).over(keys))
-            .rename({"end_ns": "_end"})
-            .sort("_end"),
-            left_on="start_ns",
-            right_on="_end",
-            by=keys,
-            strategy="backward",
-            check_sortedness=False,  # sorted within each group, which is what asof needs
-        )
-        .select("_row", pl.col("_closed").fill_null(0))
+    nested_mask = (family.is_not_null() & pl.col("tid").is_not_null()).alias("_nested")
+    keys = intervals.select(
+        nested_mask,
+        pl.struct("rank", "pid", "tid", family.alias("_family")).rank("dense").alias("_group"),
+        "start_ns",
+        "end_ns",
     )
-    nested = nested.join(closed, on="_row").with_columns(
-        # A zero-length row counts itself among the closed ones; add it back.
-        _depth=(
-            pl.col("_opened")
-            - pl.col("_closed")
-            + (pl.col("end_ns") <= pl.col("start_ns")).cast(pl.Int64)
-        )
-        .clip(lower_bound=0)
-        .cast(pl.Int32)
+    nested = keys.get_column("_nested").fill_null(False).to_numpy()
+    depth = np.zeros(intervals.height, dtype=np.int64)
+    if nested.any():
+        group = keys.get_column("_group").to_numpy()[nested].astype(np.int64)
+        start = keys.get_column("start_ns").to_numpy()[nested]
+        end = keys.get_column("end_ns").to_numpy()[nested]
+        depth[nested] = _nesting_depth(group, start, end)
+    return intervals.with_columns(
+        depth=pl.when(_is_cpu_kind).then(pl.Series(depth)).otherwise(None).cast(pl.Int32)
     )
-    depth_by_row = nested.select("_row", "_depth")
-    out = (
-        frame.join(depth_by_row, on="_row", how="left")
-        .sort("_row")
-        .with_columns(
-            depth=pl.when(_is_cpu_kind)
-            .then(pl.col("_depth").fill_null(0))
-            .otherwise(None)
-            .cast(pl.Int32)
-        )
-        .drop("_row", "_family", "_depth")
-    )
+
+
+def _nesting_depth(group: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Depth of each interval among the intervals of its group (see :func:`with_depth`)."""
+    # Parents first: by group, then start ascending, then end descending.
+    order = np.lexsort((-end, start, group))
+    g, s, e = group[order], start[order], end[order]
+    first_of_group = np.searchsorted(g, g, side="left")
+    opened = np.arange(g.size) - first_of_group
+    # Ends sorted within each group, as one array ordered by (group, end).
+    end_order = np.lexsort((end, group))
+    end_group, end_sorted = group[end_order], end[end_order]
+    # Binary search by (group, time): map both to one monotone key per group.
+    low = min(int(s.min()), int(end_sorted.min()))
+    span = max(int(e.max()), int(s.max())) - low + 1
+    if (int(g.max()) + 1) * span < 2**62:
+        closed = np.searchsorted(end_group * span + (end_sorted - low), g * span + (s - low), side="right")
+        closed -= np.searchsorted(end_group, g, side="left")
+    else:  # keys would overflow: search group by group
+        closed = np.empty(g.size, dtype=np.int64)
+        bounds = np.flatnonzero(np.diff(g)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, g.size]):
+            elo = np.searchsorted(end_group, g[lo], side="left")
+            ehi = np.searchsorted(end_group, g[lo], side="right")
+            closed[lo:hi] = np.searchsorted(end_sorted[elo:ehi], s[lo:hi], side="right")
+    # A zero-length row counts itself among the closed ones; add it back.
+    depth_sorted = np.clip(opened - closed + (e <= s), 0, None)
+    out = np.empty_like(depth_sorted)
+    out[order] = depth_sorted
     return out
 
 

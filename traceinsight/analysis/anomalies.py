@@ -201,6 +201,7 @@ def explain_steps(
         per-step time, lag and launches).
     """
     targets = which if which is not None else steps.filter(pl.col("anomalous")).select("rank", "step")
+    gap_totals = cpu_gaps.group_by("rank", "step", "cause").agg(total=pl.col("duration_ns").sum())
     results = []
     for rank, step in targets.iter_rows():
         rank_steps = steps.filter(pl.col("rank") == rank)
@@ -227,7 +228,8 @@ def explain_steps(
             if located:
                 also = where_row
                 where, where_row = located, None
-        cause, gap_evidence = _cause(category, cpu_gaps, rank, step, set(normal.get_column("step").to_list()))
+        cause, gap_evidence = _cause(category, cpu_gaps, gap_totals, rank, step,
+                                     set(normal.get_column("step").to_list()))
         launches_note = None
         if launch_counts is not None and category == "cpu_gap":
             counts = launch_counts.filter(pl.col("rank") == rank)
@@ -353,13 +355,13 @@ def _where(ranges: pl.DataFrame, excess: float, step_label: str) -> tuple[str, d
     return best["name"], best
 
 
-def _cause(category: str, cpu_gaps: pl.DataFrame, rank: int, step: int, normal_steps: set[int]) -> tuple[str, str | None]:
+def _cause(category: str, cpu_gaps: pl.DataFrame, gap_totals: pl.DataFrame, rank: int, step: int,
+           normal_steps: set[int]) -> tuple[str, str | None]:
     if category == "idle":
         return "unknown", None
     if category != "cpu_gap":
         return category, None
-    gaps = cpu_gaps.filter(pl.col("rank") == rank)
-    per_step = gaps.group_by("step", "cause").agg(total=pl.col("duration_ns").sum())
+    per_step = gap_totals.filter(pl.col("rank") == rank)
     this = per_step.filter(pl.col("step") == step)
     n_normal = max(len(normal_steps), 1)
     typical = (
@@ -374,7 +376,7 @@ def _cause(category: str, cpu_gaps: pl.DataFrame, rank: int, step: int, normal_s
         return "cpu_gap", None
     cause = grown.row(0, named=True)["cause"]
     evidence = (
-        gaps.filter((pl.col("step") == step) & (pl.col("cause") == cause))
+        cpu_gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("cause") == cause))
         .sort("duration_ns", descending=True)
         .select("evidence", "evidence_source", "duration_ns")
         .row(0, named=True)
