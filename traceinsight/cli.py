@@ -1,7 +1,8 @@
 """The ``traceinsight`` command: a thin click layer over ingest → analysis → report.
 
 Exit codes: 0 success, 2 bad input (a one-line message says which file and what is wrong),
-1 internal error (``--debug`` shows the traceback).
+1 internal error (``--debug`` shows the traceback), 3 ``diff --fail-if-slower PCT``: the median
+step got slower by more than PCT percent.
 """
 
 from __future__ import annotations
@@ -357,9 +358,11 @@ class _AgainstCommand(click.Command):
 @click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
 @click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
 @click.option("--quiet", "-q", is_flag=True, help="No terminal tables.")
+@click.option("--html", "html_path", is_flag=False, flag_value="traceinsight-diff.html", default=None,
+              metavar="[FILE]", help="Write the comparison as an HTML page to FILE (default traceinsight-diff.html).")
 @_guarded
 def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by_rank, step_marker, salvage,
-         quiet):
+         quiet, html_path):
     """Before/after: what got slower or faster per step category, range and kernel.
 
     Each side is one or more trace files (or folders) of one run; the same files may be given
@@ -370,6 +373,12 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
     from traceinsight.analysis.pipeline import analyze as run_analysis
 
+    if html_path:
+        # "--html before.json ..." takes a trace as FILE: never overwrite a non-HTML file.
+        if os.path.isfile(html_path) and not html_path.lower().endswith((".html", ".htm")):
+            raise TraceInputError(f"--html would overwrite {html_path}, which is not an .html file; "
+                                  "give the page a .html name or put --html after the trace paths")
+        _check_writable(html_path)
     before_findings = run_analysis(_load(before, salvage=salvage), step_pattern=step_marker)
     if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
         after_findings = before_findings  # the same run: analyze it once
@@ -389,12 +398,25 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
 
             _check_writable(json_path)
             write_atomic(json_path, data)
+    if html_path:
+        from traceinsight.report.html import render_diff_html
+        from traceinsight.report.output import write_atomic
+
+        def label(paths, steps) -> str:
+            names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
+            text = ", ".join(names[:2]) + (f" +{len(names) - 2} more" if len(names) > 2 else "")
+            return text + (f" steps {steps[0]}-{steps[1]}" if steps else "")
+
+        write_atomic(html_path, render_diff_html(result, before_label=label(before, steps_before),
+                                                 after_label=label(after, steps_after)))
     if not quiet:
         from traceinsight.report.diff_report import render_diff
 
         render_diff(result, Console())
         if json_path and json_path != "-":
             click.echo(f"diff written to {json_path}")
+        if html_path:
+            click.echo(f"report written to {html_path}")
     if fail_if_slower is not None and slower_than(result, fail_if_slower):
         click.echo(f"traceinsight: median step slower by {result.summary['step_change_pct']:.1f}% "
                    f"(more than {fail_if_slower:g}%)", err=True)
