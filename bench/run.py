@@ -102,24 +102,35 @@ def is_sqlite(path: str) -> bool:
         return handle.read(16).startswith(b"SQLite format 3")
 
 
-def hta_available() -> bool:
-    probe = subprocess.run([sys.executable, "-c", "import hta.trace_analysis"], capture_output=True)
+def hta_available(python: str) -> bool:
+    probe = subprocess.run([python, "-c", "import hta.trace_analysis"], capture_output=True)
     return probe.returncode == 0
 
 
-def cases_for(path: str, out_dir: str, *, with_hta: bool) -> list[tuple[str, list[str]]]:
+def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.executable,
+              nsys_ai: str | None = None) -> list[tuple[str, list[str]]]:
     python = sys.executable
-    traceinsight = [python, "-m", "traceinsight.cli"]
+    # --no-cache: measure parsing, not the cache; the cached case is measured on its own below.
+    traceinsight = [python, "-m", "traceinsight.cli", "--no-cache"]
     cases: list[tuple[str, list[str]]] = []
     if is_sqlite(path):
         cases.append(("floor: sqlite3 scan", [python, "-c", FLOOR_NSYS, path]))
+        if nsys_ai:
+            # nsys-ai writes indexes into the profile it reads: give it a private copy.
+            copy = os.path.join(out_dir, "nsys-ai-copy.sqlite")
+            shutil.copy(path, copy)
+            cases.append(("nsys-ai analyze --format json", [nsys_ai, "analyze", "--format", "json", copy]))
     else:
         cases.append(("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, path]))
         if with_hta:
-            cases.append(("HTA TraceAnalysis parse", [python, "-c", HTA, path]))
+            cases.append(("HTA TraceAnalysis parse", [hta_python, "-c", HTA, path]))
     cases.append(("traceinsight info --json", [*traceinsight, "info", "--json", path]))
     cases.append(("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
                                                   "--json", os.path.join(out_dir, "findings.json")]))
+    cached = [python, "-m", "traceinsight.cli", "--cache-dir", os.path.join(out_dir, "cache"), "analyze", path,
+              "--quiet", "--json", os.path.join(out_dir, "findings.json")]
+    cases.append(("(fill the cache)", cached))
+    cases.append(("traceinsight analyze, cached", cached))
     return cases
 
 
@@ -179,9 +190,12 @@ def main() -> int:
     parser.add_argument("traces", nargs="+")
     parser.add_argument("--growth", action="store_true", help="also run analyze on 1x, 2x, 4x copies (Kineto)")
     parser.add_argument("--no-hta", action="store_true", help="skip Holistic Trace Analysis even if installed")
+    parser.add_argument("--hta-python", default=sys.executable,
+                        help="python that has HolisticTraceAnalysis installed (e.g. of its own venv)")
+    parser.add_argument("--nsys-ai", metavar="EXE", help="nsys-ai executable to compare with on nsys inputs")
     parser.add_argument("--markdown", metavar="FILE", help="append the results table to FILE")
     args = parser.parse_args()
-    with_hta = not args.no_hta and hta_available()
+    with_hta = not args.no_hta and hta_available(args.hta_python)
     out_dir = tempfile.mkdtemp(prefix="traceinsight-bench-")
     rows: list[tuple[str, Result]] = []
     ratios: list[str] = []
@@ -191,7 +205,8 @@ def main() -> int:
             size_mb = os.path.getsize(path) / 2**20
             print(f"== {name} ({size_mb:.1f} MB on disk)", flush=True)
             results = {}
-            for case, argv in cases_for(path, out_dir, with_hta=with_hta):
+            for case, argv in cases_for(path, out_dir, with_hta=with_hta, hta_python=args.hta_python,
+                                        nsys_ai=args.nsys_ai):
                 result = run_case(case, argv)
                 results[case.split(":")[0].split(" ")[0] if case.startswith("floor") else case] = result
                 rows.append((name, result))
@@ -202,6 +217,9 @@ def main() -> int:
             if floor and analyze and floor.seconds > 0:
                 ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
                               f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory")
+            peer = next((r for c, r in results.items() if c.startswith("nsys-ai")), None)
+            if peer and analyze and peer.ok:
+                ratios.append(f"{name}: nsys-ai / traceinsight analyze = {peer.seconds / analyze.seconds:.1f}x time")
             hta = results.get("HTA TraceAnalysis parse")
             if hta and analyze and hta.ok:
                 ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
