@@ -68,3 +68,25 @@ def test_info_json_counts_kernels_of_every_sample(tmp_path):
         assert traces[0]["kernels"] == db.execute("SELECT COUNT(*) FROM CUPTI_ACTIVITY_KIND_KERNEL").fetchone()[0]
     assert traces[1]["ranks"] == [0] and traces[2]["ranks"] == [1]
     assert traces[0]["steps"]["numbers"] == list(range(2, 10))
+
+
+def test_explain_tells_the_post_mortem_of_a_faulty_step(tmp_path):
+    faults = _faults(SAMPLE_TRACES / "truth.json")
+    step = next(s for s, f in faults.items() if f["kind"] == "blocked_host_thread")
+    out = tmp_path / "pm.json"
+    result = CliRunner().invoke(main, ["explain", str(SINGLE), "--step", str(step), "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"Step {step} on rank 0" in result.output
+    report = json.loads(out.read_text())
+    assert report["cause"] == "cpu_gap.blocked" and report["where"] == faults[step]["where"]
+    assert report["range_lag"]["range"] == faults[step]["where"]
+    assert report["range_lag"]["lag_ms"] > 40  # the 50 ms sleep before the GEMMs
+    assert report["cpu_gaps"][0]["cause"] == "blocked"
+    categories = {c["category"]: c for c in report["categories"]}
+    assert categories["cpu_gap"]["ms"] - categories["cpu_gap"]["typical_ms"] > 40
+
+
+def test_explain_of_a_missing_step_is_a_clear_error():
+    result = CliRunner().invoke(main, ["explain", str(SINGLE), "--step", "99"])
+    assert result.exit_code == 2
+    assert "no step 99" in result.output and "steps found: 2, 3, 4" in result.output
