@@ -25,6 +25,7 @@ def _guarded(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
+            _check_options(kwargs)  # before any file is read
             return command(*args, **kwargs)
         except TraceInputError as exc:
             if _debug:
@@ -39,17 +40,43 @@ def _guarded(command):
             click.echo("traceinsight: error: out of memory while analyzing; try fewer ranks "
                        "at once", err=True)
             sys.exit(EXIT_INTERNAL)
+        except BrokenPipeError:
+            # Whoever read the output went away (`| head`): stop quietly, with rich's exit code.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(EXIT_INTERNAL)
+        except OSError as exc:
+            if _debug or not exc.filename:
+                raise
+            # The system refused a file (no space left, permissions): the user can fix that.
+            click.echo(f"traceinsight: error: {exc.filename}: {exc.strerror or exc}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
         except Exception as exc:  # noqa: BLE001 - the last line of defence
             if _debug:
                 raise
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
             click.echo(
-                f"traceinsight: internal error: {type(exc).__name__}: {exc} "
-                "(run with --debug for the traceback and please report it)",
+                f"traceinsight: internal error: {type(exc).__name__}: {first_line}\n"
+                "traceinsight: this is a bug; please report it, with the traceback that --debug "
+                "shows (traceinsight --debug ...)",
                 err=True,
             )
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def _check_options(options: dict) -> None:
+    """Refuse, before any trace is read, a --step-marker / --comm-pattern regex that cannot
+    work and an output path that cannot be written."""
+    from traceinsight.errors import check_pattern
+
+    for key in ("json_path", "html_path", "output"):
+        if options.get(key) and options[key] != "-":
+            _check_writable(options[key])
+    if options.get("step_marker"):
+        check_pattern(options["step_marker"], option="--step-marker", groups=1)
+    for pattern in options.get("comm_patterns") or ():
+        check_pattern(pattern, option="--comm-pattern")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -163,9 +190,9 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
     else:
         model = _load(paths, salvage=salvage)
         findings = analyze_model(model, options)
+    outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
         from traceinsight.report.json_report import render_json
-        from traceinsight.report.output import write_atomic
 
         data = render_json(findings, show_host=show_host)
         if json_path == "-":
@@ -173,11 +200,10 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
             quiet = True
         else:
             _check_writable(json_path)
-            write_atomic(json_path, data)
+            outputs.append((json_path, data))
     if html_path:
         from traceinsight.analysis.timeline import timelines_for_report
         from traceinsight.report.html import render_html
-        from traceinsight.report.output import write_atomic
 
         # "--html trace.sqlite ..." takes the trace as FILE: never overwrite a non-HTML file.
         if os.path.isfile(html_path) and not html_path.lower().endswith((".html", ".htm")):
@@ -185,11 +211,13 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
                                   "give the report a .html name or put --html after the trace paths")
         _check_writable(html_path)
         timelines = timelines_for_report(model, findings) if model is not None else {}
-        write_atomic(html_path, render_html(findings, timelines, show_host=show_host))
+        outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
     if not quiet:
         from traceinsight.report.terminal import render_findings
 
         render_findings(findings, Console(), show_host=show_host)
+    _write_outputs(outputs)
+    if not quiet:
         if json_path and json_path != "-":
             click.echo(f"findings written to {json_path}")
         if html_path:
@@ -219,21 +247,44 @@ def explain(paths, step, rank, json_path, step_marker, salvage):
         if json_path == "-":
             click.echo(data.decode())
             return
-        from traceinsight.report.output import write_atomic
-
         _check_writable(json_path)
-        write_atomic(json_path, data)
     from traceinsight.report.terminal import render_postmortem
 
     render_postmortem(report, Console())
+    if json_path:
+        _write_outputs([(json_path, data)])
+
+
+def _write_outputs(outputs: list[tuple[str, bytes]]) -> None:
+    """Write each (path, data) atomically; if one write fails, remove those this run already
+    wrote, so that a failed command leaves no output behind."""
+    from traceinsight.report.output import write_atomic
+
+    written = []
+    try:
+        for path, data in outputs:
+            write_atomic(path, data)
+            written.append(path)
+    except BaseException:
+        for path in written:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        raise
 
 
 def _check_writable(path: str) -> None:
+    from traceinsight.errors import OutputError
+
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise TraceInputError(f"output folder {folder} does not exist")
+        raise OutputError(f"cannot write {path}: folder {folder} does not exist; create it or "
+                          "choose another path")
     if os.path.isdir(path):
-        raise TraceInputError(f"output path {path} is a directory")
+        raise OutputError(f"cannot write {path}: it is a folder; give a file name")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"cannot write {path}: no permission to write in {folder}")
 
 
 # --- merge and diff ---------------------------------------------------------------------------
@@ -386,6 +437,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
         after_findings = run_analysis(_load(after, salvage=salvage), step_pattern=step_marker)
     result = diff_findings(before_findings, after_findings, steps_before=steps_before, steps_after=steps_after,
                            options=DiffOptions(by_rank=by_rank))
+    outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
         from traceinsight.report.diff_report import render_diff_json
 
@@ -394,25 +446,24 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
             click.echo(data.decode())
             quiet = True
         else:
-            from traceinsight.report.output import write_atomic
-
             _check_writable(json_path)
-            write_atomic(json_path, data)
+            outputs.append((json_path, data))
     if html_path:
         from traceinsight.report.html import render_diff_html
-        from traceinsight.report.output import write_atomic
 
         def label(paths, steps) -> str:
             names = [os.path.basename(os.path.normpath(p)) or p for p in paths]
             text = ", ".join(names[:2]) + (f" +{len(names) - 2} more" if len(names) > 2 else "")
             return text + (f" steps {steps[0]}-{steps[1]}" if steps else "")
 
-        write_atomic(html_path, render_diff_html(result, before_label=label(before, steps_before),
-                                                 after_label=label(after, steps_after)))
+        outputs.append((html_path, render_diff_html(result, before_label=label(before, steps_before),
+                                                    after_label=label(after, steps_after))))
     if not quiet:
         from traceinsight.report.diff_report import render_diff
 
         render_diff(result, Console())
+    _write_outputs(outputs)
+    if not quiet:
         if json_path and json_path != "-":
             click.echo(f"diff written to {json_path}")
         if html_path:

@@ -1,11 +1,20 @@
 """Errors a user can cause, each with a one-line message and an exit code.
 
-``TraceInputError`` (exit 2) means "something is wrong with an input file or argument: here is
-what and which". Anything else escaping the CLI is an internal error (exit 1).
+``TraceInputError`` (exit 2) means "something is wrong with an input file, an option or an
+output path: here is what and which, and what to do". Its subclasses name the kind of
+problem for callers of the Python API; the CLI treats them all alike. Anything else escaping
+the CLI is an internal error (exit 1, with a hint to report it and to rerun with
+``--debug``). ``docs/errors.md`` lists every message.
+
+Every class takes ``(message, *, path=None)`` and nothing else, so that an error raised in a
+worker process survives pickling back to the parent unchanged.
 """
 
 from __future__ import annotations
 
+import re
+
+EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 EXIT_INTERNAL = 1
 
@@ -23,5 +32,78 @@ class TraceInputError(Exception):
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
         self.path = path
-        self.message = message
-        super().__init__(f"{path}: {message}" if path else message)
+        # One line, whatever the message quotes (library errors may quote file content).
+        self.message = message = one_line(message, limit=None)
+        super().__init__(f"{one_line(path, limit=None)}: {message}" if path else message)
+
+
+class TraceFormatError(TraceInputError):
+    """The file is not a trace of a supported format, or it is damaged (truncated, corrupt)."""
+
+
+class TraceTooLargeError(TraceInputError):
+    """Reading the file would need more memory than is available (checked before reading)."""
+
+
+class OptionError(TraceInputError):
+    """A command-line option has a value that cannot work (e.g. an invalid regex)."""
+
+
+class OutputError(TraceInputError):
+    """An output file cannot be written where the user asked."""
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]+")
+
+
+def one_line(text: str, *, limit: int | None = 200) -> str:
+    """``text`` on one line: line breaks and other control characters become a space, runs
+    of spaces one space, and (with ``limit``) at most ``limit`` characters, cut with "…".
+
+    For quoting untrusted text (a library's error message that quotes a damaged file) in a
+    message.
+    """
+    text = re.sub(r" {2,}", " ", _CONTROL.sub(" ", str(text))).strip()
+    if limit is not None and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return text
+
+
+def check_pattern(pattern: str, *, option: str, groups: int | None = None) -> None:
+    """Raise :class:`OptionError` unless ``pattern`` is a regex the analyses can use.
+
+    Patterns are matched both by Python's :mod:`re` and by polars (the Rust ``regex`` crate,
+    which has no look-around or back-references), so both must accept it.
+
+    Parameters
+    ----------
+    pattern
+        The user's regular expression.
+    option
+        The option that gave it (``--step-marker``), for the message.
+    groups
+        The number of capture groups it must have, if any.
+    """
+    try:
+        compiled = re.compile(pattern)
+    except re.error as exc:
+        raise OptionError(
+            f"{option} '{pattern}' is not a valid regular expression ({exc})"
+        ) from None
+    if groups is not None and compiled.groups != groups:
+        found = "no capture group" if compiled.groups == 0 else f"{compiled.groups} capture groups"
+        raise OptionError(
+            f"{option} '{pattern}' has {found}; it needs exactly {groups}, around the step "
+            r"number, e.g. 'train_step_(\d+)' (write (?:...) for other groups)"
+        )
+    import polars as pl
+
+    try:
+        pl.Series([""], dtype=pl.String).str.contains(pattern)
+    except pl.exceptions.PolarsError as exc:
+        lines = [line.strip() for line in str(exc).splitlines()]
+        reason = next((line[6:].strip() for line in lines if line.startswith("error:")), "")
+        raise OptionError(
+            f"{option} '{pattern}' cannot be used: {reason or 'the regex engine rejects it'} "
+            "in polars' regex engine (no look-around, no back-references)"
+        ) from None

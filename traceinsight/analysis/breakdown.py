@@ -119,9 +119,21 @@ def gpu_activities(
     ``launch_tid``, ``launch_name``.
     """
     intervals = model.intervals
-    gpu = intervals.filter(pl.col("kind").is_in(GPU_ACTIVITY_KINDS)).with_columns(
-        is_comm=(pl.col("kind") == "kernel") & comm_kernel_expr(comm_patterns)
+    gpu = intervals.filter(pl.col("kind").is_in(GPU_ACTIVITY_KINDS))
+    # The name regexes run once per distinct (name, signature), not once per launch: a
+    # long templated signature times 100k launches would otherwise take minutes.
+    names = (
+        gpu.filter(pl.col("kind") == "kernel")
+        .select("name", "detail", comm_op=pl.lit(None, pl.String))
+        .unique()
+        .with_columns(_comm_name=comm_kernel_expr(comm_patterns))
+        .drop("comm_op")
     )
+    gpu = gpu.join(names, on=["name", "detail"], how="left", nulls_equal=True,
+                   maintain_order="left").with_columns(
+        is_comm=(pl.col("kind") == "kernel")
+        & (pl.col("_comm_name").fill_null(False) | pl.col("comm_op").is_not_null())
+    ).drop("_comm_name")
     launches = (
         intervals.filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
         .with_columns(launch_pid=pl.col("pid"))
@@ -349,6 +361,8 @@ def _gap_pieces(
         window = np.searchsorted(window_starts, left, side="right") - 1
         in_window = (window >= 0) & (left < window_ends[np.clip(window, 0, None)])
         left, right, window = left[in_window], right[in_window], window[in_window]
+        if left.size == 0:  # an empty frame's columns would have no type to concatenate with
+            continue
         # The gap a piece belongs to ends at the first gap end at or after the piece's end.
         gap = np.clip(np.searchsorted(gap_ends, right, side="left"), 0, max(gap_ends.size - 1, 0))
         nxt = next_index[gap] if gap_ends.size else np.full(left.size, -1)

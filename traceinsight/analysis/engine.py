@@ -46,6 +46,7 @@ from traceinsight.analysis.multirank import (
     align_clocks,
     communication_kernels,
     compute_phase_times,
+    disjoint_ranks_note,
     enrich_collectives,
     imbalance_from,
     match_waits,
@@ -149,6 +150,11 @@ def run_phases(call, options: Options):
 
     first = call("steps_and_collectives", None)
     ranks_order = sorted(first)
+    if not ranks_order:
+        from traceinsight.errors import TraceInputError
+
+        raise TraceInputError("the traces hold no events (no CUDA, NVTX, OS runtime or CPU sample "
+                              "rows): nothing to analyze; `traceinsight info` shows what they hold")
     ranks = _frames([first[r]["ranks"] for r in ranks_order])
     warnings = [w for r in ranks_order for w in first[r]["warnings"]]
     sources = {first[r]["step_source"] for r in ranks_order}
@@ -168,6 +174,8 @@ def run_phases(call, options: Options):
     flagged = call("breakdown", {r: (spans.filter(pl.col("rank") == r),) for r in ranks_order})
     steps = _frames([flagged[r] for r in ranks_order])
     steps = flag_job_steps(steps, options.anomaly_options)
+    if note := disjoint_ranks_note(steps, alignment):
+        warnings.append(note)
     windows = straggler_windows(collectives, steps, alignment)
     done = call("finish", {
         r: (steps.filter(pl.col("rank") == r), windows.filter(pl.col("rank") == r))

@@ -158,6 +158,33 @@ def align_clocks(comm: pl.DataFrame, ranks: pl.DataFrame) -> Alignment:
     )
 
 
+def disjoint_ranks_note(steps: pl.DataFrame, alignment: Alignment) -> str | None:
+    """A warning when some ranks do not overlap in time on the aligned clock (files of
+    different runs, or a clock far off): waits between them would mean nothing.
+
+    Only said where the clocks are known (aligned by origins or collectives)."""
+    if alignment.method == "none" or steps.is_empty() or steps.get_column("rank").n_unique() < 2:
+        return None
+    spans = (
+        steps.group_by("rank")
+        .agg(start=pl.col("start_ns").min(), end=pl.col("end_ns").max())
+        .with_columns(shift=pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64))
+        .select("rank", start=pl.col("start") + pl.col("shift"), end=pl.col("end") + pl.col("shift"))
+        .sort("start", "rank")
+    )
+    latest_rank, latest_end = None, None
+    for rank, start, end in spans.iter_rows():
+        if latest_end is not None and start > latest_end:
+            return (
+                f"ranks {latest_rank} and {rank} do not overlap in time: rank {rank} starts "
+                f"{(start - latest_end) / 1e9:,.3f} s after rank {latest_rank} ends; were the files "
+                "recorded in the same run? Cross-rank waits and comparisons are not meaningful"
+            )
+        if latest_end is None or end > latest_end:
+            latest_rank, latest_end = rank, end
+    return None
+
+
 def _phases(model: TraceModel, comm: pl.DataFrame, step_labels: list[str]) -> pl.DataFrame:
     """The innermost user annotation around each collective's launch call."""
     annotations = model.intervals.filter(

@@ -94,6 +94,7 @@ import json
 import math
 import os
 import re
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,8 @@ from typing import Any
 import msgspec
 import polars as pl
 
-from traceinsight.errors import TraceInputError
+from traceinsight.errors import TraceFormatError, TraceInputError
+from traceinsight.ingest import guard
 from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, TraceModel, conform, with_depth
 
 __all__ = ["read_kineto"]
@@ -137,6 +139,11 @@ _IGNORED_CATEGORIES = frozenset({"Trace", "overhead", "cuda_profiler_range"})
 _FLOAT_EXACT_LIMIT_US = 2**53 / 1000
 #: An absolute epoch time in µs is at least this large (the year 2001); relative ones are not.
 _EPOCH_MIN_US = 1e15
+#: Larger ``ts`` (µs; the year 2116 as epoch time) or ``dur`` (73 years) values are garbage:
+#: their nanoseconds would overflow int64 arithmetic.
+_MAX_TS_US = 2.0**62 / 1000
+_MAX_DUR_US = 2.0**61 / 1000
+_MAX_EXACT_NS = 2**62
 
 _GZIP_MAGIC = b"\x1f\x8b"
 #: A gzip size trailer claiming more than this ratio is not trusted (JSON traces: 10-30x).
@@ -144,6 +151,10 @@ _MAX_COMPRESSION_RATIO = 100
 #: Compressed bytes fed to zlib per call: slicing the input avoids the copies that
 #: ``max_length`` makes of the unconsumed rest.
 _INFLATE_INPUT = 1 << 20
+#: ... and per call when salvaging a damaged stream (zlib loses a failing call's output).
+_SALVAGE_INPUT = 1 << 12
+#: At most this much output per zlib call, so that the inflate limit stops a gzip bomb early.
+_MAX_CHUNK = 1 << 25
 _WHITESPACE = b" \t\r\n"
 #: Salvage looks no further back than this for the start of the last event.
 _MAX_EVENT_BYTES = 1 << 24
@@ -306,10 +317,19 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     """
     path = os.fspath(path)
     warnings: list[str] = []
+    # Before reading anything: refuse a file that clearly cannot fit in memory.
+    inflate_limit = guard.check_kineto_memory(path)
     data = _read_file(path)
     if data.startswith(_GZIP_MAGIC):
-        data = _gunzip(data, path=path, salvage=salvage, warnings=warnings)
-    decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
+        data = _gunzip(data, path=path, salvage=salvage, warnings=warnings, limit=inflate_limit)
+    try:
+        decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
+    except RecursionError:
+        raise TraceFormatError(
+            "JSON nested deeper than any profiler trace (over "
+            f"{sys.getrecursionlimit():,} levels); not a PyTorch profiler trace",
+            path=path,
+        ) from None
     del data  # the events keep what they need of it (their raw Input Dims point into it)
     intervals, facts = _intervals(decoded, path=path, warnings=warnings)
     ranks = _rank_frame(decoded.trace, facts, path=path)
@@ -332,43 +352,72 @@ def _read_file(path: str) -> bytes:
     except OSError as exc:
         raise TraceInputError(f"cannot read: {exc.strerror}", path=path) from None
     if not raw:
-        raise TraceInputError("empty file", path=path)
+        raise TraceFormatError("empty file", path=path)
     return raw
 
 
-def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> bytearray:
+def _gunzip(
+    raw: bytes, *, path: str, salvage: bool, warnings: list[str], limit: int | None = None
+) -> bytearray:
     """Inflate every gzip member into one buffer.
 
     ``zlib.decompress`` collects its output in blocks and joins them at the end, which needs
     twice the decompressed size for a moment. Filling a buffer sized from the gzip trailer
-    (ISIZE: the size modulo 4 GiB, so only a hint) keeps the peak at one copy.
+    (ISIZE: the size modulo 4 GiB, so only a hint) keeps the peak at one copy. More than
+    ``limit`` decompressed bytes (a gzip bomb, or a trace larger than memory) stop the read.
     """
-    out = bytearray(_inflated_size_hint(raw) or 16 * len(raw))
-    written = 0
+    hint = _inflated_size_hint(raw) or 16 * len(raw)
+    out = bytearray(hint if limit is None else min(hint, limit))
     source = memoryview(raw)
-    position = 0
-    while True:  # one gzip member per round
+
+    def inflate(position: int, written: int, step: int):
+        """Inflate one member from ``position``; returns where input and output stopped,
+        the inflater and the zlib error that stopped it, if any."""
         inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
         try:
             while not inflater.eof and position < len(raw):
-                piece = source[position : position + _INFLATE_INPUT]
+                piece = source[position : position + step]
                 position += len(piece)
-                chunk = inflater.decompress(piece)
-                end = written + len(chunk)
-                if end > len(out):  # grow geometrically: each growth may copy the buffer
-                    out.extend(bytes(max(end - len(out), len(out) // 2)))
-                out[written:end] = chunk
-                written = end
+                chunk = inflater.decompress(piece, _MAX_CHUNK)
+                while True:
+                    end = written + len(chunk)
+                    if limit is not None and end > limit:
+                        raise guard.inflate_limit_error(path, limit)
+                    if end > len(out):  # grow geometrically: each growth may copy the buffer
+                        out.extend(bytes(max(end - len(out), len(out) // 2)))
+                    out[written:end] = chunk
+                    written = end
+                    if not inflater.unconsumed_tail:  # only a gzip bomb leaves input here
+                        break
+                    chunk = inflater.decompress(inflater.unconsumed_tail, _MAX_CHUNK)
         except zlib.error as exc:
-            if not (salvage and written):
-                raise TraceInputError(f"corrupt gzip data ({exc})", path=path) from None
+            return position, written, inflater, exc
+        return position, written, inflater, None
+
+    written = 0
+    position = 0
+    while True:  # one gzip member per round
+        member_start, member_written = position, written
+        position, written, inflater, error = inflate(position, written, _INFLATE_INPUT)
+        if error is not None:
+            reason = _zlib_reason(error)
+            if not salvage:
+                raise TraceFormatError(
+                    f"gzip data is corrupt ({reason}); the file was damaged after it was "
+                    "written; --salvage reads what precedes the damage",
+                    path=path,
+                )
+            # zlib drops the output of the call that fails: again in small steps, to keep
+            # what inflates before the damage.
+            _, written, _, _ = inflate(member_start, member_written, _SALVAGE_INPUT)
             warnings.append(
-                f"gzip data is corrupt after {written:,} bytes ({exc}); read up to there"
+                f"gzip data is corrupt ({reason}); read the {written:,} decompressed bytes "
+                "before the damage"
             )
             break
         if not inflater.eof:
             if not salvage:
-                raise TraceInputError(
+                raise TraceFormatError(
                     f"gzip data ends early, after {written:,} decompressed bytes (file cut "
                     "short?); if the job crashed mid-write, retry with --salvage",
                     path=path,
@@ -384,6 +433,14 @@ def _gunzip(raw: bytes, *, path: str, salvage: bool, warnings: list[str]) -> byt
             break
     del out[written:]
     return out
+
+
+def _zlib_reason(exc: zlib.error) -> str:
+    """zlib's message without its error number, in words people know."""
+    text = re.sub(r"^Error -?\d+ while decompressing data:?\s*", "", str(exc))
+    if "incorrect data check" in text:
+        return "checksum mismatch"
+    return text or "unreadable deflate stream"
 
 
 def _inflated_size_hint(raw: bytes) -> int | None:
@@ -416,19 +473,34 @@ def _decode(data: bytes | bytearray, *, path: str, salvage: bool, warnings: list
     first = _first_json_byte(data)
     if first not in (b"{", b"["):
         if not first:
-            raise TraceInputError("file holds only whitespace", path=path)
-        raise TraceInputError(
+            raise TraceFormatError("file holds only whitespace", path=path)
+        raise TraceFormatError(
             "not a JSON trace (expected a PyTorch profiler trace starting with '{' or '[')",
             path=path,
         )
     is_list = first == b"["
+    try:
+        return _decode_json(data, is_list=is_list, path=path, salvage=salvage, warnings=warnings)
+    except UnicodeDecodeError:
+        # A string holding bytes that are not UTF-8 (a name written by a buggy tool, or
+        # damage): replace them, say so, and decode again.
+        data = bytes(data).decode("utf-8", "replace").encode("utf-8")
+        warnings.append(
+            "the file holds text that is not valid UTF-8; the bad bytes were read as U+FFFD"
+        )
+        return _decode_json(data, is_list=is_list, path=path, salvage=salvage, warnings=warnings)
+
+
+def _decode_json(
+    data: bytes | bytearray, *, is_list: bool, path: str, salvage: bool, warnings: list[str]
+) -> _Decoded:
     try:
         trace, lenient = _decode_typed(data, is_list=is_list, path=path)
         return _Decoded(trace, lenient, is_list, data)
     except msgspec.DecodeError as exc:  # malformed JSON (type errors were raised as ours)
         offset = _error_offset(exc, len(data))
         if not salvage:
-            raise TraceInputError(
+            raise TraceFormatError(
                 f"truncated or invalid JSON at byte {offset:,} ({_error_reason(exc)}); "
                 "if the job crashed mid-write, retry with --salvage",
                 path=path,
@@ -461,7 +533,7 @@ def _decode_typed(data: bytes | bytearray, *, is_list: bool, path: str) -> tuple
                 trace = msgspec.json.decode(data, type=file_type)
         except msgspec.ValidationError as exc:
             if lenient or not str(exc).endswith(_RETRY_LENIENT_PATHS):
-                raise TraceInputError(_not_a_trace_message(exc), path=path) from None
+                raise TraceFormatError(_not_a_trace_message(exc), path=path) from None
             continue
         return trace, lenient
     raise AssertionError("unreachable: the lenient pass returns or raises")
@@ -515,7 +587,7 @@ def _salvage(
         "before it; nothing to salvage"
     )
     if array_start is None:
-        raise TraceInputError(nothing, path=path)
+        raise TraceFormatError(nothing, path=path)
     closing = b"]" if is_list else b"]}"
     search_before = min(error_offset, len(data))
     for _attempt in range(16):
@@ -536,7 +608,7 @@ def _salvage(
             f"dropped the last {len(data) - end - 1:,} bytes"
         )
         return _Decoded(trace, lenient, is_list, candidate)
-    raise TraceInputError(nothing, path=path)
+    raise TraceFormatError(nothing, path=path)
 
 
 def _events_array_start(data: bytes | bytearray, is_list: bool) -> int | None:
@@ -627,7 +699,7 @@ def _intervals(
     events = trace.traceEvents
     trace.traceEvents = []  # from here ``events`` is the only reference: it dies with it
     if events and not any(event.ph for event in events):
-        raise TraceInputError("no event has a 'ph' field: not a PyTorch profiler trace", path=path)
+        raise TraceFormatError("no event has a 'ph' field: not a PyTorch profiler trace", path=path)
     # Only complete events can be intervals; they are classified in polars. The ``Trace``
     # span goes now: its pid/tid are strings ("Spans") that would push whole columns onto
     # the slow coercion path.
@@ -641,6 +713,8 @@ def _intervals(
     else:
         kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
     frame = _raw_frame(_gather_columns(kept, lenient=decoded.lenient))
+    # Control characters out, absurdly long names cut, before any regex runs over them.
+    frame = guard.scrub_text(frame, warnings)
 
     base = _as_int(trace.baseTimeNanoseconds)
     exact = None
@@ -661,7 +735,8 @@ def _intervals(
     frame = _link_syncs(frame)
     frame = _external_ids(frame, warnings)
     rank, rank_source = _rank(trace, frame)
-    frame = with_depth(conform(frame.with_columns(rank=pl.lit(rank)), INTERVAL_SCHEMA))
+    frame = conform(frame.with_columns(rank=pl.lit(rank)), INTERVAL_SCHEMA)
+    frame = with_depth(guard.valid_intervals(frame, warnings))
     facts = {
         "rank": rank,
         "rank_source": rank_source,
@@ -732,7 +807,7 @@ def _raw_frame(columns: dict[str, list[Any]]) -> pl.DataFrame:
     tid, tid_stream = _tid_series(columns.pop("tid"))
     frame = pl.DataFrame(
         [
-            pl.Series("cat", columns.pop("cat"), dtype=pl.String),
+            _string_series("cat", columns.pop("cat")),  # lenient files: any JSON type
             _string_series("name", columns.pop("name")),
             _int_series("pid", columns.pop("pid")),
             tid,
@@ -875,7 +950,7 @@ def _needs_exact_times(ts: pl.Series) -> bool:
 
 def _exact_times(
     decoded: _Decoded, events: list[Any], kept: list[Any]
-) -> tuple[list[int | None], list[int]] | None:
+) -> tuple[list[int | None], list[int | None]] | None:
     """Start (epoch ns) and duration (ns) of the kept events, from a Decimal re-decode."""
     if decoded.source is None:
         return None
@@ -891,14 +966,19 @@ def _exact_times(
     kept_ids = {id(event) for event in kept}
     thousand = decimal.Decimal(1000)
     starts: list[int | None] = []
-    durations: list[int] = []
+    durations: list[int | None] = []
+
+    def nanoseconds(value: decimal.Decimal, limit: int) -> int | None:
+        if not value.is_finite():
+            return None
+        number = int((value * thousand).to_integral_value())
+        return number if -limit < number < limit else None
+
     for event, exact in zip(events, exact_events):
         if id(event) in kept_ids:
-            starts.append(
-                None if exact.ts is None else int((exact.ts * thousand).to_integral_value())
-            )
+            starts.append(None if exact.ts is None else nanoseconds(exact.ts, _MAX_EXACT_NS))
             durations.append(
-                0 if exact.dur is None else int((exact.dur * thousand).to_integral_value())
+                0 if exact.dur is None else nanoseconds(exact.dur, _MAX_EXACT_NS // 2)
             )
     return starts, durations
 
@@ -906,35 +986,49 @@ def _exact_times(
 def _timestamps(
     frame: pl.DataFrame,
     base: int | None,
-    exact: tuple[list[int | None], list[int]] | None,
+    exact: tuple[list[int | None], list[int | None]] | None,
     warnings: list[str],
 ) -> tuple[pl.DataFrame, int | None]:
-    """Add ``start_ns``/``end_ns`` on the rank's clock; return its origin (epoch ns)."""
+    """Add ``start_ns``/``end_ns`` on the rank's clock; return its origin (epoch ns).
+
+    Events without a usable ``ts`` or ``dur`` (not a number, or so large that nanoseconds
+    overflow int64) keep a null time and are dropped by :func:`guard.valid_intervals`,
+    which says how many; a missing ``dur`` is zero. Negative durations give an end before
+    the start and are dropped the same way.
+    """
+    usable = pl.col("ts").is_finite() & (pl.col("ts").abs() < _MAX_TS_US)
+    frame = frame.with_columns(
+        ts=pl.when(usable).then(pl.col("ts")),
+        dur=pl.when(pl.col("dur").is_null())
+        .then(pl.lit(0.0))
+        .when(pl.col("dur").is_finite() & (pl.col("dur").abs() < _MAX_DUR_US))
+        .then(pl.col("dur")),
+    )
     ts = pl.col("ts")
-    dur_ns = (pl.col("dur") * 1000).round(0).fill_null(0).clip(lower_bound=0).cast(pl.Int64)
+    dur_ns = (pl.col("dur") * 1000).round(0).cast(pl.Int64, strict=False)
     origin_ns: int | None
     if base is not None:
         # As the Kineto writer and HTA define it: epoch ns = base + round(ts * 1000).
-        frame = frame.filter(ts.is_not_null()).with_columns(
-            start_ns=(ts * 1000).round(0).cast(pl.Int64), dur_ns=dur_ns
+        frame = frame.with_columns(
+            start_ns=(ts * 1000).round(0).cast(pl.Int64, strict=False), dur_ns=dur_ns
         )
         origin_ns = base
     elif exact is not None:
         starts, durations = exact
         frame = frame.with_columns(
             start_abs=pl.Series(starts, dtype=pl.Int64),
-            dur_ns=pl.Series(durations, dtype=pl.Int64).clip(lower_bound=0),
-        ).filter(pl.col("start_abs").is_not_null())
+            dur_ns=pl.Series(durations, dtype=pl.Int64),
+        )
         first = frame.get_column("start_abs").min()
         origin_ns = 0 if first is None else first // 1000 * 1000
         frame = frame.with_columns(start_ns=pl.col("start_abs") - origin_ns).drop("start_abs")
     else:
-        frame = frame.filter(ts.is_not_null())
         first = frame.get_column("ts").min()
         origin_us = 0 if first is None else math.floor(first)
         # Subtract in µs first: what is left is small, so ×1000 stays exact in float64.
         frame = frame.with_columns(
-            start_ns=((ts - origin_us) * 1000).round(0).cast(pl.Int64), dur_ns=dur_ns
+            start_ns=((ts - origin_us) * 1000).round(0).cast(pl.Int64, strict=False),
+            dur_ns=dur_ns,
         )
         origin_ns = origin_us * 1000
         if first is not None and first < _EPOCH_MIN_US:
@@ -989,7 +1083,7 @@ def _ownership(frame: pl.DataFrame) -> tuple[pl.DataFrame, int | None]:
         device=pl.when(on_stream)
         .then(pl.coalesce("arg_device", "pid"))
         .otherwise(None)
-        .cast(pl.Int32),
+        .cast(pl.Int32, strict=False),  # an id past int32 is garbage: no device
         stream=pl.when(on_stream & (stream != _NO_STREAM)).then(stream).otherwise(None),
         bytes=pl.when(pl.col("kind").is_in(["memcpy", "memset"])).then(pl.col("bytes")),
     )
@@ -1095,6 +1189,9 @@ def _external_ids(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
     return frame
 
 
+_BRACKET = re.compile(r"[(<\[{)>\]}]")
+
+
 def _short_kernel_name(signature: str) -> str:
     """Base function name of a demangled kernel signature, as nsys ``shortName`` gives it.
 
@@ -1104,19 +1201,25 @@ def _short_kernel_name(signature: str) -> str:
     """
     if not any(mark in signature for mark in "(<: "):
         return signature
+    # Keep the text outside any bracket pair; only the brackets are visited in Python.
     outer: list[str] = []
     depth = 0
-    for char in signature:
-        if char in "(<[{":
+    last = 0
+    for match in _BRACKET.finditer(signature):
+        position = match.start()
+        if signature[position] in "(<[{":
+            if depth == 0:
+                outer.append(signature[last:position])
             depth += 1
-        elif char in ")>]}":
+        else:
             depth -= 1
             if depth < 0:  # unbalanced ("operator>" and the like): keep it simple
                 return signature.split("(", 1)[0].strip() or signature
-        elif depth == 0:
-            outer.append(char)
+            if depth == 0:
+                last = position + 1
     if depth != 0:
         return signature.split("(", 1)[0].strip() or signature
+    outer.append(signature[last:])
     words = "".join(outer).split()
     if not words:
         return signature
@@ -1132,13 +1235,20 @@ def _short_kernel_name(signature: str) -> str:
 def _rank(trace: Any, frame: pl.DataFrame) -> tuple[int, str]:
     info = trace.distributedInfo
     if isinstance(info, dict):
-        rank = _as_int(info.get("rank"))
+        rank = _count(info.get("rank"), minimum=0)
         if rank is not None:
             return rank, "distributedInfo"
     ranks = frame.get_column("arg_rank").drop_nulls()
+    ranks = ranks.filter((ranks >= 0) & (ranks < 2**31))
     if not ranks.is_empty():
         return int(ranks[0]), "record_param_comms"
     return 0, "file order"
+
+
+def _count(value: Any, *, minimum: int) -> int | None:
+    """A rank or world size: an integer from ``minimum`` up to int32, else None."""
+    number = _as_int(value)
+    return number if number is not None and minimum <= number < 2**31 else None
 
 
 def _rank_frame(trace: Any, facts: dict[str, Any], *, path: str) -> pl.DataFrame:
@@ -1149,12 +1259,12 @@ def _rank_frame(trace: Any, facts: dict[str, Any], *, path: str) -> pl.DataFrame
         "rank_source": facts["rank_source"],
         "source": path,
         "format": FORMAT_NAME,
-        "tool_version": _tool_version(trace, info),
+        "tool_version": guard.scrub_value(_tool_version(trace, info)),
         "pid": facts["pid"],
         "hostname": None,  # Kineto has no reliable host field (worker names are user-chosen)
-        "gpu_names": _gpu_names(trace.deviceProperties, devices),
+        "gpu_names": [guard.scrub_value(n) for n in _gpu_names(trace.deviceProperties, devices)],
         "devices": devices,
-        "world_size": _as_int(info.get("world_size")),
+        "world_size": _count(info.get("world_size"), minimum=1),
         "clock_origin_ns": facts["origin_ns"],
     }
     return pl.DataFrame([row], schema=RANK_SCHEMA)

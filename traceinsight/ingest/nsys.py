@@ -53,7 +53,8 @@ from pathlib import Path
 
 import polars as pl
 
-from traceinsight.errors import TraceInputError
+from traceinsight.errors import TraceFormatError, TraceInputError, one_line
+from traceinsight.ingest import guard
 from traceinsight.model import (
     INTERVAL_SCHEMA,
     RANK_SCHEMA,
@@ -201,26 +202,78 @@ def read_nsys(path: str) -> TraceModel:
         raise TraceInputError("no such file", path=path)
     if os.path.isdir(path):
         raise TraceInputError("is a directory, expected an nsys SQLite export", path=path)
+    truncated = _truncation(path)
+    if truncated:
+        raise TraceFormatError(truncated, path=path)
     try:
         # A URI built by pathlib escapes '?', '#' and '%' in the path; mode=ro makes SQLite
         # refuse any write, so reading can never alter the user's file.
         uri = Path(path).resolve().as_uri() + "?mode=ro"
         connection = sqlite3.connect(uri, uri=True)
     except sqlite3.Error as exc:
-        raise TraceInputError(f"cannot open as SQLite database ({exc})", path=path) from None
+        raise TraceFormatError(
+            f"cannot open as SQLite database ({one_line(str(exc), limit=160)})", path=path
+        ) from None
     try:
         # Some exports hold strings that are not valid UTF-8 (TARGET_INFO_SYSTEM_ENV values):
         # decode leniently instead of failing the whole read.
         connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
         return _NsysReader(_Export(connection, path)).read()
     except sqlite3.DatabaseError as exc:
-        raise TraceInputError(
-            f"not a readable SQLite database ({exc}); expected an Nsight Systems export "
-            "(nsys export --type sqlite)",
-            path=path,
+        raise TraceFormatError(_database_error_message(exc), path=path) from None
+    except UnicodeDecodeError:
+        # SQLite's own error message quoted bytes of a damaged schema that are not UTF-8.
+        raise TraceFormatError(
+            _database_error_message(sqlite3.DatabaseError("malformed database schema")), path=path
         ) from None
     finally:
         connection.close()
+
+
+def _database_error_message(exc: sqlite3.DatabaseError) -> str:
+    text = one_line(str(exc), limit=160)  # SQLite may quote a damaged schema
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return (
+            f"the SQLite file is damaged ({text}): it was cut short or corrupted after nsys "
+            "wrote it; export it again (nsys export --type sqlite REPORT.nsys-rep)"
+        )
+    if "locked" in text or "busy" in text:
+        return f"the SQLite file is locked by another program ({text}); retry when it is done"
+    return (
+        f"not a readable SQLite database ({text}); expected an Nsight Systems export "
+        "(nsys export --type sqlite)"
+    )
+
+
+def _truncation(path: str) -> str | None:
+    """A message if the file is shorter than its SQLite header says, else None.
+
+    Bytes 16-17 of the header hold the page size (1 means 65536) and bytes 28-31 the page
+    count, which is valid when bytes 92-95 equal the change counter at bytes 24-27.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            header = handle.read(100)
+    except OSError:
+        return None  # the open below reports it
+    if len(header) < 100:
+        return (
+            f"the SQLite file is truncated: only {size:,} bytes, less than its 100-byte header; "
+            "copy it again or export it again (nsys export --type sqlite)"
+        )
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if header[92:96] != header[24:28] or not pages or page_size < 512:
+        return None
+    expected = page_size * pages
+    if size < expected:
+        return (
+            f"the SQLite file is truncated: it holds {size:,} of the {expected:,} bytes its "
+            "header announces; copy it again or export it again (nsys export --type sqlite)"
+        )
+    return None
 
 
 class _Export:
@@ -277,28 +330,48 @@ class _Export:
     ) -> pl.DataFrame:
         """Read ``fields`` (alias, column, dtype) of ``table``; absent columns come back null.
 
-        Integer columns are CAST in SQL because SQLite columns are untyped and user-modified
-        exports exist; the rows go straight into a polars frame.
+        Values are converted in SQL because SQLite columns are untyped and user-modified
+        exports exist: integer columns keep integers, truncate reals and read text only
+        when it is an integer written out ("123"); anything else (words, blobs) is NULL, so
+        a damaged row is dropped with a warning instead of becoming time 0. Text columns
+        read any value as text. The rows go straight into a polars frame.
         """
         present = self.columns(table)
-        selected = []
+        schema = [(alias, dtype) for alias, _, dtype in fields]
+        plain, converted = [], []
         for alias, column, dtype in fields:
+            quoted = f'"{column}"'
             if column not in present:
-                expression = "NULL"
-            elif dtype == _INT:
-                expression = f'CAST("{column}" AS INTEGER)'
+                plain.append(f'NULL AS "{alias}"')
+                converted.append(f'NULL AS "{alias}"')
+                continue
+            plain.append(f'{quoted} AS "{alias}"')
+            if dtype == _INT:
+                expression = (
+                    f"CASE typeof({quoted}) WHEN 'integer' THEN {quoted} "
+                    f"WHEN 'real' THEN CAST({quoted} AS INTEGER) "
+                    f"WHEN 'text' THEN CASE WHEN CAST(CAST({quoted} AS INTEGER) AS TEXT) = "
+                    f"trim({quoted}) THEN CAST({quoted} AS INTEGER) END END"
+                )
             else:
-                expression = f'"{column}"'
-            selected.append(f'{expression} AS "{alias}"')
-        sql = f'SELECT {", ".join(selected)} FROM "{table}"'
-        if where:
-            sql += f" WHERE {where}"
-        return pl.DataFrame(
-            self.rows(sql),
-            schema=[(alias, dtype) for alias, _, dtype in fields],
-            orient="row",
-            strict=False,
-        )
+                expression = f"CAST({quoted} AS TEXT)"
+            converted.append(f'{expression} AS "{alias}"')
+        suffix = f' FROM "{table}"' + (f" WHERE {where}" if where else "")
+        try:
+            # Fast path: an export as nsys wrote it holds the declared types.
+            return pl.DataFrame(
+                self.rows(f"SELECT {', '.join(plain)}{suffix}"),
+                schema=schema,
+                orient="row",
+                strict=True,
+            )
+        except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+            return pl.DataFrame(
+                self.rows(f"SELECT {', '.join(converted)}{suffix}"),
+                schema=schema,
+                orient="row",
+                strict=False,
+            )
 
     def name_value_table(self, *candidates: str) -> dict[str, str]:
         """First value per name of the first (name, value) metadata table present."""
@@ -318,8 +391,9 @@ class _Export:
         table = self.table(base)
         if self.has_columns(table, "id", column):
             for enum_id, label in self.rows(f'SELECT id, "{column}" FROM "{table}"'):
-                if enum_id is not None and label is not None:
-                    labels[int(enum_id)] = str(label)
+                number = _parse_int(enum_id)
+                if number is not None and label is not None:
+                    labels[number] = guard.scrub_value(str(label))
         return labels
 
 
@@ -355,13 +429,58 @@ class _NsysReader:
 
     # -- entry point ---------------------------------------------------------------------
 
+    def _usable(self, table: str | None, *columns: str) -> bool:
+        """True if ``table`` exists with ``columns``; a table without them is named in a
+        warning (its rows cannot be placed in time or in a process) and skipped."""
+        if table is None:
+            return False
+        missing = [column for column in columns if column not in self.export.columns(table)]
+        if missing:
+            self.warnings.append(
+                f"table {table} lacks column(s) {', '.join(missing)}; its rows were skipped"
+            )
+        return not missing
+
+    def _check_memory(self) -> None:
+        """Refuse, before reading, an export whose event tables clearly do not fit in memory."""
+        if guard.memory_budget() is None:
+            return
+        rows = 0
+        for base in (
+            KERNEL_TABLE, MEMCPY_TABLE, MEMSET_TABLE, SYNC_TABLE, RUNTIME_TABLE, NVTX_TABLE,
+            OSRT_TABLE, OSRT_CALLCHAIN_TABLE, SAMPLE_TABLE, SAMPLE_CALLCHAIN_TABLE, STRING_TABLE,
+        ):
+            table = self.export.table(base)
+            if table is None:
+                continue
+            try:  # rowids grow from 1 in an export: the largest is the row count, read in O(log n)
+                (largest,) = self.export.rows(f'SELECT max(rowid) FROM "{table}"')[0]
+            except sqlite3.OperationalError:  # a view or a WITHOUT ROWID table
+                continue
+            rows += _parse_int(largest) or 0
+        guard.check_memory(
+            self.export.path,
+            rows * guard.NSYS_BYTES_PER_ROW,
+            what=f"{rows:,} rows in its event and string tables",
+        )
+
     def read(self) -> TraceModel:
         export = self.export
         if not export.is_nsys_export():
-            raise TraceInputError(
+            raise TraceFormatError(
                 "SQLite database is not an Nsight Systems export (no StringIds and no nsys "
                 "tables); create one with `nsys export --type sqlite`",
                 path=export.path,
+            )
+        self._check_memory()
+        if export.table(STRING_TABLE) is None:
+            self.warnings.append(
+                "the export has no StringIds table: kernel, CUDA API and range names are unknown"
+            )
+        if export.table(KERNEL_TABLE) is None:
+            self.warnings.append(
+                f"no {KERNEL_TABLE} table: the export has no GPU kernels (profile with "
+                "--trace=cuda to record them)"
             )
         runtime = self._cuda_api()
         parts = [
@@ -385,12 +504,8 @@ class _NsysReader:
             # A sampling-only capture: the sampled processes are all we know of.
             event_processes = samples.select("_proc").unique()
         event_processes = event_processes.drop_nulls()
-        without_process = sum(part.get_column("_proc").null_count() for part in parts)
-        if without_process:
-            self.warnings.append(
-                f"{without_process} event(s) carry no process id (globalTid/globalPid is NULL) "
-                "and belong to no rank"
-            )
+        # Rows without a process id (globalTid/globalPid NULL) get no rank; the check of the
+        # model below drops them and says how many.
         if samples is not None:
             samples = samples.join(event_processes, on="_proc", how="semi")
 
@@ -411,7 +526,7 @@ class _NsysReader:
             intervals = _conformed(intervals, INTERVAL_SCHEMA).sort(
                 ["rank", "start_ns"], nulls_last=True, maintain_order=True
             )
-            intervals = with_depth(intervals)
+            intervals = with_depth(guard.valid_intervals(intervals, self.warnings))
         else:
             intervals = empty_frame(INTERVAL_SCHEMA)
 
@@ -419,6 +534,7 @@ class _NsysReader:
             samples = _conformed(samples.with_columns(rank=to_rank), SAMPLE_SCHEMA).sort(
                 ["rank", "time_ns"], nulls_last=True, maintain_order=True
             )
+            samples = guard.valid_samples(samples, self.warnings)
         else:
             samples = empty_frame(SAMPLE_SCHEMA)
 
@@ -440,8 +556,13 @@ class _NsysReader:
                     where = (
                         f'NOT (id IN (SELECT contentId FROM "{streams}") AND length(value) > 4096)'
                     )
-                self._strings = self.export.read(
-                    table, [("id", "id", _INT), ("value", "value", _STR)], where=where
+                # Untrusted text: control characters out and huge strings cut, once, before
+                # any regex or join runs over the names.
+                self._strings = guard.scrub_text(
+                    self.export.read(
+                        table, [("id", "id", _INT), ("value", "value", _STR)], where=where
+                    ),
+                    self.warnings,
                 )
             else:
                 self._strings = pl.DataFrame(schema={"id": _INT, "value": _STR})
@@ -458,7 +579,7 @@ class _NsysReader:
         self, base: str, extra: list[tuple[str, str, pl.DataType]]
     ) -> pl.DataFrame | None:
         table = self.export.table(base)
-        if not self.export.has_columns(table, "start", "end", "globalPid"):
+        if not self._usable(table, "start", "end", "globalPid"):
             return None
         fields = [
             ("start_ns", "start", _INT),
@@ -519,7 +640,7 @@ class _NsysReader:
 
     def _cuda_api(self) -> pl.DataFrame | None:
         table = self.export.table(RUNTIME_TABLE)
-        if not self.export.has_columns(table, "start", "end", "globalTid"):
+        if not self._usable(table, "start", "end", "globalTid"):
             return None
         frame = self.export.read(
             table,
@@ -594,14 +715,14 @@ class _NsysReader:
 
     def _annotations(self) -> pl.DataFrame | None:
         table = self.export.table(NVTX_TABLE)
-        if not self.export.has_columns(table, "start", "eventType", "globalTid"):
+        if not self._usable(table, "start", "eventType", "globalTid"):
             return None
         type_ids = dict(_NVTX_EVENT_TYPE_IDS)
         enum_table = self.export.table("ENUM_NSYS_EVENT_TYPE")
         if self.export.has_columns(enum_table, "id", "name"):
             for type_id, type_name in self.export.rows(f'SELECT id, name FROM "{enum_table}"'):
-                if type_name in type_ids and type_id is not None:
-                    type_ids[type_name] = int(type_id)
+                if type_name in type_ids and _parse_int(type_id) is not None:
+                    type_ids[type_name] = _parse_int(type_id)
         range_ids = [type_ids[name] for name in _NVTX_RANGE_TYPES]
         mark_ids = [type_ids[name] for name in _NVTX_MARK_TYPES]
         domain_create_id = type_ids[_NVTX_DOMAIN_CREATE]
@@ -619,6 +740,7 @@ class _NsysReader:
             ],
             where=f"eventType IN ({wanted})",
         )
+        frame = guard.scrub_text(frame, self.warnings)  # inline text is not in StringIds
         # Registered strings live in StringIds, unregistered ones inline: one file has both.
         frame = self._with_string(frame, "_text_id", "_registered_text").with_columns(
             *_process_columns("_global_tid", with_thread=True),
@@ -665,7 +787,7 @@ class _NsysReader:
     def _callchains(self, base: str) -> pl.DataFrame | None:
         """(id, stackDepth, symbol, module) of a callchain table, strings resolved."""
         table = self.export.table(base)
-        if not self.export.has_columns(table, "id", "stackDepth", "symbol"):
+        if not self._usable(table, "id", "stackDepth", "symbol"):
             return None
         frame = self.export.read(
             table,
@@ -684,7 +806,7 @@ class _NsysReader:
 
     def _osrt_calls(self) -> pl.DataFrame | None:
         table = self.export.table(OSRT_TABLE)
-        if not self.export.has_columns(table, "start", "end", "globalTid"):
+        if not self._usable(table, "start", "end", "globalTid"):
             return None
         frame = self.export.read(
             table,
@@ -714,7 +836,7 @@ class _NsysReader:
 
     def _samples(self) -> pl.DataFrame | None:
         table = self.export.table(SAMPLE_TABLE)
-        if not self.export.has_columns(table, "id", "start", "globalTid"):
+        if not self._usable(table, "id", "start", "globalTid"):
             return None
         frame = self.export.read(
             table,
@@ -763,7 +885,7 @@ class _NsysReader:
             used = (
                 pl.concat(gpu_work)
                 .filter(pl.col("kind").is_in(["kernel", "memcpy", "memset"]))
-                .select("_proc", pl.col("device").cast(pl.Int32))
+                .select("_proc", pl.col("device").cast(pl.Int32, strict=False))
                 .drop_nulls()
                 .unique()
             )
@@ -791,7 +913,7 @@ class _NsysReader:
                 continue
             for variable in ("RANK", "LOCAL_RANK"):
                 number = _parse_int(environment.get(variable))
-                if number is not None and number >= 0:
+                if number is not None and 0 <= number < 2**31:
                     explicit[key] = (number, f"env:{variable}")
                     break
         claimed = [rank for rank, _ in explicit.values()]
@@ -812,12 +934,12 @@ class _NsysReader:
                     "rank_source": rank_source,
                     "source": export.path,
                     "format": FORMAT_NAME,
-                    "tool_version": tool_version,
+                    "tool_version": guard.scrub_value(tool_version),
                     "pid": key % _ID_SPAN,
-                    "hostname": hostname,
+                    "hostname": guard.scrub_value(hostname),
                     "gpu_names": [gpu_names[d] for d in devices if d in gpu_names],
                     "devices": devices,
-                    "world_size": _parse_int(environment_of.get(key, {}).get("WORLD_SIZE")),
+                    "world_size": _world_size(environment_of.get(key, {}).get("WORLD_SIZE")),
                     "clock_origin_ns": clock_origin,
                 }
             )
@@ -852,7 +974,8 @@ class _NsysReader:
         if epoch is None:
             return None
         # --ts-shift=N added N to every timestamp: the zero moved N earlier.
-        return epoch - shift
+        origin = epoch - shift
+        return origin if -(2**63) <= origin < 2**63 else None
 
     def _captured_environments(self) -> tuple[dict[str, dict[str, str]], dict[str, int]]:
         """Environment and pid per launched process (``PROCESS_n``) from META_DATA_CAPTURE.
@@ -918,8 +1041,8 @@ class _NsysReader:
             )
             if id_column:
                 for device, name in self.export.rows(f'SELECT "{id_column}", name FROM "{table}"'):
-                    if device is not None and name:
-                        names.setdefault(int(device), str(name).strip())
+                    if _parse_int(device) is not None and name:
+                        names.setdefault(_parse_int(device), guard.scrub_value(str(name).strip()))
         legacy = self.export.table("TARGET_INFO_CUDA_GPU")
         if not names and legacy is not None and "name" in self.export.columns(legacy):
             id_column = next(
@@ -930,8 +1053,8 @@ class _NsysReader:
             for device, name in self.export.rows(
                 f'SELECT {select}, name FROM "{legacy}" ORDER BY rowid'
             ):
-                if device is not None and name:
-                    names.setdefault(int(device), str(name).strip())
+                if _parse_int(device) is not None and name:
+                    names.setdefault(_parse_int(device), guard.scrub_value(str(name).strip()))
         return names
 
     def _mpi_ranks(self) -> dict[int, int]:
@@ -943,9 +1066,14 @@ class _NsysReader:
         for global_tid, rank in self.export.rows(
             f'SELECT DISTINCT CAST(globalTid AS INTEGER), CAST(rank AS INTEGER) FROM "{table}"'
         ):
-            if global_tid is not None and rank is not None:
+            if global_tid is not None and rank is not None and 0 <= rank < 2**31:
                 ranks.setdefault(global_tid // _ID_SPAN, rank)
         return ranks
+
+
+def _world_size(value: object) -> int | None:
+    number = _parse_int(value)
+    return number if number is not None and 0 < number < 2**31 else None
 
 
 def _conformed(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
@@ -963,9 +1091,18 @@ def _conformed(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFr
 
 
 def _parse_int(value: object) -> int | None:
-    if value is None:
+    """An int64 from an integer or its text; anything else (words, blobs, reals with a
+    fraction, numbers past int64) is None."""
+    if value is None or isinstance(value, (bytes, bytearray)):
         return None
     try:
-        return int(str(value).strip())
+        number = int(str(value).strip())
     except ValueError:
-        return None
+        try:
+            real = float(str(value).strip())
+        except ValueError:
+            return None
+        if not real.is_integer():
+            return None
+        number = int(real)
+    return number if -(2**63) <= number < 2**63 else None

@@ -1,0 +1,380 @@
+"""Property-based tests (hypothesis).
+
+- The interval algebra (``traceinsight.analysis.intervals``) against a brute-force model:
+  sets of integer points on a small grid.
+- The ingestors on generated traces: random Kineto event lists of valid and invalid shapes,
+  and random small nsys-like SQLite databases built with :mod:`sqlite3`. Whatever the input,
+  a reader either returns a model that keeps the model's invariants (and that the analyses
+  and the JSON report digest) or raises :class:`~traceinsight.errors.TraceInputError`; on
+  well-formed input it reads exactly what was written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import sqlite3
+import string
+import tempfile
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from traceinsight.analysis import intervals as iv
+from traceinsight.errors import TraceInputError
+from traceinsight.ingest.guard import MAX_ABS_TIME_NS
+from traceinsight.ingest.kineto import KIND_BY_CATEGORY, read_kineto
+from traceinsight.ingest.nsys import read_nsys
+from traceinsight.model import INTERVAL_KINDS, INTERVAL_SCHEMA, RANK_SCHEMA, SAMPLE_SCHEMA, TraceModel
+
+# Hypothesis keeps its caches out of the checkout.
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "traceinsight-hypothesis"))
+
+GRID = 40
+# database=None: nothing written into the checkout (.hypothesis/); failures print their example.
+FAST = settings(max_examples=150, deadline=None, database=None)
+FILES = settings(max_examples=60, deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+# -- interval algebra against a brute-force model -------------------------------------------------
+
+raw_intervals = st.lists(
+    st.tuples(st.integers(0, GRID), st.integers(-3, 12)).map(lambda p: (p[0], p[0] + p[1])),
+    max_size=8,
+)
+
+
+def as_set(pairs) -> iv.IntervalSet:
+    return iv.merge([s for s, _ in pairs], [e for _, e in pairs])
+
+
+def points(pairs) -> set[int]:
+    return {x for s, e in pairs for x in range(s, e)}
+
+
+def points_of(result: iv.IntervalSet) -> set[int]:
+    return points(zip(result[0].tolist(), result[1].tolist()))
+
+
+def assert_canonical(result: iv.IntervalSet, *, strict: bool = False) -> None:
+    """Sorted, non-empty, disjoint intervals (``strict``: not even touching)."""
+    starts, ends = result
+    assert starts.dtype == np.int64 and ends.dtype == np.int64 and starts.shape == ends.shape
+    assert (ends > starts).all()
+    if starts.size > 1:
+        gaps = starts[1:] - ends[:-1]
+        assert ((gaps > 0) if strict else (gaps >= 0)).all()
+
+
+@FAST
+@given(raw_intervals)
+def test_merge_is_the_union(pairs):
+    result = iv.merge([s for s, _ in pairs], [e for _, e in pairs])
+    assert_canonical(result, strict=True)
+    assert points_of(result) == points(pairs)
+
+
+@FAST
+@given(raw_intervals, st.integers(-5, GRID + 5), st.integers(-5, GRID + 5))
+def test_complement_and_clip(pairs, lo, hi):
+    a = as_set(pairs)
+    window = set(range(lo, hi))
+    gaps = iv.complement(a, lo, hi)
+    assert_canonical(gaps)
+    assert points_of(gaps) == window - points(pairs)
+    clipped = iv.clip(a, lo, hi)
+    assert_canonical(clipped)
+    assert points_of(clipped) == window & points(pairs)
+
+
+@FAST
+@given(raw_intervals, raw_intervals)
+def test_intersect_and_subtract(left, right):
+    a, b = as_set(left), as_set(right)
+    both = iv.intersect(a, b)
+    assert_canonical(both)
+    assert points_of(both) == points(left) & points(right)
+    rest = iv.subtract(a, b)
+    assert_canonical(rest)
+    assert points_of(rest) == points(left) - points(right)
+    # The pieces partition a.
+    assert iv.total(both) + iv.total(rest) == iv.total(a) == len(points(left))
+
+
+@FAST
+@given(raw_intervals, st.lists(st.integers(-5, GRID + 15), max_size=10))
+def test_point_queries(pairs, queries):
+    a = as_set(pairs)
+    covered_points = points(pairs)
+    query = np.array(queries, dtype=np.int64)
+    assert iv.covered(a, query).tolist() == [q in covered_points for q in queries]
+    assert iv.covered_length_before(a, query).tolist() == [
+        sum(1 for x in covered_points if x < q) for q in queries
+    ]
+
+
+@FAST
+@given(raw_intervals, st.lists(st.tuples(st.integers(-5, GRID + 15), st.integers(0, 20)), max_size=8))
+def test_overlap_per_window(pairs, windows):
+    a = as_set(pairs)
+    starts = [s for s, _ in windows]
+    ends = [s + n for s, n in windows]
+    expected = [len(points(pairs) & set(range(s, e))) for s, e in zip(starts, ends)]
+    assert iv.overlap_per_window(a, starts, ends).tolist() == expected
+
+
+# -- model invariants -----------------------------------------------------------------------------
+
+
+def assert_model_ok(model: TraceModel) -> None:
+    intervals = model.intervals
+    assert dict(intervals.schema) == INTERVAL_SCHEMA
+    assert dict(model.samples.schema) == SAMPLE_SCHEMA
+    assert dict(model.ranks.schema) == RANK_SCHEMA
+    for column in ("rank", "kind", "name", "start_ns", "end_ns"):
+        assert intervals.get_column(column).null_count() == 0, column
+    assert intervals.filter(pl.col("end_ns") < pl.col("start_ns")).is_empty()
+    assert intervals.filter(pl.col("start_ns").abs() > MAX_ABS_TIME_NS).is_empty()
+    assert set(intervals.get_column("kind").unique().to_list()) <= set(INTERVAL_KINDS)
+    assert set(intervals.get_column("rank").unique().to_list()) <= set(model.ranks.get_column("rank").to_list())
+    assert model.ranks.get_column("rank").is_unique().all()
+    names = intervals.get_column("name")
+    assert not names.str.contains("[\x00-\x08\x0b-\x1f\x7f-\x9f]").any()  # no terminal controls
+    assert all(isinstance(w, str) and "\n" not in w for w in model.warnings)
+
+
+def assert_analyzable(model: TraceModel) -> None:
+    """The analyses and the JSON report digest whatever a reader returns."""
+    from traceinsight.analysis.pipeline import analyze
+    from traceinsight.report.json_report import render_json
+
+    if model.ranks.is_empty():  # nothing to analyze: the user is told so (exit 2)
+        with pytest.raises(TraceInputError, match="the traces hold no events"):
+            analyze(model)
+        return
+    json.loads(render_json(analyze(model)))
+
+
+# -- Kineto ---------------------------------------------------------------------------------------
+
+categories = st.sampled_from(sorted(KIND_BY_CATEGORY) + ["Trace", "overhead", "weird", ""])
+names = st.one_of(
+    st.sampled_from(["aten::mm", "ProfilerStep#3", "void foo<int>(float*)", "ncclDevKernel_SendRecv(x)",
+                     "cudaLaunchKernel", "[bold]x[/bold]", "a\x1b[2Jb", "step 4", ""]),
+    st.text(max_size=12),
+)
+numbers = st.one_of(
+    st.integers(-(10**6), 10**7),
+    st.floats(-1e6, 1e7, allow_nan=False),
+    st.sampled_from([1e300, -1e300, 10**30, 2**63, 1.7e15]),
+)
+loose_values = st.one_of(st.none(), st.booleans(), numbers, st.text(max_size=6),
+                         st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+@st.composite
+def kineto_event(draw, valid: bool):
+    if valid:
+        event = {
+            "ph": "X", "cat": draw(categories), "name": draw(names),
+            "pid": draw(st.integers(0, 5)), "tid": draw(st.integers(0, 5)),
+            "ts": draw(st.integers(0, 10**6)), "dur": draw(st.integers(0, 10**4)),
+        }
+        if draw(st.booleans()):
+            event["args"] = {"device": draw(st.integers(0, 3)), "stream": draw(st.integers(0, 9)),
+                             "correlation": draw(st.integers(0, 50)), "External id": draw(st.integers(0, 50))}
+        return event
+    event = {}
+    for key, value in (("ph", st.one_of(st.just("X"), st.sampled_from(["i", "M", "B", "f"]), loose_values)),
+                       ("cat", st.one_of(categories, loose_values)), ("name", st.one_of(names, loose_values)),
+                       ("pid", loose_values), ("tid", loose_values), ("ts", st.one_of(numbers, loose_values)),
+                       ("dur", st.one_of(numbers, loose_values)),
+                       ("args", st.one_of(st.dictionaries(st.sampled_from(
+                           ["device", "stream", "correlation", "External id", "Input Dims", "Rank", "bytes"]),
+                           loose_values, max_size=4), loose_values))):
+        if draw(st.integers(0, 5)):  # usually present
+            event[key] = draw(value)
+    return event
+
+
+@st.composite
+def kineto_document(draw, valid: bool):
+    events = draw(st.lists(kineto_event(valid), max_size=25))
+    if not valid and draw(st.integers(0, 9)) == 0:
+        events += draw(st.lists(loose_values, max_size=2))  # not even objects
+    shape = draw(st.sampled_from(["object", "object", "list"]))
+    if shape == "list":
+        return events
+    document = {"traceEvents": events, "schemaVersion": 1}
+    if not valid:
+        for key in ("baseTimeNanoseconds", "distributedInfo", "deviceProperties"):
+            if draw(st.booleans()):
+                document[key] = draw(st.one_of(loose_values, st.fixed_dictionaries(
+                    {"rank": loose_values, "world_size": loose_values})))
+    return document
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    return tmp_path_factory.mktemp("properties")
+
+
+def _write_kineto(scratch, document, compress: bool):
+    path = scratch / ("trace.json.gz" if compress else "trace.json")
+    data = json.dumps(document).encode()
+    path.write_bytes(gzip.compress(data, mtime=0) if compress else data)
+    return path
+
+
+@FILES
+@given(document=kineto_document(valid=False), compress=st.booleans(), salvage=st.booleans())
+def test_kineto_reader_never_crashes(scratch, document, compress, salvage):
+    path = _write_kineto(scratch, document, compress)
+    try:
+        model = read_kineto(str(path), salvage=salvage)
+    except TraceInputError as error:
+        assert "\n" not in str(error) and str(path) in str(error)
+        return
+    assert_model_ok(model)
+    assert_analyzable(model)
+
+
+@FILES
+@given(document=kineto_document(valid=True), compress=st.booleans())
+def test_kineto_reader_reads_what_was_written(scratch, document, compress):
+    path = _write_kineto(scratch, document, compress)
+    model = read_kineto(str(path))
+    assert_model_ok(model)
+    events = document if isinstance(document, list) else document["traceEvents"]
+    expected = sorted(
+        (event["dur"] * 1000)
+        for event in events
+        if event["cat"] in KIND_BY_CATEGORY or (event["name"].startswith("ProfilerStep#") and event["cat"] == "cpu_op")
+    )
+    durations = (model.intervals.get_column("end_ns") - model.intervals.get_column("start_ns")).to_list()
+    assert sorted(durations) == expected
+    assert_analyzable(model)
+
+
+@FILES
+@given(document=kineto_document(valid=True), cut=st.floats(0.05, 0.99))
+def test_kineto_salvage_keeps_a_prefix(scratch, document, cut):
+    assume(isinstance(document, dict) and document["traceEvents"])
+    text = json.dumps(document).encode()
+    path = scratch / "cut.json"
+    path.write_bytes(text[: int(len(text) * cut)])
+    try:
+        model = read_kineto(str(path), salvage=True)
+    except TraceInputError as error:
+        assert "nothing to salvage" in str(error) or "not a" in str(error) or "JSON" in str(error)
+        return
+    assert_model_ok(model)
+    assert model.intervals.height <= len(document["traceEvents"])
+
+
+# -- nsys -----------------------------------------------------------------------------------------
+
+GLOBAL_TID = (1 << 48) | (100 << 24) | 100
+sqlite_values = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False),
+                          st.text(alphabet=string.printable, max_size=6), st.binary(max_size=4))
+
+
+@st.composite
+def nsys_database(draw, valid: bool):
+    """Statements building a small nsys-like export: kernels, runtime calls, NVTX ranges."""
+    strings = draw(st.lists(st.text(alphabet=string.ascii_letters + "_<>():[]/ \x1b", min_size=1, max_size=10),
+                            min_size=1, max_size=6))
+    tables = {
+        "StringIds": ["id INTEGER PRIMARY KEY", "value TEXT"],
+        "CUPTI_ACTIVITY_KIND_KERNEL": ["start", '"end"', "deviceId", "streamId", "correlationId", "globalPid",
+                                       "shortName", "demangledName"],
+        "CUPTI_ACTIVITY_KIND_RUNTIME": ["start", '"end"', "globalTid", "correlationId", "nameId", "eventClass"],
+        "NVTX_EVENTS": ["start", '"end"', "eventType", "text", "globalTid", "domainId", "textId"],
+    }
+    if not valid:
+        # Some tables or columns missing, as in exports of other versions or damaged ones.
+        for table in list(tables)[1:]:
+            if draw(st.integers(0, 4)) == 0:
+                del tables[table]
+            elif draw(st.integers(0, 4)) == 0:
+                columns = tables[table]
+                del columns[draw(st.integers(0, len(columns) - 1))]
+    statements = [f'CREATE TABLE "{t}" ({", ".join(c)})' for t, c in tables.items()]
+    statements += [("INSERT INTO StringIds VALUES (?, ?)", (i + 1, s)) for i, s in enumerate(strings)]
+    kernels = []
+    for _ in range(draw(st.integers(0, 12))):
+        start = draw(st.integers(0, 10**6))
+        row = [start, start + draw(st.integers(0, 10**4)), 0, 7, draw(st.integers(1, 20)), GLOBAL_TID & ~0xFFFFFF,
+               draw(st.integers(1, len(strings))), 1]
+        if not valid:
+            row = [draw(sqlite_values) if draw(st.integers(0, 6)) == 0 else value for value in row]
+        kernels.append(row)
+    calls = []
+    for _ in range(draw(st.integers(0, 8))):
+        start = draw(st.integers(0, 10**6))
+        row = [start, start + draw(st.integers(0, 500)), GLOBAL_TID, draw(st.integers(1, 20)), 1, 0]
+        if not valid:
+            row = [draw(sqlite_values) if draw(st.integers(0, 6)) == 0 else value for value in row]
+        calls.append(row)
+    ranges = []
+    for index in range(draw(st.integers(0, 6))):
+        start = draw(st.integers(0, 10**6))
+        row = [start, start + draw(st.integers(0, 10**5)), 59, f"step {index}", GLOBAL_TID, 0, None]
+        if not valid:
+            row = [draw(sqlite_values) if draw(st.integers(0, 6)) == 0 else value for value in row]
+        ranges.append(row)
+    for table, rows in (("CUPTI_ACTIVITY_KIND_KERNEL", kernels), ("CUPTI_ACTIVITY_KIND_RUNTIME", calls),
+                        ("NVTX_EVENTS", ranges)):
+        if table in tables:
+            width = len(tables[table])
+            statements += [(f'INSERT INTO "{table}" VALUES ({", ".join("?" * width)})', tuple(row[:width]))
+                           for row in rows]
+    return statements, strings, kernels
+
+
+def _build(scratch, statements):
+    path = scratch / "trace.sqlite"
+    path.unlink(missing_ok=True)
+    connection = sqlite3.connect(path)
+    for statement in statements:
+        if isinstance(statement, tuple):
+            connection.execute(*statement)
+        else:
+            connection.execute(statement)
+    connection.commit()
+    connection.close()
+    return path
+
+
+@FILES
+@given(database=nsys_database(valid=False))
+def test_nsys_reader_never_crashes(scratch, database):
+    statements, _, _ = database
+    path = _build(scratch, statements)
+    try:
+        model = read_nsys(str(path))
+    except TraceInputError as error:
+        assert "\n" not in str(error)
+        return
+    assert_model_ok(model)
+    assert_analyzable(model)
+
+
+@FILES
+@given(database=nsys_database(valid=True))
+def test_nsys_reader_reads_what_was_written(scratch, database):
+    statements, strings, kernels = database
+    path = _build(scratch, statements)
+    model = read_nsys(str(path))
+    assert_model_ok(model)
+    read = model.intervals.filter(pl.col("kind") == "kernel")
+    expected = sorted(
+        (start, end, strings[short - 1].replace("\x1b", "\ufffd")) for start, end, *_, short, _ in kernels
+    )
+    assert sorted(read.select("start_ns", "end_ns", "name").iter_rows()) == expected
+    assert_analyzable(model)
