@@ -352,7 +352,9 @@ def _read_file(path: str) -> bytes:
     except OSError as exc:
         raise TraceInputError(f"cannot read: {exc.strerror}", path=path) from None
     if not raw:
-        raise TraceFormatError("empty file", path=path)
+        raise TraceFormatError(
+            "empty file (0 bytes); was the profiler stopped before it wrote the trace?", path=path
+        )
     return raw
 
 
