@@ -194,13 +194,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
     if json_path:
         from traceinsight.report.json_report import render_json
 
-        data = render_json(findings, show_host=show_host)
-        if json_path == "-":
-            click.echo(data.decode())
-            quiet = True
-        else:
-            _check_writable(json_path)
-            outputs.append((json_path, data))
+        quiet |= _queue_output(json_path, render_json(findings, show_host=show_host), outputs)
     if html_path:
         from traceinsight.analysis.timeline import timelines_for_report
         from traceinsight.report.html import render_html
@@ -272,6 +266,17 @@ def _write_outputs(outputs: list[tuple[str, bytes]]) -> None:
             except OSError:
                 pass
         raise
+
+
+def _queue_output(path: str, data: bytes, outputs: list) -> bool:
+    """Print ``data`` for ``-`` (and say so: the terminal summary must then stay quiet), or
+    queue it for :func:`_write_outputs` after checking the destination."""
+    if path == "-":
+        click.echo(data.decode())
+        return True
+    _check_writable(path)
+    outputs.append((path, data))
+    return False
 
 
 def _check_writable(path: str) -> None:
@@ -441,13 +446,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     if json_path:
         from traceinsight.report.diff_report import render_diff_json
 
-        data = render_diff_json(result)
-        if json_path == "-":
-            click.echo(data.decode())
-            quiet = True
-        else:
-            _check_writable(json_path)
-            outputs.append((json_path, data))
+        quiet |= _queue_output(json_path, render_diff_json(result), outputs)
     if html_path:
         from traceinsight.report.html import render_diff_html
 
