@@ -458,6 +458,8 @@ class _NsysReader:
             except sqlite3.OperationalError:  # a view or a WITHOUT ROWID table
                 continue
             rows += _parse_int(largest) or 0
+        # A row takes at least a byte of the file: a damaged rowid cannot claim more.
+        rows = min(rows, os.path.getsize(self.export.path))
         guard.check_memory(
             self.export.path,
             rows * guard.NSYS_BYTES_PER_ROW,
