@@ -160,12 +160,12 @@ def run_phases(call, options: Options):
     sources = {first[r]["step_source"] for r in ranks_order}
     step_source = "marker" if sources == {"marker"} else ("whole trace" if sources == {"whole trace"} else "mixed")
     if step_source != "marker":
+        where = ": the whole trace is one step" if step_source == "whole trace" else \
+            " on some ranks: there the whole trace is one step"
         if options.step_pattern:
-            warnings.append(f"step marker {options.step_pattern!r} matched no annotation on some ranks: "
-                            "there the whole trace is one step")
+            warnings.append(f"step marker {options.step_pattern!r} matched no annotation{where}")
         else:
-            warnings.append("no step markers (ProfilerStep#N, 'step N', 'iteration N') on some ranks: "
-                            "there the whole trace is one step")
+            warnings.append(f"no step markers (ProfilerStep#N, 'step N', 'iteration N'){where}")
     comm = _frames([first[r]["comm"] for r in ranks_order])
     alignment = align_clocks(comm, ranks)
     warnings += alignment.notes

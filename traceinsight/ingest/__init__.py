@@ -34,7 +34,8 @@ def _looks_like_trace(path: str) -> bool:
         return True
     import gzip
 
-    opener = gzip.open if open(path, "rb").read(2) == b"\x1f\x8b" else open
+    with open(path, "rb") as handle:
+        opener = gzip.open if handle.read(2) == b"\x1f\x8b" else open
     try:
         with opener(path, "rb") as handle:
             head = handle.read(65536)
@@ -148,6 +149,8 @@ def _read_one(path: str, salvage: bool, cache_dir: str | None) -> TraceModel:
     """Read one file, through the cache when ``cache_dir`` is set (runs in worker processes)."""
     if cache_dir:
         from traceinsight.ingest import cache
+
+        detect_format(path)  # a missing or foreign file is told as such, before any cache key
 
         model = cache.load_cached(path, cache_dir, salvage=salvage)
         if model is not None:

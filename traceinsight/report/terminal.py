@@ -204,7 +204,7 @@ def render_info(descriptions: list[dict], console: Console) -> None:
             table.add_row("top kernel", plain(f"{kernel['name']}  {kernel['total_ms']:.2f} ms "
                                               f"({kernel['share']:.0%}, {kernel['count']}x)"))
         for warning in info["warnings"]:
-            table.add_row("note", plain(warning))
+            table.add_row("note", plain_paragraph(warning))
         console.print(table)
         console.print()
 
