@@ -26,7 +26,6 @@ import contextlib
 import gzip
 import hashlib
 import io
-import os
 import random
 import shutil
 import sqlite3

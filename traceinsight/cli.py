@@ -230,7 +230,6 @@ def explain(paths, step, rank, json_path, step_marker, salvage):
     """Post-mortem of one step: where it differs from the typical step, and why."""
     import msgspec
 
-    import traceinsight
     from traceinsight.analysis.pipeline import analyze as run_analysis
     from traceinsight.analysis.postmortem import step_postmortem
 

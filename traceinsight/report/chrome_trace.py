@@ -75,8 +75,6 @@ the alignment of the reloaded model finds offsets of ~0 and the same waits.
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
