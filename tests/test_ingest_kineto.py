@@ -559,3 +559,116 @@ def test_multi_member_gzip_reads_every_member(tmp_path: Path) -> None:
     data = gzip.compress(text[:half]) + gzip.compress(text[half:]) + b"\x00" * 8
     model = read_kineto(write(tmp_path, data, name="two_members.json.gz"))
     assert model.intervals.height == 30
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked decoding: the event array is decoded a chunk at a time; results never depend on it
+# --------------------------------------------------------------------------------------------
+
+
+def _tricky_events() -> list[dict]:
+    """Events whose text holds ``},`` and ``}]`` inside strings and nested args."""
+    events = []
+    for i in range(40):
+        events.append(
+            op(
+                'op "},{" #' + str(i) + " }, ]",
+                i * 10,
+                5,
+                args={
+                    "External id": i,
+                    "Input Dims": [[i, 2], []],
+                    "nested": [{"a": {"b": [1, {"c": "},"}]}}, {"d": 2}],
+                },
+            )
+        )
+        events.append({"ph": "f", "id": i, "pid": 11, "tid": 12, "ts": i * 10, "cat": "fwdbwd"})
+        events.append(
+            {
+                "ph": "X",
+                "cat": "kernel",
+                "name": "void k<int>(float*)",
+                "pid": 0,
+                "tid": 7,
+                "ts": i * 10 + 1,
+                "dur": 2,
+                "args": {"correlation": i, "device": 0, "stream": 7, "External id": i},
+            }
+        )
+    return events
+
+
+def _models_equal(a, b) -> None:
+    from polars.testing import assert_frame_equal
+
+    assert_frame_equal(a.intervals, b.intervals)
+    assert_frame_equal(a.ranks, b.ranks)
+    assert a.warnings == b.warnings
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("chunk_bytes", [1, 37, 500, 1 << 24])
+def test_chunked_decode_matches_one_whole_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, indent, chunk_bytes: int
+) -> None:
+    from traceinsight.ingest import kineto
+
+    top = trace(
+        _tricky_events(),
+        note='"traceEvents": [ in a string first',
+        distributedInfo={"rank": 2, "world_size": 4},
+    )
+    text = json.dumps(top, indent=indent, separators=None if indent else (",", ":"))
+    path = write(tmp_path, text, gz=True)
+    whole = kineto.read_kineto(path)  # default chunk size: one chunk here
+
+    def no_whole_file_path(*args, **kwargs):
+        raise AssertionError("the whole-file path was taken")
+
+    monkeypatch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(kineto, "_decode", no_whole_file_path)
+    chunked = kineto.read_kineto(path)
+    _models_equal(whole, chunked)
+    assert chunked.of_kind("kernel").height == 40
+    assert chunked.ranks.get_column("rank").to_list() == [2]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 300])
+def test_chunked_decode_falls_back_for_odd_types_late_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int
+) -> None:
+    from traceinsight.ingest import kineto
+
+    events = [op(f"a{i}", i, 1, args={"External id": i}) for i in range(30)]
+    events.append(op("late", 40, "1.5", args={"External id": "17"}))  # a lenient read
+    monkeypatch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
+    model = kineto.read_kineto(write(tmp_path, trace(events)))
+    rows = {r["name"]: r for r in model.intervals.iter_rows(named=True)}
+    assert len(rows) == 31
+    assert rows["late"]["external_id"] == 17
+    assert rows["late"]["end_ns"] - rows["late"]["start_ns"] == 1500
+
+
+def test_chunked_decode_keeps_truncation_errors_and_salvage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from traceinsight.ingest import kineto
+
+    monkeypatch.setattr(kineto, "_CHUNK_BYTES", 64)
+    text = json.dumps(trace([op(f"a{i}", i, 1) for i in range(20)]), indent=2)
+    path = write(tmp_path, text[: len(text) * 2 // 3], gz=True)
+    with pytest.raises(TraceInputError, match="truncated or invalid JSON"):
+        kineto.read_kineto(path)
+    salvaged = kineto.read_kineto(path, salvage=True)
+    assert 0 < salvaged.intervals.height < 20
+    assert any("salvaged a truncated trace" in w for w in salvaged.warnings)
+
+
+@pytest.mark.skipif(not TWO_RANK.is_dir(), reason="../shared/traces not available")
+def test_chunked_decode_of_a_real_trace_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceinsight.ingest import kineto
+
+    path = str(TWO_RANK / "rank0.json.gz")
+    whole = kineto.read_kineto(path)
+    monkeypatch.setattr(kineto, "_CHUNK_BYTES", 1 << 20)
+    _models_equal(whole, kineto.read_kineto(path))

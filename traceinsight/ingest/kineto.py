@@ -7,8 +7,10 @@ name) and decoded with :mod:`msgspec` straight into typed structs that declare o
 fields the model needs. msgspec skips every other key without building Python objects for it,
 the structs are not tracked by the garbage collector, and no per-event ``dict`` exists at any
 point; the columns are then gathered with one list comprehension per field and handed to
-polars. On a 320 MB trace this is faster than ``orjson.loads`` of the same bytes alone and
-needs less than half its memory. If an event field has an unexpected JSON type, the file is
+polars. A well-formed trace object is decoded about 16 MB of event text at a time (cut at
+event boundaries; see :func:`_read_chunked`), each chunk becoming columns before the next,
+so the structs of all events never exist at once. On a 320 MB trace this is faster than
+``orjson.loads`` of the same bytes alone and needs about a quarter of its memory. If an event field has an unexpected JSON type, the file is
 decoded a second time with loosely typed structs and the values are coerced one by one (slow,
 but a trace is never rejected over a field the model only uses for enrichment).
 
@@ -322,6 +324,17 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     data = _read_file(path)
     if data.startswith(_GZIP_MAGIC):
         data = _gunzip(data, path=path, salvage=salvage, warnings=warnings, limit=inflate_limit)
+    # Well-formed files with the usual field types are decoded a chunk of events at a time
+    # (bounded memory); anything else takes the whole-file path below, which tells errors
+    # apart, retries leniently, salvages and keeps exact timestamps.
+    chunked = _read_chunked(data, path=path, warnings=warnings)
+    if chunked is not None:
+        del data  # before the column work: the JSON text is no longer needed
+        frame, trace, base = chunked
+        del chunked
+        intervals, facts = _finish_intervals(frame, trace, base, None, warnings)
+        ranks = _rank_frame(trace, facts, path=path)
+        return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
     try:
         decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
     except RecursionError:
@@ -729,7 +742,17 @@ def _intervals(
             )
     decoded.source = None  # let the JSON text go as soon as the events go
     del events, kept
+    return _finish_intervals(frame, trace, base, exact, warnings)
 
+
+def _finish_intervals(
+    frame: pl.DataFrame,
+    trace: Any,
+    base: int | None,
+    exact: tuple[list[int | None], list[int | None]] | None,
+    warnings: list[str],
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """From the raw (scrubbed) columns to the interval frame and the rank row's facts."""
     frame, origin_ns = _timestamps(frame, base, exact, warnings)
     frame = _classify(frame, warnings)
     frame, main_pid = _ownership(frame)
@@ -747,6 +770,117 @@ def _intervals(
         "devices": frame.get_column("device").drop_nulls().unique().sort().to_list(),
     }
     return frame, facts
+
+
+#: JSON text of the event array decoded per chunk: bounds the structs alive at once.
+_CHUNK_BYTES = 1 << 24
+#: Tries per chunk to find an event boundary (a ``},`` inside ``args`` can look like one).
+_CHUNK_TRIES = 16
+#: A ``}`` followed by a comma: where an event may end and the next begin.
+_EVENT_END = re.compile(rb"\}[ \t\r\n]*,")
+
+_TopLevel = msgspec.defstruct(
+    "_TopLevel", [("traceEvents", msgspec.Raw), *((key, Any, None) for key in _TOP_FIELDS)]
+)
+
+
+def _read_chunked(
+    data: bytes | bytearray, *, path: str, warnings: list[str]
+) -> tuple[pl.DataFrame, Any, int | None] | None:
+    """Raw columns, top-level keys and ``baseTimeNanoseconds`` of a well-formed trace
+    object, read a chunk of events at a time; None to take the
+    whole-file path (a bare event list, malformed JSON, unexpected field types, text that is
+    not UTF-8, absolute fractional timestamps needing an exact re-decode, no ``ph``).
+
+    The top level is decoded with the event array as :class:`msgspec.Raw` (a view into
+    ``data``, no copy), which checks the whole text is JSON. The array is then cut at event
+    boundaries about every ``_CHUNK_BYTES``: a cut is right exactly when ``[`` + the chunk +
+    ``]`` decodes, since a cut inside an event (or inside a string) leaves a bracket or a
+    quote open. Each chunk's structs become polars columns and are dropped before the next.
+    """
+    if _first_json_byte(data) != b"{":
+        return None
+    try:
+        top = msgspec.json.decode(data, type=_TopLevel)
+        array = memoryview(top.traceEvents)
+        top.traceEvents = None
+        start = _events_array_start(data, is_list=False)
+        if (
+            start is None
+            or len(array) < 2
+            or memoryview(data)[start : start + len(array)] != array
+        ):
+            return None
+        end = start + len(array) - 1  # the closing ']'
+        del array
+        if data[end] != ord("]"):
+            return None
+        frames, total, any_ph = _decode_chunks(data, start + 1, end)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if frames is None or (total and not any_ph):
+        return None
+    frame = pl.concat(frames, rechunk=False) if len(frames) > 1 else frames[0]
+    del frames
+    notes: list[str] = []
+    frame = guard.scrub_text(frame, notes)
+    base = _as_int(top.baseTimeNanoseconds)
+    if base is None and _needs_exact_times(frame.get_column("ts")):
+        return None
+    warnings.extend(notes)
+    return frame, top, base
+
+
+def _decode_chunks(
+    data: bytes | bytearray, position: int, end: int
+) -> tuple[list[pl.DataFrame] | None, int, bool]:
+    """Raw frames of the events between ``position`` and the array's ``]`` at ``end``;
+    also the number of events and whether any had a ``ph``. ``None`` frames: no usable cut.
+
+    Raises ``msgspec.DecodeError`` (a ``ValidationError``: a field of an unexpected type).
+    """
+    view = memoryview(data)
+    frames: list[pl.DataFrame] = []
+    total = 0
+    any_ph = False
+    while True:
+        while position < end and data[position] in _WHITESPACE:
+            position += 1
+        if position >= end:
+            break
+        events = None
+        cut = position + _CHUNK_BYTES
+        for _ in range(_CHUNK_TRIES):
+            found = _EVENT_END.search(data, cut, end) if cut < end else None
+            if found is None:  # the rest of the array
+                close, resume = end, end
+            else:
+                close, resume = found.start() + 1, found.end()
+            chunk = bytearray(b"[")
+            chunk += view[position:close]
+            chunk += b"]"
+            try:
+                events = msgspec.json.decode(chunk, type=list[_Event])
+            except msgspec.ValidationError:
+                raise
+            except msgspec.DecodeError:
+                if found is None:
+                    raise
+                cut = close  # that '}' closed something inside an event: the next one
+                continue
+            break
+        if events is None:
+            return None, total, any_ph
+        total += len(events)
+        any_ph = any_ph or any(event.ph for event in events)
+        kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
+        del events, chunk
+        frames.append(_raw_frame(_gather_columns(kept, lenient=False)))
+        del kept
+        position = resume
+    if not frames:
+        frames.append(_raw_frame(_gather_columns([], lenient=False)))
+    return frames, total, any_ph
 
 
 #: Args that only a few rows carry (collectives, syncs): gathered for those rows only.
