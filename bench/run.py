@@ -226,7 +226,11 @@ def main() -> int:
             if args.growth and not is_sqlite(path):
                 for copies in (1, 2, 4):
                     grown = os.path.join(out_dir, f"x{copies}.json.gz")
-                    repeat_trace(path, copies, grown)
+                    # Build the copy in its own process: a child's peak RSS counts the memory
+                    # its parent held when it forked, so the parent must stay small.
+                    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                                    "from run import repeat_trace; repeat_trace(sys.argv[2], int(sys.argv[3]), sys.argv[4])",
+                                    os.path.dirname(os.path.abspath(__file__)), path, str(copies), grown], check=True)
                     result = run_case(f"analyze {copies}x", [sys.executable, "-m", "traceinsight.cli", "analyze",
                                                              grown, "--quiet", "--json", os.path.join(out_dir, "g.json")])
                     rows.append((name, result))
