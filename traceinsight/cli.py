@@ -111,8 +111,7 @@ def _default_cache_dir() -> str:
 def _load(paths, *, salvage: bool = False):
     """``traceinsight.load`` with the group's cache and parallelism options and, on a
     terminal, a progress bar over the files."""
-    from traceinsight.ingest import assign_ranks, expand_paths, read_files
-    from traceinsight.model import TraceModel
+    from traceinsight.ingest import expand_paths, load
 
     files = expand_paths(paths)
     jobs = _loading["jobs"]
@@ -122,13 +121,12 @@ def _load(paths, *, salvage: bool = False):
         jobs = min(len(files), os.cpu_count() or 1) if total > 64 * 2**20 else 1
     options = {"salvage": salvage, "cache_dir": _loading["cache_dir"], "jobs": jobs}
     if not sys.stderr.isatty():
-        return TraceModel.concat(assign_ranks(read_files(files, **options)))
+        return load(files, **options)
     from rich.progress import Progress
 
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("reading traces", total=len(files))
-        models = read_files(files, on_done=lambda _: progress.advance(task), **options)
-    return TraceModel.concat(assign_ranks(models))
+        return load(files, on_done=lambda _: progress.advance(task), **options)
 
 
 @main.command()
@@ -199,11 +197,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
         from traceinsight.analysis.timeline import timelines_for_report
         from traceinsight.report.html import render_html
 
-        # "--html trace.sqlite ..." takes the trace as FILE: never overwrite a non-HTML file.
-        if os.path.isfile(html_path) and not html_path.lower().endswith((".html", ".htm")):
-            raise TraceInputError(f"--html would overwrite {html_path}, which is not an .html file; "
-                                  "give the report a .html name or put --html after the trace paths")
-        _check_writable(html_path)
+        _check_html_path(html_path, "report")
         timelines = timelines_for_report(model, findings) if model is not None else {}
         outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
     if not quiet:
@@ -276,6 +270,15 @@ def _queue_output(path: str, data: bytes, outputs: list) -> bool:
     _check_writable(path)
     outputs.append((path, data))
     return False
+
+
+def _check_html_path(path: str, what: str) -> None:
+    """``--html`` takes an optional value, so ``--html trace.sqlite ...`` takes the trace as
+    the output: never overwrite a file that is not HTML."""
+    if os.path.isfile(path) and not path.lower().endswith((".html", ".htm")):
+        raise TraceInputError(f"--html would overwrite {path}, which is not an .html file; "
+                              f"give the {what} a .html name or put --html after the trace paths")
+    _check_writable(path)
 
 
 def _check_writable(path: str) -> None:
@@ -429,11 +432,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     from traceinsight.analysis.pipeline import analyze as run_analysis
 
     if html_path:
-        # "--html before.json ..." takes a trace as FILE: never overwrite a non-HTML file.
-        if os.path.isfile(html_path) and not html_path.lower().endswith((".html", ".htm")):
-            raise TraceInputError(f"--html would overwrite {html_path}, which is not an .html file; "
-                                  "give the page a .html name or put --html after the trace paths")
-        _check_writable(html_path)
+        _check_html_path(html_path, "page")
     before_findings = run_analysis(_load(before, salvage=salvage), step_pattern=step_marker)
     if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
         after_findings = before_findings  # the same run: analyze it once

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis import intervals as iv
 from traceinsight.analysis.anomalies import LIBRARY_RANGES, assign_to_steps
-from traceinsight.analysis.breakdown import CATEGORIES, window_breakdown
+from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.model import TraceModel
 
 
@@ -244,14 +243,23 @@ def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:
 
 
 def enrich_collectives(model: TraceModel, comm: pl.DataFrame, *, step_labels: list[str]) -> pl.DataFrame:
-    """Per-rank part of :func:`collective_waits`: add each collective's phase and row counts."""
+    """Per-rank part of the waits: add each collective's phase and row counts."""
     if comm.is_empty():
         return comm
     return _tokens(model, _phases(model, comm, step_labels))
 
 
 def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
-    """Cross-rank part of :func:`collective_waits`, on enriched collectives of all ranks."""
+    """Per matched collective and rank: arrival, wait, transfer and straggler (common clock),
+    from the enriched collectives of all ranks (:func:`enrich_collectives`).
+
+    Returns
+    -------
+    polars.DataFrame
+        ``key, step, group, label, rank, phase, start_ns, end_ns`` (own clock),
+        ``arrival_ns, end_aligned_ns`` (common clock), ``last_arrival_ns, straggler,
+        wait_ns, transfer_ns, participants, rows_sent, rows_received``.
+    """
     if comm.is_empty():
         return pl.DataFrame()
     offsets = pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
@@ -283,21 +291,6 @@ def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
         )
         .sort("arrival_ns", "rank", "key")
     )
-
-
-def collective_waits(
-    model: TraceModel, comm: pl.DataFrame, alignment: Alignment, *, step_labels: list[str]
-) -> pl.DataFrame:
-    """Per matched collective and rank: arrival, wait, transfer and straggler (common clock).
-
-    Returns
-    -------
-    polars.DataFrame
-        ``key, step, group, label, rank, phase, start_ns, end_ns`` (own clock),
-        ``arrival_ns, end_aligned_ns`` (common clock), ``last_arrival_ns, straggler,
-        wait_ns, transfer_ns, participants, rows_sent, rows_received``.
-    """
-    return match_waits(enrich_collectives(model, comm, step_labels=step_labels), alignment)
 
 
 def wait_intervals(waits: pl.DataFrame) -> pl.DataFrame:
@@ -386,26 +379,6 @@ def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> list[dict
     return reasons
 
 
-def straggler_reasons(
-    waits: pl.DataFrame,
-    steps: pl.DataFrame,
-    sets: dict[int, dict[str, iv.IntervalSet]],
-    alignment: Alignment,
-    *,
-    min_wait_ns: int = 100_000,
-) -> list[dict]:
-    """Why the straggler of each costly collective arrived late (all ranks in one process).
-
-    For each collective where some rank waited at least ``min_wait_ns``, every rank's time
-    from the previous collective (or its step's start) to its own arrival is broken down; the
-    category in which the straggler exceeds the others' median most is the reason.
-    """
-    windows = straggler_windows(waits, steps, alignment, min_wait_ns=min_wait_ns)
-    if windows.is_empty():
-        return []
-    return reasons_from_windows(waits, window_breakdown(sets, windows))
-
-
 def phase_class(name: str | None) -> str | None:
     """Coarse MoE phase of an annotation name: attention, dispatch, experts, combine."""
     if not name:
@@ -424,7 +397,7 @@ def phase_class(name: str | None) -> str | None:
 
 def compute_phase_times(instances: pl.DataFrame) -> pl.DataFrame:
     """GPU time of the attention and expert work per (step, rank, phase) (per-rank part of
-    :func:`imbalance_model`)."""
+    :func:`imbalance_from`)."""
     if instances.is_empty():
         return pl.DataFrame(schema={"step": pl.Int64, "rank": pl.Int32, "phase": pl.String, "t": pl.Int64})
     return (
@@ -433,14 +406,6 @@ def compute_phase_times(instances: pl.DataFrame) -> pl.DataFrame:
         .group_by("step", "rank", "phase").agg(t=pl.col("gpu_ns").sum())
         .sort("step", "rank", "phase")
     )
-
-
-def imbalance_model(instances: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
-    """Per step: what balanced load across ranks would save (all ranks in one process).
-
-    See :func:`imbalance_from`.
-    """
-    return imbalance_from(compute_phase_times(instances), waits, steps)
 
 
 def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
