@@ -12,13 +12,15 @@ Cases, per input:
 - **hta**: Holistic Trace Analysis parsing the trace (``TraceAnalysis``), when installed.
 - **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``.
 
-``--growth`` also measures ``analyze`` on the trace repeated 1x, 2x and 4x (copies shifted
-in time, step numbers and correlation ids renumbered) to show time and memory grow linearly.
+``--growth`` also measures the floor and ``analyze`` on the trace repeated 1x, 2x and 4x
+(copies shifted in time, step numbers and correlation ids renumbered, written as compact
+JSON) to show time and memory grow linearly. An input may be a folder of rank files.
 
 Usage::
 
     pip install '.[bench]'
     python bench/run.py ../shared/traces/device/h200_single_torch/trace.json.gz --growth
+    python bench/run.py ../shared/traces/device/h200_2rank_torch      # a folder: every rank
     python bench/run.py ../shared/traces/device/h200_single_nsys/trace.sqlite --markdown bench/RESULTS.md
 """
 
@@ -36,12 +38,14 @@ from dataclasses import dataclass
 
 FLOOR_KINETO = """
 import gzip, sys, orjson
-with open(sys.argv[1], "rb") as f:
-    data = f.read()
-if data[:2] == b"\\x1f\\x8b":
-    data = gzip.decompress(data)
-obj = orjson.loads(data)
-print(len(obj["traceEvents"]) if isinstance(obj, dict) else len(obj))
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:2] == b"\\x1f\\x8b":
+        data = gzip.decompress(data)
+    obj = orjson.loads(data)
+    print(len(obj["traceEvents"]) if isinstance(obj, dict) else len(obj))
+    del data, obj
 """
 
 FLOOR_NSYS = """
@@ -60,9 +64,10 @@ HTA = """
 import os, shutil, sys, tempfile
 from hta.trace_analysis import TraceAnalysis
 folder = tempfile.mkdtemp()
-shutil.copy(sys.argv[1], os.path.join(folder, "rank-0.json.gz" if sys.argv[1].endswith(".gz") else "rank-0.json"))
+for rank, path in enumerate(sys.argv[1:]):
+    shutil.copy(path, os.path.join(folder, f"rank-{rank}.json.gz" if path.endswith(".gz") else f"rank-{rank}.json"))
 analyzer = TraceAnalysis(trace_dir=folder)
-print(len(analyzer.t.get_trace(0)))
+print(sum(len(analyzer.t.get_trace(rank)) for rank in analyzer.t.get_ranks()))
 """
 
 
@@ -97,9 +102,35 @@ def run_case(case: str, argv: list[str], *, timeout: float = 1800) -> Result:
     return Result(case, seconds, usage.ru_maxrss / 1024, ok, "" if ok else (stderr[-1] if stderr else "failed"))
 
 
+def trace_files(path: str) -> list[str]:
+    """The trace files of an input: the file itself, or a folder's ``*.json[.gz]`` files."""
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, name) for name in os.listdir(path)
+                      if name.endswith((".json", ".json.gz")) and not name.startswith("truth"))
+    return [path]
+
+
 def is_sqlite(path: str) -> bool:
+    if os.path.isdir(path):
+        return False
     with open(path, "rb") as handle:
         return handle.read(16).startswith(b"SQLite format 3")
+
+
+def json_mib(path: str) -> float | None:
+    """Decompressed size of a Kineto input's JSON (all its files), in MiB; None for nsys."""
+    if is_sqlite(path):
+        return None
+    total = 0
+    for name in trace_files(path):
+        with open(name, "rb") as handle:
+            if handle.read(2) != b"\x1f\x8b":
+                total += os.path.getsize(name)
+                continue
+        with gzip.open(name, "rb") as handle:
+            while block := handle.read(1 << 24):
+                total += len(block)
+    return total / 2**20
 
 
 def hta_available(python: str) -> bool:
@@ -121,9 +152,9 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
             shutil.copy(path, copy)
             cases.append(("nsys-ai analyze --format json", [nsys_ai, "analyze", "--format", "json", copy]))
     else:
-        cases.append(("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, path]))
+        cases.append(("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, *trace_files(path)]))
         if with_hta:
-            cases.append(("HTA TraceAnalysis parse", [hta_python, "-c", HTA, path]))
+            cases.append(("HTA TraceAnalysis parse", [hta_python, "-c", HTA, *trace_files(path)]))
     cases.append(("traceinsight info --json", [*traceinsight, "info", "--json", path]))
     cases.append(("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
                                                   "--json", os.path.join(out_dir, "findings.json")]))
@@ -178,7 +209,7 @@ def repeat_trace(path: str, copies: int, out_path: str) -> None:
 
 
 def markdown(rows: list[tuple[str, Result]], ratios: list[str]) -> str:
-    lines = ["| input | case | wall s | peak RSS MB | ok |", "|---|---|---:|---:|---|"]
+    lines = ["| input | case | wall s | peak RSS MiB | ok |", "|---|---|---:|---:|---|"]
     for name, result in rows:
         lines.append(f"| {name} | {result.case} | {result.seconds:.2f} | {result.peak_mb:,.0f} | "
                      f"{'yes' if result.ok else 'no: ' + result.note} |")
@@ -202,28 +233,33 @@ def main() -> int:
     try:
         for path in args.traces:
             name = os.path.relpath(path)
-            size_mb = os.path.getsize(path) / 2**20
-            print(f"== {name} ({size_mb:.1f} MB on disk)", flush=True)
+            size_mb = sum(os.path.getsize(f) for f in trace_files(path)) / 2**20
+            json_size = json_mib(path)
+            holding = f", {json_size:,.0f} MiB of JSON" if json_size else ""
+            print(f"== {name} ({size_mb:.1f} MiB on disk{holding})", flush=True)
             results = {}
             for case, argv in cases_for(path, out_dir, with_hta=with_hta, hta_python=args.hta_python,
                                         nsys_ai=args.nsys_ai):
                 result = run_case(case, argv)
                 results[case.split(":")[0].split(" ")[0] if case.startswith("floor") else case] = result
                 rows.append((name, result))
-                print(f"  {case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MB"
+                print(f"  {case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB"
                       f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
             floor = results.get("floor")
             analyze = results.get("traceinsight analyze --json")
             if floor and analyze and floor.seconds > 0:
                 ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
                               f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory")
+            if json_size and analyze:
+                ratios.append(f"{name}: analyze peak RSS / JSON size = {analyze.peak_mb:,.0f} / {json_size:,.0f} MiB "
+                              f"= {analyze.peak_mb / json_size:.2f}")
             peer = next((r for c, r in results.items() if c.startswith("nsys-ai")), None)
             if peer and analyze and peer.ok:
                 ratios.append(f"{name}: nsys-ai / traceinsight analyze = {peer.seconds / analyze.seconds:.1f}x time")
             hta = results.get("HTA TraceAnalysis parse")
             if hta and analyze and hta.ok:
                 ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
-            if args.growth and not is_sqlite(path):
+            if args.growth and not is_sqlite(path) and not os.path.isdir(path):
                 for copies in (1, 2, 4):
                     grown = os.path.join(out_dir, f"x{copies}.json.gz")
                     # Build the copy in its own process: a child's peak RSS counts the memory
@@ -231,10 +267,18 @@ def main() -> int:
                     subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                                     "from run import repeat_trace; repeat_trace(sys.argv[2], int(sys.argv[3]), sys.argv[4])",
                                     os.path.dirname(os.path.abspath(__file__)), path, str(copies), grown], check=True)
-                    result = run_case(f"analyze {copies}x", [sys.executable, "-m", "traceinsight.cli", "analyze",
-                                                             grown, "--quiet", "--json", os.path.join(out_dir, "g.json")])
+                    grown_json = json_mib(grown)
+                    floor = run_case(f"floor {copies}x", [sys.executable, "-c", FLOOR_KINETO, grown])
+                    rows.append((name, floor))
+                    print(f"  {floor.case:32s} {floor.seconds:8.2f} s {floor.peak_mb:9,.0f} MiB", flush=True)
+                    result = run_case(f"analyze {copies}x ({grown_json:,.0f} MiB of JSON)",
+                                      [sys.executable, "-m", "traceinsight.cli", "--no-cache", "analyze",
+                                       grown, "--quiet", "--json", os.path.join(out_dir, "g.json")])
                     rows.append((name, result))
-                    print(f"  analyze {copies}x{'':24s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MB", flush=True)
+                    print(f"  {result.case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB "
+                          f"({result.peak_mb / grown_json:.2f}x the JSON)", flush=True)
+                    ratios.append(f"{name} {copies}x: analyze / floor = {result.seconds / floor.seconds:.2f}x time; "
+                                  f"peak RSS / JSON size = {result.peak_mb / grown_json:.2f}")
                     os.unlink(grown)
         for line in ratios:
             print(line)

@@ -562,7 +562,8 @@ def test_multi_member_gzip_reads_every_member(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# Chunked decoding: the event array is decoded a chunk at a time; results never depend on it
+# Streaming: the text is decompressed a block at a time and the event array decoded a chunk
+# at a time, each chunk prepared on arrival; results never depend on either size
 # --------------------------------------------------------------------------------------------
 
 
@@ -606,31 +607,108 @@ def _models_equal(a, b) -> None:
     assert a.warnings == b.warnings
 
 
-@pytest.mark.parametrize("indent", [None, 2])
-@pytest.mark.parametrize("chunk_bytes", [1, 37, 500, 1 << 24])
-def test_chunked_decode_matches_one_whole_decode(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, indent, chunk_bytes: int
-) -> None:
+def _whole_file_read(monkeypatch: pytest.MonkeyPatch, path: str, **kwargs):
+    """The reference: the same file through the whole-file path only."""
     from traceinsight.ingest import kineto
 
+    with monkeypatch.context() as patch:
+        patch.setattr(kineto, "_read_streaming", lambda *args, **kw: None)
+        return kineto.read_kineto(path, **kwargs)
+
+
+def _streamed_read(monkeypatch: pytest.MonkeyPatch, path: str, *, chunk_bytes: int, block_bytes: int):
+    """The file through the streaming path, failing if the whole text is ever read."""
+    from traceinsight.ingest import kineto
+
+    def no_whole_file_path(*args, **kwargs):
+        raise AssertionError("the whole-file path was taken")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
+        patch.setattr(kineto, "_STREAM_BLOCK", block_bytes)
+        patch.setattr(kineto, "_read_file", no_whole_file_path)
+        patch.setattr(kineto, "_decode", no_whole_file_path)
+        return kineto.read_kineto(path)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize(("chunk_bytes", "block_bytes"), [(1, 1), (37, 5), (500, 64), (1 << 22, 1 << 22)])
+def test_streamed_read_matches_the_whole_file_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, indent, gz: bool, chunk_bytes: int, block_bytes: int
+) -> None:
     top = trace(
         _tricky_events(),
         note='"traceEvents": [ in a string first',
         distributedInfo={"rank": 2, "world_size": 4},
     )
     text = json.dumps(top, indent=indent, separators=None if indent else (",", ":"))
+    path = write(tmp_path, text, gz=gz)
+    streamed = _streamed_read(monkeypatch, path, chunk_bytes=chunk_bytes, block_bytes=block_bytes)
+    _models_equal(_whole_file_read(monkeypatch, path), streamed)
+    assert streamed.of_kind("kernel").height == 40
+    assert streamed.ranks.get_column("rank").to_list() == [2]
+
+
+@pytest.mark.parametrize(("chunk_bytes", "block_bytes"), [(1, 3), (200, 50)])
+def test_streamed_read_takes_keys_written_after_the_events(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: int, block_bytes: int
+) -> None:
+    events = [op(f"a{i}", 1000 + i, 1) for i in range(30)]
+    text = json.dumps({"schemaVersion": 1, "traceEvents": events})
+    # Re-serialising tools (and some Kineto versions) write metadata after the events.
+    text = text[:-1] + ', "distributedInfo": {"rank": 5, "world_size": 8}, "baseTimeNanoseconds": 1700000000000000000}'
     path = write(tmp_path, text, gz=True)
-    whole = kineto.read_kineto(path)  # default chunk size: one chunk here
+    streamed = _streamed_read(monkeypatch, path, chunk_bytes=chunk_bytes, block_bytes=block_bytes)
+    _models_equal(_whole_file_read(monkeypatch, path), streamed)
+    assert streamed.ranks.row(0, named=True)["rank"] == 5
+    assert streamed.ranks.row(0, named=True)["clock_origin_ns"] == 1700000000000000000
+    assert streamed.intervals.get_column("start_ns").min() == 1_000_000
 
-    def no_whole_file_path(*args, **kwargs):
-        raise AssertionError("the whole-file path was taken")
 
-    monkeypatch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(kineto, "_decode", no_whole_file_path)
-    chunked = kineto.read_kineto(path)
-    _models_equal(whole, chunked)
-    assert chunked.of_kind("kernel").height == 40
-    assert chunked.ranks.get_column("rank").to_list() == [2]
+def test_streamed_read_gathers_origin_and_warnings_over_all_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # No baseTimeNanoseconds: the clock origin is the earliest complete event's time, here
+    # one of a category that is no interval, dropped in its own chunk before any other
+    # chunk is read; ignored categories are counted over every chunk into one warning.
+    events = [op("odd", 5, 1, cat="weird_category")]
+    events += [op(f"a{i}", 100 + i, 1) for i in range(40)]
+    events += [op("odd", 200 + i, 1, cat="weird_category") for i in range(29)]
+    path = write(tmp_path, {"traceEvents": events})
+    streamed = _streamed_read(monkeypatch, path, chunk_bytes=64, block_bytes=16)
+    whole = _whole_file_read(monkeypatch, path)
+    _models_equal(whole, streamed)
+    assert "ignored complete events of categories with no interval kind: weird_category (30)" in streamed.warnings
+    assert streamed.intervals.get_column("start_ns").min() == 95_000  # 100 µs after the odd event at 5 µs
+    assert sum("weird_category" in w for w in streamed.warnings) == 1
+
+
+def test_streamed_read_of_gzip_members_with_zero_padding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    text = json.dumps(trace([op(f"a{i}", i, 1) for i in range(30)])).encode()
+    cut = len(text) // 3
+    data = gzip.compress(text[:cut]) + b"\0" * 7 + gzip.compress(text[cut:]) + b"\0" * 5
+    path = tmp_path / "members.json.gz"
+    path.write_bytes(data)
+    streamed = _streamed_read(monkeypatch, str(path), chunk_bytes=10, block_bytes=7)
+    assert streamed.intervals.height == 30
+    _models_equal(_whole_file_read(monkeypatch, str(path)), streamed)
+
+
+@pytest.mark.parametrize("damage", ["cut", "corrupt"])
+def test_damaged_gzip_met_while_streaming_gives_the_whole_file_message(tmp_path: Path, damage: str) -> None:
+    data = bytearray(gzip.compress(json.dumps(trace([op(f"a{i}", i, 1) for i in range(2000)])).encode()))
+    if damage == "cut":
+        data = data[: len(data) * 2 // 3]
+        message = "gzip data ends early"
+    else:
+        data[len(data) // 2] ^= 0xFF
+        message = "gzip data is corrupt"
+    path = tmp_path / "damaged.json.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(TraceInputError, match=message):
+        read_kineto(path)
+    assert 0 < read_kineto(path, salvage=True).intervals.height < 2000
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 300])
@@ -665,10 +743,8 @@ def test_chunked_decode_keeps_truncation_errors_and_salvage(
 
 
 @pytest.mark.skipif(not TWO_RANK.is_dir(), reason="../shared/traces not available")
-def test_chunked_decode_of_a_real_trace_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
-    from traceinsight.ingest import kineto
-
+def test_streamed_read_of_a_real_trace_matches_the_whole_file_read(monkeypatch: pytest.MonkeyPatch) -> None:
     path = str(TWO_RANK / "rank0.json.gz")
-    whole = kineto.read_kineto(path)
-    monkeypatch.setattr(kineto, "_CHUNK_BYTES", 1 << 20)
-    _models_equal(whole, kineto.read_kineto(path))
+    streamed = _streamed_read(monkeypatch, path, chunk_bytes=1 << 20, block_bytes=1 << 16)
+    _models_equal(_whole_file_read(monkeypatch, path), streamed)
+    assert streamed.of_kind("kernel").height > 10_000

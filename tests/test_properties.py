@@ -128,6 +128,101 @@ def test_overlap_per_window(pairs, windows):
     assert iv.overlap_per_window(a, starts, ends).tolist() == expected
 
 
+# -- evidence matching against brute force -------------------------------------------------------
+
+THREADS = [(0, 1, 1), (0, 1, 2), (0, 2, 1), (1, 1, 1)]
+
+
+@st.composite
+def gaps_and_items(draw):
+    """Disjoint gaps per thread (as the breakdown makes them) and arbitrary items."""
+    gap_rows = []
+    for thread in draw(st.lists(st.sampled_from(THREADS), unique=True, max_size=3)):
+        cuts = sorted(draw(st.lists(st.integers(0, GRID), min_size=2, max_size=8, unique=True)))
+        for start, end in zip(cuts[0::2], cuts[1::2]):
+            gap_rows.append((*thread, start, end))
+    item_rows = [
+        (*draw(st.sampled_from(THREADS + [(0, 1, None)])), start, start + length, draw(st.sampled_from("abc")))
+        for start, length in draw(st.lists(st.tuples(st.integers(0, GRID), st.integers(0, 10)), max_size=25))
+    ]
+    gaps = pl.DataFrame(gap_rows, schema={"rank": pl.Int32, "pid": pl.Int64, "tid": pl.Int64,
+                                           "start_ns": pl.Int64, "end_ns": pl.Int64}, orient="row")
+    gaps = gaps.with_row_index("gap_id").with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"))
+    items = pl.DataFrame(item_rows, schema={"rank": pl.Int32, "pid": pl.Int64, "tid": pl.Int64,
+                                            "start_ns": pl.Int64, "end_ns": pl.Int64, "name": pl.String},
+                         orient="row")
+    return gaps, items
+
+
+@FAST
+@given(gaps_and_items(), st.sampled_from([1, 2, 1 << 16]))
+def test_per_thread_overlaps_is_the_brute_force_join(case, block):
+    from traceinsight.analysis import cpu_gaps
+
+    gaps, items = case
+    expected = sorted(
+        (gap["gap_id"], min(item["end_ns"], gap["end_ns"]) - max(item["start_ns"], gap["start_ns"]), item["name"])
+        for gap in gaps.iter_rows(named=True)
+        for item in items.iter_rows(named=True)
+        if (item["rank"], item["pid"], item["tid"]) == (gap["rank"], gap["pid"], gap["tid"])
+        and min(item["end_ns"], gap["end_ns"]) > max(item["start_ns"], gap["start_ns"])
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_gaps, "_ITEM_BLOCK", block)
+        hits = cpu_gaps._per_thread_overlaps(gaps, items)
+    found = sorted(hits.select("gap_id", "overlap_ns", "name").iter_rows()) if hits.height else []
+    assert found == expected
+
+
+@FAST
+@given(gaps_and_items(), st.lists(st.integers(0, 3), min_size=25, max_size=25))
+def test_deepest_covering_matches_the_window_definition(case, depths):
+    from traceinsight.analysis import cpu_gaps
+
+    gaps, items = case
+    items = items.with_columns(specificity=pl.Series(depths[: items.height], dtype=pl.Int32))
+    hits = cpu_gaps._per_thread_overlaps(gaps, items.with_columns(pl.col("name").cast(pl.Categorical)))
+    assume(hits.height)
+    # The definition, as polars windows: the names covering MIN_SHARE of the gap, then the
+    # most specific of those.
+    expected = (
+        hits.with_columns(pl.col("name").cast(pl.String), _row=pl.int_range(pl.len()))
+        .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
+        .filter(pl.col("overlap_ns").sum().over("gap_id", "name") >= cpu_gaps.MIN_SHARE * pl.col("duration_ns"))
+        .filter(pl.col("specificity") == pl.col("specificity").max().over("gap_id"))
+        .get_column("_row").sort().to_list()
+    )
+    mask = cpu_gaps._deepest_covering(hits, gaps)
+    assert np.flatnonzero(mask).tolist() == expected
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["x", "yy", None, "zzz"])), max_size=60),
+       st.sampled_from([1, 16]))
+def test_join_sorted_runs_matches_a_group_by(rows, widest):
+    from traceinsight.analysis import cpu_gaps
+
+    frame = pl.DataFrame(sorted(rows, key=lambda r: r[0]), schema={"k": pl.Int64, "v": pl.String}, orient="row")
+    frame = frame.filter(pl.col("v").is_not_null())
+    expected = frame.group_by("k", maintain_order=True).agg(pl.col("v").str.join(", "))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cpu_gaps, "_MAX_SHIFTED_RUN", widest)
+        joined = cpu_gaps._join_sorted_runs(frame, key="k", column="v", separator=", ")
+    assert joined.rows() == expected.rows()
+
+
+@FAST
+@given(st.lists(st.sampled_from(["kernel_a<int>(float*)", "b", None, "ccccccccccccccccccccccccc"]), max_size=60))
+def test_repeated_strings_and_empty_columns_keep_their_values(values):
+    from traceinsight.model import compact_nulls, share_repeated_strings
+
+    series = pl.Series("name", values, dtype=pl.String)
+    assert share_repeated_strings(series).to_list() == values
+    frame = pl.DataFrame({"name": series, "empty": pl.Series([None] * len(values), dtype=pl.Int64)})
+    compact = compact_nulls(frame)
+    assert compact.schema == frame.schema and compact.rows() == frame.rows()
+
+
 # -- model invariants -----------------------------------------------------------------------------
 
 

@@ -8,8 +8,12 @@ findings (:mod:`traceinsight.report`).
 >>> model = traceinsight.load("sample_traces/moe_single_nsys.sqlite")  # doctest: +SKIP
 """
 
-from traceinsight.ingest import load
-from traceinsight.model import TraceModel
+from traceinsight import _allocators
+
+_allocators.configure()  # before polars is imported below
+
+from traceinsight.ingest import load  # noqa: E402
+from traceinsight.model import TraceModel  # noqa: E402
 
 __all__ = ["load", "TraceModel", "__version__"]
 __version__ = "0.1.0"

@@ -41,7 +41,7 @@ import polars as pl
 from traceinsight.analysis import intervals as iv
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, comm_kernel_expr, host_sync_expr
 from traceinsight.analysis.steps import StepTable
-from traceinsight.model import TraceModel
+from traceinsight.model import TraceModel, compact_nulls
 
 CATEGORIES = (
     "gpu_compute",
@@ -159,7 +159,9 @@ def gpu_activities(
             [joined.filter(~(pl.col("launch_start_ns").is_null() & pl.col("correlation").is_not_null())), fixed],
             how="vertical",
         )
-    return joined.sort("rank", "start_ns")
+    # GPU rows leave many model columns empty (threads, stacks, collective args): held as
+    # broadcast nulls, they cost nothing for the rest of the analysis.
+    return compact_nulls(joined.sort("rank", "start_ns"))
 
 
 def step_breakdown(

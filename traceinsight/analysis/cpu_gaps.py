@@ -24,6 +24,10 @@ from traceinsight.analysis.classify import cause_of_name, cause_of_stack, launch
 from traceinsight.model import TraceModel
 
 GAP_KEYS = ["rank", "pid", "tid"]
+#: The interval columns that evidence for a gap is read from.
+_ITEM_COLUMNS = ["rank", "pid", "tid", "start_ns", "end_ns", "name", "kind", "depth"]
+#: Items matched against gaps at a time (bounds the temporary arrays of the matching).
+_ITEM_BLOCK = 1 << 16
 #: The least share of a gap an op or function must cover to name the gap.
 MIN_SHARE = 0.1
 
@@ -49,36 +53,57 @@ def _pairs_overlapping(
     return gap[keep], item[keep], overlap[keep]
 
 
+def _key_arrays(frame: pl.DataFrame) -> list[np.ndarray]:
+    """The thread key columns as int64 arrays, null as -1 (no thread has that id)."""
+    return [frame.get_column(name).cast(pl.Int64).fill_null(-1).to_numpy() for name in GAP_KEYS]
+
+
 def _per_thread_overlaps(gaps: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
-    """Join gaps with the items of the same thread that overlap them (``overlap_ns`` added)."""
-    frames = []
-    for key, thread_gaps in gaps.group_by(GAP_KEYS):
-        rank, pid, tid = key
-        thread_items = items.filter(
-            (pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid)
-        )
-        if thread_items.is_empty():
-            continue
-        thread_gaps = thread_gaps.sort("start_ns")
-        gap_index, item_index, overlap = _pairs_overlapping(
-            thread_gaps.get_column("start_ns").to_numpy(),
-            thread_gaps.get_column("end_ns").to_numpy(),
-            thread_items.get_column("start_ns").to_numpy(),
-            thread_items.get_column("end_ns").to_numpy(),
-        )
-        if gap_index.size == 0:
-            continue
-        frames.append(
-            pl.DataFrame(
-                {
-                    "gap_id": thread_gaps.get_column("gap_id").to_numpy()[gap_index],
-                    "overlap_ns": overlap,
-                }
-            ).hstack(thread_items[item_index].drop("rank", "pid", "tid", "start_ns", "end_ns"))
-        )
-    if not frames:
+    """Join gaps with the items of the same thread that overlap them (``overlap_ns`` added,
+    with the items' columns other than the thread keys and times).
+
+    Gaps come from a few threads: each thread's items are found with one comparison over
+    the key arrays, matched a block at a time, and only the matching rows' other columns
+    are gathered, once, at the end.
+    """
+    if gaps.is_empty() or items.is_empty():
         return pl.DataFrame()
-    return pl.concat(frames, how="vertical_relaxed")
+    item_keys = _key_arrays(items)
+    item_starts = items.get_column("start_ns").to_numpy()
+    item_ends = items.get_column("end_ns").to_numpy()
+    found_gaps, found_items, overlaps = [], [], []
+    threads = gaps.drop_nulls(GAP_KEYS).partition_by(GAP_KEYS, as_dict=True, maintain_order=True)
+    for key in sorted(threads):
+        thread_gaps = threads[key].sort("start_ns")
+        mine = np.ones(item_starts.size, dtype=bool)
+        for values, wanted in zip(item_keys, key):
+            mine &= values == wanted
+        thread_items = np.flatnonzero(mine).astype(np.uint32)
+        del mine
+        starts = thread_gaps.get_column("start_ns").to_numpy()
+        ends = thread_gaps.get_column("end_ns").to_numpy()
+        ids = thread_gaps.get_column("gap_id").to_numpy()
+        # A block of items at a time: the pair arrays' temporaries stay block-sized.
+        for block in range(0, thread_items.size, _ITEM_BLOCK):
+            chosen = thread_items[block : block + _ITEM_BLOCK]
+            gap_index, item_index, overlap = _pairs_overlapping(starts, ends, item_starts[chosen], item_ends[chosen])
+            found_gaps.append(ids[gap_index])
+            found_items.append(chosen[item_index])
+            overlaps.append(overlap)
+    del item_keys
+    if not found_items or not sum(part.size for part in found_items):
+        return pl.DataFrame()
+    hits = pl.DataFrame(
+        {
+            "gap_id": pl.Series(np.concatenate(found_gaps), dtype=gaps.schema["gap_id"]),
+            "overlap_ns": np.concatenate(overlaps),
+        }
+    )
+    del found_gaps, overlaps
+    extra = items.drop(*GAP_KEYS, "start_ns", "end_ns")
+    if not extra.width:
+        return hits
+    return hits.hstack(extra[pl.Series(np.concatenate(found_items))])
 
 
 def _samples_in_gaps(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
@@ -235,19 +260,21 @@ def _weights_from_intervals(
         return pl.DataFrame()
     # Ops say more than the annotations around them: rank them above any annotation depth.
     specificity = pl.col("depth").fill_null(0) + pl.when(pl.col("kind") == "annotation").then(0).otherwise(1 << 20)
+    # Names travel as categorical codes until the few deciding hits are known: a gap is
+    # overlapped by every op around it, and copying each one's name would cost more than
+    # the rest of the analysis.
     hits = _per_thread_overlaps(
         gaps,
-        items.select("rank", "pid", "tid", "start_ns", "end_ns", "name", specificity.alias("specificity")),
+        items.select(
+            "rank", "pid", "tid", "start_ns", "end_ns", pl.col("name").cast(pl.Categorical),
+            specificity.cast(pl.Int32).alias("specificity"),
+        ),
     )
     if hits.is_empty():
         return pl.DataFrame()
     if deepest_only:
-        # Only what covers a real part of the gap may name it: an op that merely touches
-        # the gap's edge says nothing about the rest.
-        hits = hits.join(gaps.select("gap_id", "duration_ns"), on="gap_id").filter(
-            pl.col("overlap_ns").sum().over("gap_id", "name") >= MIN_SHARE * pl.col("duration_ns")
-        ).drop("duration_ns")
-        hits = hits.filter(pl.col("specificity") == pl.col("specificity").max().over("gap_id"))
+        hits = hits.filter(_deepest_covering(hits, gaps))
+    hits = hits.with_columns(pl.col("name").cast(pl.String))
     names = hits.get_column("name").unique().to_list()
     cause_by_name = {name: cause_of_name(name) or default_cause for name in names}
     return (
@@ -257,6 +284,30 @@ def _weights_from_intervals(
         .agg(weight_ns=pl.col("overlap_ns").sum())
         .with_columns(source=pl.lit(source))
     )
+
+
+def _deepest_covering(hits: pl.DataFrame, gaps: pl.DataFrame) -> np.ndarray:
+    """Mask of the hits that may name their gap: those whose name covers at least
+    ``MIN_SHARE`` of the gap (summed over the name's items: an op that merely touches the
+    gap's edge says nothing about the rest), and of those the most specific.
+
+    In numpy on integer keys: a polars window over (gap, name) strings needs several times
+    the memory of the hits themselves.
+    """
+    gap = hits.get_column("gap_id").to_numpy().astype(np.int64)
+    name = hits.get_column("name").to_physical().fill_null(-1).to_numpy().astype(np.int64) + 1
+    overlap = hits.get_column("overlap_ns").to_numpy()
+    specificity = hits.get_column("specificity").to_numpy()
+    ids = gaps.get_column("gap_id").to_numpy().astype(np.int64)
+    duration = np.zeros(int(ids.max()) + 1 if ids.size else 1, dtype=np.int64)
+    duration[ids] = gaps.get_column("duration_ns").to_numpy()
+    _, group = np.unique(gap * (int(name.max()) + 1) + name, return_inverse=True)
+    covered = np.zeros(int(group.max()) + 1, dtype=np.int64)
+    np.add.at(covered, group, overlap)
+    covering = covered[group] >= MIN_SHARE * duration[gap]
+    best = np.full(duration.size, np.iinfo(np.int64).min, dtype=np.int64)
+    np.maximum.at(best, gap[covering], specificity[covering])
+    return covering & (specificity == best[gap])
 
 
 def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: list[str] = ()) -> pl.DataFrame:
@@ -293,9 +344,14 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
             evidence_source=pl.lit(None, pl.String), launches=pl.lit(0, pl.Int64),
         ).drop("gap_id")
     known = cpu_gaps.filter(pl.col("tid").is_not_null())
-    intervals = model.intervals
+    intervals = model.intervals.lazy()
+
+    def rows(where: pl.Expr) -> pl.DataFrame:
+        # Lazily, so that only the columns the evidence needs are copied, not whole rows.
+        return intervals.filter(where).select(_ITEM_COLUMNS).collect()
+
     osrt = _weights_from_intervals(
-        known, intervals.filter(pl.col("kind") == "osrt"),
+        known, rows(pl.col("kind") == "osrt"),
         source="os runtime", deepest_only=False, default_cause=None,
     )
     samples = _weights_from_samples(known, model.samples)
@@ -317,11 +373,11 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
         )
     strong = [samples, osrt]
     python = _weights_from_intervals(
-        known, intervals.filter(pl.col("kind") == "python"),
+        known, rows(pl.col("kind") == "python"),
         source="python functions", deepest_only=True, default_cause="python",
     )
     ops = _weights_from_intervals(
-        known, intervals.filter(pl.col("kind").is_in(["cpu_op", "annotation"]) & ~pl.col("name").is_in(list(marker_names))),
+        known, rows(pl.col("kind").is_in(["cpu_op", "annotation"]) & ~pl.col("name").is_in(list(marker_names))),
         source="ops", deepest_only=True, default_cause="unknown",
     )
     strong = [frame for frame in strong if not frame.is_empty()]
@@ -343,7 +399,7 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
     decided_ids.update(pooled.get_column("gap_id").to_list())
     take(ops)
     launch_counts = (
-        _per_thread_overlaps(known, intervals.filter(launch_expr()).select("rank", "pid", "tid", "start_ns", "end_ns"))
+        _per_thread_overlaps(known, rows(launch_expr()).select("rank", "pid", "tid", "start_ns", "end_ns"))
     )
     launch_counts = (
         launch_counts.group_by("gap_id").agg(launches=pl.len())
@@ -397,22 +453,52 @@ def _summarize_evidence(evidence: pl.DataFrame, durations: pl.DataFrame, *, key:
         .with_columns(unreadable=pl.col("label").str.starts_with("unresolved frames"))
         .sort([key, "backs_cause", "unreadable", "weight_ns", "label"], descending=[False, True, False, True, False])
     )
-    sources = ranked.group_by(key, maintain_order=True).agg(
-        evidence_source=pl.col("source").unique(maintain_order=True).str.join(" + ")
+    sources = _join_sorted_runs(
+        ranked.select(key, pl.col("source").alias("evidence_source")).unique(maintain_order=True),
+        key=key, column="evidence_source", separator=" + ",
     )
-    top = (
-        ranked.filter(pl.int_range(pl.len()).over(key) < 3)
-        .with_columns(
-            text=pl.format(
+    top = _join_sorted_runs(
+        ranked.filter(pl.int_range(pl.len()).over(key) < 3).select(
+            key,
+            evidence=pl.format(
                 "{} ({}%)",
                 pl.col("label"),
                 (pl.col("weight_ns") / pl.col("duration_ns") * 100).clip(0, 100).round(0).cast(pl.Int64),
-            )
-        )
-        .group_by(key, maintain_order=True)
-        .agg(evidence=pl.col("text").str.join(", "))
+            ),
+        ),
+        key=key, column="evidence", separator=", ",
     )
     return best.join(top, on=key, how="left").join(sources, on=key, how="left")
+
+
+#: Runs longer than this are joined with a group-by instead of shifted columns.
+_MAX_SHIFTED_RUN = 16
+
+
+def _join_sorted_runs(frame: pl.DataFrame, *, key: str, column: str, separator: str) -> pl.DataFrame:
+    """``key, column``: one row per run of equal ``key`` (``frame`` is ordered by it), with
+    the run's ``column`` values joined by ``separator`` in row order.
+
+    A group-by with a string join needs a list of strings per group (tens of MB for a
+    hundred thousand gaps); runs here hold a few rows, so the run's next rows are read
+    from shifted columns instead.
+    """
+    keys = frame.get_column(key).to_numpy()
+    if keys.size == 0:
+        return frame.select(key, column)
+    starts = np.r_[0, np.flatnonzero(keys[1:] != keys[:-1]) + 1]
+    lengths = np.diff(np.r_[starts, keys.size])
+    widest = int(lengths.max())
+    if widest > _MAX_SHIFTED_RUN:
+        return frame.group_by(key, maintain_order=True).agg(pl.col(column).str.join(separator))
+    run_length = pl.Series(np.repeat(lengths, lengths))
+    offset = pl.Series(np.arange(keys.size) - np.repeat(starts, lengths))
+    value = pl.col(column)
+    joined = pl.concat_str(
+        [value, *(pl.when(offset + k < run_length).then(separator + value.shift(-k)) for k in range(1, widest))],
+        ignore_nulls=True,
+    )
+    return frame.select(key, joined.alias(column))[pl.Series(starts)]
 
 
 def summarize_causes(attributed: pl.DataFrame) -> pl.DataFrame:

@@ -56,6 +56,7 @@ from traceinsight.analysis.multirank import (
 )
 from traceinsight.analysis.ranges import range_instances, range_statistics
 from traceinsight.analysis.steps import find_steps
+from traceinsight.ingest.guard import release_freed_memory
 from traceinsight.model import TraceModel
 
 #: Largest CPU gaps per rank kept when only summaries may travel (the Ray engine).
@@ -213,7 +214,9 @@ def run_phases(call, options: Options):
 
 
 def split_by_rank(model: TraceModel) -> dict[int, TraceModel]:
-    """One single-rank model per rank."""
+    """One single-rank model per rank (the model itself when it has one rank)."""
+    if len(model.rank_ids) == 1:
+        return {model.rank_ids[0]: model}
     out = {}
     for rank in model.rank_ids:
         out[rank] = TraceModel(
@@ -231,9 +234,10 @@ def analyze_model(model: TraceModel, options: Options = Options()):
 
     def call(method: str, per_rank_args: dict | None) -> dict:
         keep = {"keep_details": True} if method == "finish" else {}
-        return {
-            rank: getattr(worker, method)(*(per_rank_args[rank] if per_rank_args else ()), **keep)
-            for rank, worker in workers.items()
-        }
+        results = {}
+        for rank, worker in workers.items():
+            results[rank] = getattr(worker, method)(*(per_rank_args[rank] if per_rank_args else ()), **keep)
+            release_freed_memory()  # the phase's temporaries, before the next one piles up
+        return results
 
     return run_phases(call, options)

@@ -10,7 +10,9 @@ from traceinsight.model import INTERVAL_KINDS, TraceModel
 
 def top_kernels(model: TraceModel, *, limit: int = 10) -> pl.DataFrame:
     """Kernels by total GPU time per rank: ``rank, name, count, total_ms, mean_us, share``."""
-    kernels = model.intervals.filter(pl.col("kind") == "kernel")
+    kernels = (
+        model.intervals.lazy().filter(pl.col("kind") == "kernel").select("rank", "name", "start_ns", "end_ns").collect()
+    )
     if kernels.is_empty():
         return pl.DataFrame(schema={"rank": pl.Int32, "name": pl.String, "count": pl.UInt32,
                                     "total_ms": pl.Float64, "mean_us": pl.Float64, "share": pl.Float64})

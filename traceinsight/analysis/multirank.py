@@ -186,12 +186,12 @@ def disjoint_ranks_note(steps: pl.DataFrame, alignment: Alignment) -> str | None
 
 def _phases(model: TraceModel, comm: pl.DataFrame, step_labels: list[str]) -> pl.DataFrame:
     """The innermost user annotation around each collective's launch call."""
-    annotations = model.intervals.filter(
+    annotations = model.intervals.lazy().filter(
         (pl.col("kind") == "annotation")
         & ~pl.col("name").str.contains(LIBRARY_RANGES)
         & ~pl.col("name").is_in(step_labels)
         & (pl.col("domain").is_null() | (pl.col("domain") != "NCCL"))
-    )
+    ).select("rank", "pid", "tid", "depth", "start_ns", "end_ns", "name").collect()
     phases = np.full(comm.height, None, dtype=object)
     if annotations.is_empty() or comm.is_empty():
         return comm.with_columns(phase=pl.Series(phases.tolist(), dtype=pl.String))

@@ -85,10 +85,15 @@ def range_instances(
     --------
     >>> range_instances(model, names=["GroupedLinear forward layer2.fc1"])  # doctest: +SKIP
     """
-    annotations = model.intervals.filter(pl.col("kind") == "annotation")
+    wanted = pl.col("kind") == "annotation"
     if names is not None:
-        annotations = annotations.filter(pl.col("name").is_in(names))
-    annotations = annotations.select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
+        wanted = wanted & pl.col("name").is_in(names)
+    annotations = (
+        model.intervals.lazy()
+        .filter(wanted)
+        .select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
+        .collect()
+    )
     work = _launched_work(model, gpu)
     frames = []
     for key, ranges in annotations.group_by(INSTANCE_KEYS):

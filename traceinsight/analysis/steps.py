@@ -57,7 +57,7 @@ class StepTable:
     def marker_names(self, intervals: pl.DataFrame) -> list[str]:
         """Every annotation name that is a step marker (``ProfilerStep#3`` and ``step 3``
         may both mark one step); ranges analyses leave them out."""
-        names = intervals.filter(pl.col("kind") == "annotation").get_column("name").unique()
+        names = intervals.select(pl.col("name").filter(pl.col("kind") == "annotation").unique()).to_series()
         return names.filter(names.str.contains(self.pattern)).to_list()
 
 
@@ -65,7 +65,12 @@ def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:
     compiled = re.compile(pattern)
     if compiled.groups != 1:
         raise ValueError(f"step marker {pattern!r} must have exactly one capture group")
-    annotations = intervals.filter(pl.col("kind") == "annotation")
+    annotations = (
+        intervals.lazy()
+        .filter(pl.col("kind") == "annotation")
+        .select("rank", "name", "start_ns", "end_ns", "pid", "tid")
+        .collect()
+    )
     return (
         annotations.with_columns(
             step=pl.col("name").str.extract(pattern, 1).cast(pl.Int64, strict=False)
@@ -89,14 +94,17 @@ def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:
 def _last_launched_gpu_end(intervals: pl.DataFrame, markers: pl.DataFrame) -> pl.DataFrame:
     """Per marker: end of the last GPU activity whose launch call lies inside the marker."""
     gpu = (
-        intervals.filter(pl.col("kind").is_in(GPU_KINDS[:3]) & pl.col("correlation").is_not_null())
+        intervals.lazy()
+        .filter(pl.col("kind").is_in(GPU_KINDS[:3]) & pl.col("correlation").is_not_null())
         .group_by("rank", "pid", "correlation")
         .agg(gpu_end=pl.col("end_ns").max())
     )
     launches = (
-        intervals.filter(pl.col("kind") == "cuda_api")
+        intervals.lazy()
+        .filter(pl.col("kind") == "cuda_api")
         .select("rank", "pid", "tid", "correlation", "start_ns")
         .join(gpu, on=["rank", "pid", "correlation"], how="inner")
+        .collect()
     )
     if launches.is_empty() or markers.is_empty():
         return markers.with_columns(gpu_end=pl.lit(None, dtype=pl.Int64))

@@ -2,17 +2,23 @@
 
 How the file is read
 --------------------
-The file is decompressed once (gzip is recognised by its magic bytes ``1f 8b``, never by the
-name) and decoded with :mod:`msgspec` straight into typed structs that declare only the
-fields the model needs. msgspec skips every other key without building Python objects for it,
-the structs are not tracked by the garbage collector, and no per-event ``dict`` exists at any
-point; the columns are then gathered with one list comprehension per field and handed to
-polars. A well-formed trace object is decoded about 16 MB of event text at a time (cut at
-event boundaries; see :func:`_read_chunked`), each chunk becoming columns before the next,
-so the structs of all events never exist at once. On a 320 MB trace this is faster than
-``orjson.loads`` of the same bytes alone and needs about a quarter of its memory. If an event field has an unexpected JSON type, the file is
-decoded a second time with loosely typed structs and the values are coerced one by one (slow,
-but a trace is never rejected over a field the model only uses for enrichment).
+A well-formed trace is read as a stream (:func:`_read_streaming`): the file is decompressed
+a few MB at a time (gzip is recognised by its magic bytes ``1f 8b``, never by the name), the
+event array is cut at event boundaries about every 4 MB of text, and each chunk is decoded
+with :mod:`msgspec` straight into typed structs that declare only the fields the model
+needs (msgspec skips every other key without building Python objects for it, the structs
+are not tracked by the garbage collector, and no per-event ``dict`` exists at any point).
+The chunk's columns are gathered with one list comprehension per field, handed to polars
+and prepared at once (:class:`_Prepared`: text scrubbed, ``kind`` assigned, rows that are
+no interval dropped, kernel names shortened), so neither the file's text nor all its
+events, nor any full-length temporary column of them, ever exist at once. On a 333 MB trace
+the whole ``analyze`` peaks below the size of the JSON, and reading alone is faster than an
+``orjson.loads`` of the same bytes. Files that need more (a bare 2020 event list, malformed
+or truncated JSON, ``--salvage``, absolute fractional timestamps needing an exact re-decode,
+fields of unexpected JSON types) take the whole-file path, which holds the text: if an event
+field has an unexpected JSON type, the file is decoded a second time with loosely typed
+structs and the values are coerced one by one (slow, but a trace is never rejected over a
+field the model only uses for enrichment).
 
 Format eras (see ``shared/traces/kineto/FORMAT.md``)
 ----------------------------------------------------
@@ -98,6 +104,7 @@ import os
 import re
 import sys
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +113,14 @@ import polars as pl
 
 from traceinsight.errors import TraceFormatError, TraceInputError
 from traceinsight.ingest import guard
-from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, TraceModel, conform, with_depth
+from traceinsight.model import (
+    INTERVAL_SCHEMA,
+    RANK_SCHEMA,
+    TraceModel,
+    conform,
+    share_repeated_strings,
+    with_depth,
+)
 
 __all__ = ["read_kineto"]
 
@@ -320,21 +334,24 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
     path = os.fspath(path)
     warnings: list[str] = []
     # Before reading anything: refuse a file that clearly cannot fit in memory.
-    inflate_limit = guard.check_kineto_memory(path)
-    data = _read_file(path)
-    if data.startswith(_GZIP_MAGIC):
-        data = _gunzip(data, path=path, salvage=salvage, warnings=warnings, limit=inflate_limit)
-    # Well-formed files with the usual field types are decoded a chunk of events at a time
-    # (bounded memory); anything else takes the whole-file path below, which tells errors
-    # apart, retries leniently, salvages and keeps exact timestamps.
-    chunked = _read_chunked(data, path=path, warnings=warnings)
-    if chunked is not None:
-        del data  # before the column work: the JSON text is no longer needed
-        frame, trace, base = chunked
-        del chunked
-        intervals, facts = _finish_intervals(frame, trace, base, None, warnings)
+    budget = guard.check_kineto_memory(path)
+    # Well-formed files with the usual field types are read as a stream, a chunk of events
+    # at a time (bounded memory); anything else takes the whole-file path below, which
+    # tells errors apart, retries leniently, salvages and keeps exact timestamps.
+    streamed = _read_streaming(
+        path, limit=None if budget is None else budget // guard.KINETO_BYTES_PER_JSON_BYTE, warnings=warnings
+    )
+    if streamed is not None:
+        guard.release_freed_memory()  # what decoding the chunks freed
+        trace = streamed.trace
+        intervals, facts = _finish_intervals(streamed, warnings)
+        del streamed
         ranks = _rank_frame(trace, facts, path=path)
         return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
+    data = _read_file(path)
+    if data.startswith(_GZIP_MAGIC):
+        limit = None if budget is None else budget // guard.KINETO_WHOLE_FILE_BYTES_PER_JSON_BYTE
+        data = _gunzip(data, path=path, salvage=salvage, warnings=warnings, limit=limit)
     try:
         decoded = _decode(data, path=path, salvage=salvage, warnings=warnings)
     except RecursionError:
@@ -345,6 +362,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
         ) from None
     del data  # the events keep what they need of it (their raw Input Dims point into it)
     intervals, facts = _intervals(decoded, path=path, warnings=warnings)
+    guard.release_freed_memory()
     ranks = _rank_frame(decoded.trace, facts, path=path)
     return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
 
@@ -727,36 +745,54 @@ def _intervals(
         ]
     else:
         kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
-    frame = _raw_frame(_gather_columns(kept, lenient=decoded.lenient))
-    # Control characters out, absurdly long names cut, before any regex runs over them.
-    frame = guard.scrub_text(frame, warnings)
-
     base = _as_int(trace.baseTimeNanoseconds)
-    exact = None
-    if base is None and _needs_exact_times(frame.get_column("ts")):
+    extra: dict[str, pl.Series] = {}
+    exact_note = None
+    if base is None and _needs_exact_times(_float_series("ts", [event.ts for event in kept])):
         exact = _exact_times(decoded, events, kept)
         if exact is None:
-            warnings.append(
+            exact_note = (
                 "absolute timestamps with a fraction could not be re-read exactly; "
                 "their last nanosecond digits may be off"
             )
+        else:
+            extra = {
+                "exact_start": pl.Series(exact[0], dtype=pl.Int64),
+                "exact_dur": pl.Series(exact[1], dtype=pl.Int64),
+            }
+            del exact
     decoded.source = None  # let the JSON text go as soon as the events go
-    del events, kept
-    return _finish_intervals(frame, trace, base, exact, warnings)
+    prepared = _Prepared()
+    columns = _RawColumns(prepared)
+    columns.add(_gather_columns(kept, lenient=decoded.lenient), extra=extra)
+    del events, kept, extra
+    read = _ReadColumns(columns.frame(), trace, base, prepared)
+    del columns
+    warnings.extend(prepared.scrub_notes())
+    if exact_note:
+        warnings.append(exact_note)
+    return _finish_intervals(read, warnings)
 
 
-def _finish_intervals(
-    frame: pl.DataFrame,
-    trace: Any,
-    base: int | None,
-    exact: tuple[list[int | None], list[int | None]] | None,
-    warnings: list[str],
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """From the raw (scrubbed) columns to the interval frame and the rank row's facts."""
-    frame, origin_ns = _timestamps(frame, base, exact, warnings)
-    frame = _classify(frame, warnings)
+@dataclass
+class _ReadColumns:
+    """A file's prepared columns (see :class:`_Prepared`) and its top-level keys."""
+
+    frame: pl.DataFrame | None
+    trace: Any
+    base: int | None  # baseTimeNanoseconds
+    prepared: "_Prepared"
+
+
+def _finish_intervals(read: _ReadColumns, warnings: list[str]) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """From the prepared columns to the interval frame and the rank row's facts: the steps
+    that need the whole rank at once. Takes the frame out of ``read``, so that it is freed
+    as soon as it is replaced."""
+    frame, read.frame = read.frame, None
+    trace, prepared = read.trace, read.prepared
+    frame, origin_ns = _timestamps(frame, read.base, prepared, warnings)
+    warnings.extend(prepared.category_notes())
     frame, main_pid = _ownership(frame)
-    frame = _details(frame)
     frame = _link_syncs(frame)
     frame = _external_ids(frame, warnings)
     rank, rank_source = _rank(trace, frame)
@@ -772,115 +808,223 @@ def _finish_intervals(
     return frame, facts
 
 
-#: JSON text of the event array decoded per chunk: bounds the structs alive at once.
-_CHUNK_BYTES = 1 << 24
+#: JSON text of the event array decoded per chunk: bounds the structs alive at once. Small
+#: chunks also leave Python's allocator fewer 1 MiB arenas that a few long-lived objects
+#: keep from being freed (on the 333 MB trace: 16 MB chunks left 45 arenas, 4 MB 27, 2 MB
+#: 23, but 2 MB chunks took 25% longer).
+_CHUNK_BYTES = 1 << 22
+#: Decompressed text taken from the file at a time by the streaming reader.
+_STREAM_BLOCK = 1 << 22
+#: The streaming reader looks this far into the text for the ``traceEvents`` key.
+_MAX_HEADER_BYTES = 1 << 26
 #: Tries per chunk to find an event boundary (a ``},`` inside ``args`` can look like one).
 _CHUNK_TRIES = 16
 #: A ``}`` followed by a comma: where an event may end and the next begin.
 _EVENT_END = re.compile(rb"\}[ \t\r\n]*,")
+#: The key opening the event array, and the array's ``[``.
+_EVENTS_KEY = re.compile(rb'"traceEvents"[ \t\r\n]*:[ \t\r\n]*\[')
 
 _TopLevel = msgspec.defstruct(
     "_TopLevel", [("traceEvents", msgspec.Raw), *((key, Any, None) for key in _TOP_FIELDS)]
 )
 
 
-def _read_chunked(
-    data: bytes | bytearray, *, path: str, warnings: list[str]
-) -> tuple[pl.DataFrame, Any, int | None] | None:
-    """Raw columns, top-level keys and ``baseTimeNanoseconds`` of a well-formed trace
-    object, read a chunk of events at a time; None to take the
-    whole-file path (a bare event list, malformed JSON, unexpected field types, text that is
-    not UTF-8, absolute fractional timestamps needing an exact re-decode, no ``ph``).
+class _NotStreamable(Exception):
+    """The file needs the whole-file path, which tells errors apart, salvages and reads
+    loosely typed fields."""
 
-    The top level is decoded with the event array as :class:`msgspec.Raw` (a view into
-    ``data``, no copy), which checks the whole text is JSON. The array is then cut at event
-    boundaries about every ``_CHUNK_BYTES``: a cut is right exactly when ``[`` + the chunk +
-    ``]`` decodes, since a cut inside an event (or inside a string) leaves a bracket or a
-    quote open. Each chunk's structs become polars columns and are dropped before the next.
+
+def _text_blocks(path: str, limit: int | None) -> Iterator[bytes]:
+    """The file's (decompressed) text, about ``_STREAM_BLOCK`` bytes at a time.
+
+    Gzip members back to back, with zero padding between or after them, read as one text,
+    as in :func:`_gunzip`. A damaged or cut gzip stream raises :class:`_NotStreamable`: the
+    whole-file path words the error or salvages. More than ``limit`` bytes of text raise
+    the same error as the whole-file path.
     """
-    if _first_json_byte(data) != b"{":
-        return None
     try:
-        top = msgspec.json.decode(data, type=_TopLevel)
-        array = memoryview(top.traceEvents)
-        top.traceEvents = None
-        start = _events_array_start(data, is_list=False)
-        if (
-            start is None
-            or len(array) < 2
-            or memoryview(data)[start : start + len(array)] != array
-        ):
-            return None
-        end = start + len(array) - 1  # the closing ']'
-        del array
-        if data[end] != ord("]"):
-            return None
-        frames, total, any_ph = _decode_chunks(data, start + 1, end)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
-        return None
-    if frames is None or (total and not any_ph):
-        return None
-    frame = pl.concat(frames, rechunk=False) if len(frames) > 1 else frames[0]
-    del frames
-    notes: list[str] = []
-    frame = guard.scrub_text(frame, notes)
-    base = _as_int(top.baseTimeNanoseconds)
-    if base is None and _needs_exact_times(frame.get_column("ts")):
-        return None
-    warnings.extend(notes)
-    return frame, top, base
+        handle = open(path, "rb")
+    except OSError:
+        raise _NotStreamable from None
+    with handle:
+        if handle.read(2) != _GZIP_MAGIC:
+            handle.seek(0)
+            while block := handle.read(_STREAM_BLOCK):
+                yield block
+            return
+        handle.seek(0)
+        written = 0
+        pending = b""  # compressed bytes read but not yet given to zlib
+        while True:  # one gzip member per round
+            inflater = zlib.decompressobj(zlib.MAX_WBITS | 16)
+            while not inflater.eof:
+                if not pending:
+                    pending = handle.read(_INFLATE_INPUT)
+                    if not pending:
+                        raise _NotStreamable  # cut short
+                try:
+                    block = inflater.decompress(pending, _STREAM_BLOCK)
+                except zlib.error:
+                    raise _NotStreamable from None
+                pending = inflater.unconsumed_tail
+                written += len(block)
+                if limit is not None and written > limit:
+                    raise guard.inflate_limit_error(path, limit)
+                if block:
+                    yield block
+            pending = inflater.unused_data
+            while True:  # zero padding, then another member or the end
+                pending = pending.lstrip(b"\0")
+                if pending:
+                    break
+                pending = handle.read(_INFLATE_INPUT)
+                if not pending:
+                    return
+            if len(pending) < 2:
+                pending += handle.read(1)
+            if pending[:2] != _GZIP_MAGIC:
+                return  # trailing bytes that are not gzip: ignored, as gzip(1) does
 
 
-def _decode_chunks(
-    data: bytes | bytearray, position: int, end: int
-) -> tuple[list[pl.DataFrame] | None, int, bool]:
-    """Raw frames of the events between ``position`` and the array's ``]`` at ``end``;
-    also the number of events and whether any had a ``ph``. ``None`` frames: no usable cut.
+def _read_streaming(path: str, *, limit: int | None, warnings: list[str]) -> _ReadColumns | None:
+    """The prepared columns and top-level keys of a well-formed trace object, read from a
+    stream of its text a chunk of events at a time; ``None`` to take
+    the whole-file path (a bare event list, malformed or cut JSON, unexpected field types,
+    absolute fractional timestamps needing an exact re-decode, no ``ph``).
 
-    Raises ``msgspec.DecodeError`` (a ``ValidationError``: a field of an unexpected type).
+    Neither the file's text nor its events are ever whole in memory: a block of text is
+    decompressed, the event array is cut at an event boundary about every ``_CHUNK_BYTES``,
+    and each chunk's structs become polars columns before the next block is read. A cut is
+    right exactly when ``[`` + the chunk + ``]`` decodes, since a cut inside an event (or
+    inside a string) leaves a bracket or a quote open. The text before the array is checked
+    the same way (it must decode as an object once the array is closed), and the text after
+    the last cut is decoded as ``{"traceEvents":[`` + the rest, which checks the end of the
+    file and reads any keys written after the events. Every byte is decoded once, so the
+    whole text is checked to be JSON, as a whole-file decode would.
     """
-    view = memoryview(data)
-    frames: list[pl.DataFrame] = []
-    total = 0
-    any_ph = False
+    blocks = _text_blocks(path, limit)
+    buffer = bytearray()
+
+    def read_more() -> bool:
+        block = next(blocks, None)
+        if block is None:
+            return False
+        buffer.extend(block)
+        return True
+
+    try:
+        header, position = _stream_header(buffer, read_more)
+        if header is None:
+            return None
+        prepared = _Prepared()
+        columns = _RawColumns(prepared)
+        total = 0
+        any_ph = False
+        while True:
+            events, resume = _next_chunk(buffer, position, read_more)
+            if events is None:
+                break
+            total += len(events)
+            any_ph = any_ph or any(event.ph for event in events)
+            columns.add(_chunk_columns(events))
+            del events
+            del buffer[:resume]  # cheap: CPython drops a bytearray's head in place
+            position = 0
+        # The rest of the array, its ']' and the keys after it, as one small object.
+        rest = bytearray(b'{"traceEvents":[')
+        rest += memoryview(buffer)[position:]
+        del buffer[:]
+        tail = msgspec.json.decode(rest, type=_TopLevel)
+        del rest
+        events = msgspec.json.decode(tail.traceEvents, type=list[_Event])
+        tail.traceEvents = None
+    except (_NotStreamable, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    finally:
+        blocks.close()
+    total += len(events)
+    any_ph = any_ph or any(event.ph for event in events)
+    columns.add(_chunk_columns(events))
+    del events
+    if total and not any_ph:
+        return None
+    for key in _TOP_FIELDS:  # a key written after the events wins, as in a whole decode
+        if getattr(tail, key) is None:
+            setattr(tail, key, getattr(header, key))
+    base = _as_int(tail.baseTimeNanoseconds)
+    if base is None and prepared.needs_exact:
+        return None
+    read = _ReadColumns(columns.frame(), tail, base, prepared)
+    del columns
+    warnings.extend(prepared.scrub_notes())
+    return read
+
+
+def _stream_header(buffer: bytearray, read_more) -> tuple[Any, int]:
+    """The top-level keys before the event array, and the offset just past its ``[``;
+    ``(None, 0)`` when the text is not a trace object with a ``traceEvents`` array near its
+    start (the whole-file path then says why, or reads a bare event list)."""
+    searched = 0
     while True:
-        while position < end and data[position] in _WHITESPACE:
-            position += 1
-        if position >= end:
+        start = len(buffer) - len(buffer.lstrip(_WHITESPACE))
+        if start < len(buffer):
             break
-        events = None
-        cut = position + _CHUNK_BYTES
-        for _ in range(_CHUNK_TRIES):
-            found = _EVENT_END.search(data, cut, end) if cut < end else None
-            if found is None:  # the rest of the array
-                close, resume = end, end
-            else:
-                close, resume = found.start() + 1, found.end()
-            chunk = bytearray(b"[")
-            chunk += view[position:close]
-            chunk += b"]"
-            try:
-                events = msgspec.json.decode(chunk, type=list[_Event])
-            except msgspec.ValidationError:
-                raise
-            except msgspec.DecodeError:
-                if found is None:
-                    raise
-                cut = close  # that '}' closed something inside an event: the next one
-                continue
-            break
-        if events is None:
-            return None, total, any_ph
-        total += len(events)
-        any_ph = any_ph or any(event.ph for event in events)
-        kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
-        del events, chunk
-        frames.append(_raw_frame(_gather_columns(kept, lenient=False)))
-        del kept
-        position = resume
-    if not frames:
-        frames.append(_raw_frame(_gather_columns([], lenient=False)))
-    return frames, total, any_ph
+        if not read_more():
+            return None, 0
+    if buffer[start] != ord("{"):
+        return None, 0  # a bare list (2020), a BOM, or not JSON
+    while True:
+        found = _EVENTS_KEY.search(buffer, searched)
+        if found is None:
+            # The key may straddle the end of what was read: search its last bytes again.
+            searched = max(searched, len(buffer) - 64)
+            if len(buffer) > _MAX_HEADER_BYTES or not read_more():
+                return None, 0
+            continue
+        # A match inside a string or a nested object leaves the prefix unbalanced.
+        prefix = bytearray(memoryview(buffer)[: found.start()])
+        prefix += b'"traceEvents":[]}'
+        try:
+            header = msgspec.json.decode(prefix, type=_TopLevel)
+        except msgspec.DecodeError:
+            searched = found.start() + 1
+            continue
+        return header, found.end()
+
+
+def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] | None, int]:
+    """Decode the events from ``position`` to an event boundary at least ``_CHUNK_BYTES``
+    further; returns them and where the next chunk starts, or ``(None, position)`` when
+    the text ends first (the rest is decoded with the end of the file).
+
+    Raises ``msgspec.DecodeError`` (a ``ValidationError``: a field of an unexpected type)
+    and :class:`_NotStreamable` when no boundary decodes.
+    """
+    cut = position + _CHUNK_BYTES
+    tries = 0
+    while True:
+        while (found := _EVENT_END.search(buffer, cut) if cut < len(buffer) else None) is None:
+            if not read_more():
+                return None, position
+        close, resume = found.start() + 1, found.end()
+        chunk = bytearray(b"[")
+        chunk += memoryview(buffer)[position:close]
+        chunk += b"]"
+        try:
+            return msgspec.json.decode(chunk, type=list[_Event]), resume
+        except msgspec.ValidationError:
+            raise
+        except msgspec.DecodeError:
+            tries += 1
+            if tries >= _CHUNK_TRIES:
+                raise _NotStreamable from None
+            cut = close  # that '}' closed something inside an event: try the next one
+
+
+def _chunk_columns(events: list[Any]) -> dict[str, list[Any]]:
+    """The gathered lists of one chunk's complete events."""
+    kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
+    return _gather_columns(kept, lenient=False)
 
 
 #: Args that only a few rows carry (collectives, syncs): gathered for those rows only.
@@ -938,8 +1082,98 @@ def _gather_columns(kept: list[Any], *, lenient: bool) -> dict[str, list[Any]]:
     return columns
 
 
-def _raw_frame(columns: dict[str, list[Any]]) -> pl.DataFrame:
-    """Typed polars columns from the gathered lists (mixed JSON types coerced)."""
+class _Prepared:
+    """The row-local work on raw columns, done on each chunk of events as it is read:
+    control characters out and absurd lengths cut (before any regex runs over the text),
+    ``kind`` (rows that are no interval dropped), kernel short names and ``detail``. Done
+    per chunk, the temporary columns these build stay chunk-sized, and the text columns
+    they consume (``cat``, shapes, full names) never exist for the whole trace.
+
+    Also gathers, over the rows before any is dropped, what the whole-rank steps need: the
+    earliest usable ``ts`` (the clock origin), whether float times lost nanoseconds, the
+    counts of unknown categories and of shortened values (one warning each at the end).
+    """
+
+    def __init__(self) -> None:
+        self.short_names: dict[str, str] = {}
+        self.unknown_categories: dict[str | None, int] = {}
+        self.shortened = 0
+        self.first_ts: float | None = None
+        self.first_exact: int | None = None
+        self.needs_exact = False
+
+    def __call__(self, frame: pl.DataFrame) -> pl.DataFrame:
+        frame, shortened = guard.scrub_columns(frame)
+        self.shortened += shortened
+        ts = frame.get_column("ts")
+        self.needs_exact = self.needs_exact or _needs_exact_times(ts)
+        self.first_ts = _least(self.first_ts, ts.filter(_usable_ts(ts)).min())
+        if "exact_start" in frame.columns:
+            self.first_exact = _least(self.first_exact, frame.get_column("exact_start").min())
+        frame = _classify(frame, self.unknown_categories)
+        return _details(frame, self.short_names)
+
+    def scrub_notes(self) -> list[str]:
+        return [guard.shortened_note(self.shortened)] if self.shortened else []
+
+    def category_notes(self) -> list[str]:
+        if not self.unknown_categories:
+            return []
+        ranked = sorted(self.unknown_categories.items(), key=lambda item: (-item[1], str(item[0])))
+        listed = ", ".join(f"{cat or '<none>'} ({count:,})" for cat, count in ranked[:5])
+        return [f"ignored complete events of categories with no interval kind: {listed}"]
+
+
+def _least(current: Any, candidate: Any) -> Any:
+    if candidate is None:
+        return current
+    return candidate if current is None else min(current, candidate)
+
+
+class _RawColumns:
+    """Columns gathered a chunk of events at a time, each chunk prepared on arrival.
+
+    Each column is kept as a list of per-chunk pieces and joined into one contiguous
+    column at the end, one column at a time: a frame of many chunks would make polars
+    re-align (copy) every column at the first expression mixing columns of different
+    chunking, and joining all columns at once would hold two copies of the frame. A column
+    null in every chunk (most collective args, in most traces) stays a cheap broadcast null.
+    """
+
+    def __init__(self, prepare: _Prepared) -> None:
+        self.prepare = prepare
+        self.pieces: dict[str, list[pl.Series]] = {}
+        self.height = 0
+
+    def add(self, columns: dict[str, list[Any]], *, extra: dict[str, pl.Series] | None = None) -> None:
+        """Add one chunk's gathered lists (see :func:`_gather_columns`), and ``extra``
+        columns aligned with them; empties the lists."""
+        frame = _raw_chunk(columns)
+        if extra:
+            frame = frame.with_columns(**extra)
+        frame = self.prepare(frame)
+        for series in frame.iter_columns():
+            self.pieces.setdefault(series.name, []).append(share_repeated_strings(series))
+        self.height += frame.height
+
+    def frame(self) -> pl.DataFrame:
+        """The prepared frame, one chunk per column; the pieces are released as they are
+        joined."""
+        if not self.pieces:
+            self.add(_gather_columns([], lenient=False))
+        columns = []
+        for name in list(self.pieces):
+            pieces = self.pieces.pop(name)
+            if all(piece.null_count() == len(piece) for piece in pieces):
+                columns.append(pl.repeat(None, self.height, dtype=pieces[0].dtype, eager=True).alias(name))
+            else:
+                columns.append(pl.concat(pieces, rechunk=True) if len(pieces) > 1 else pieces[0].rechunk())
+            del pieces
+        return pl.DataFrame(columns)
+
+
+def _raw_chunk(columns: dict[str, list[Any]]) -> pl.DataFrame:
+    """Typed polars columns from one chunk's gathered lists (mixed JSON types coerced)."""
     tid, tid_stream = _tid_series(columns.pop("tid"))
     frame = pl.DataFrame(
         [
@@ -959,18 +1193,19 @@ def _raw_frame(columns: dict[str, list[Any]]) -> pl.DataFrame:
             pl.Series("input_dims", columns.pop("input_dims"), dtype=pl.Binary).cast(pl.String),
         ]
     )
-    rows = pl.Series(columns["sparse_row"], dtype=pl.UInt32)
+    # Args that only a few rows carry, gathered as (row, value) pairs: spread here.
+    rows = pl.Series(columns.pop("sparse_row"), dtype=pl.UInt32)
     sparse = {
-        "comm_op": _string_series("comm_op", columns["collective_name"]),
-        "comm_in_nelems": _int_series("comm_in_nelems", columns["in_msg_nelems"]),
-        "comm_out_nelems": _int_series("comm_out_nelems", columns["out_msg_nelems"]),
-        "comm_group_size": _int_series("comm_group_size", columns["group_size"]),
-        "comm_group": _string_series("comm_group", columns["process_group_name"]),
-        "comm_seq": _int_series("comm_seq", columns["seq"]),
-        "comm_in_split": _string_series("comm_in_split", columns["in_split_size"]),
-        "comm_out_split": _string_series("comm_out_split", columns["out_split_size"]),
-        "arg_rank": _int_series("arg_rank", columns["rank"]),
-        "sync_kind": _string_series("sync_kind", columns["cuda_sync_kind"]),
+        "comm_op": _string_series("comm_op", columns.pop("collective_name")),
+        "comm_in_nelems": _int_series("comm_in_nelems", columns.pop("in_msg_nelems")),
+        "comm_out_nelems": _int_series("comm_out_nelems", columns.pop("out_msg_nelems")),
+        "comm_group_size": _int_series("comm_group_size", columns.pop("group_size")),
+        "comm_group": _string_series("comm_group", columns.pop("process_group_name")),
+        "comm_seq": _int_series("comm_seq", columns.pop("seq")),
+        "comm_in_split": _string_series("comm_in_split", columns.pop("in_split_size")),
+        "comm_out_split": _string_series("comm_out_split", columns.pop("out_split_size")),
+        "arg_rank": _int_series("arg_rank", columns.pop("rank")),
+        "sync_kind": _string_series("sync_kind", columns.pop("cuda_sync_kind")),
     }
     full = []
     for name, values in sparse.items():
@@ -1119,10 +1354,15 @@ def _exact_times(
     return starts, durations
 
 
+def _usable_ts(ts: pl.Series | pl.Expr) -> pl.Series | pl.Expr:
+    """Timestamps that are numbers small enough for int64 nanoseconds."""
+    return ts.is_finite() & (ts.abs() < _MAX_TS_US)
+
+
 def _timestamps(
     frame: pl.DataFrame,
     base: int | None,
-    exact: tuple[list[int | None], list[int | None]] | None,
+    prepared: _Prepared,
     warnings: list[str],
 ) -> tuple[pl.DataFrame, int | None]:
     """Add ``start_ns``/``end_ns`` on the rank's clock; return its origin (epoch ns).
@@ -1132,7 +1372,7 @@ def _timestamps(
     which says how many; a missing ``dur`` is zero. Negative durations give an end before
     the start and are dropped the same way.
     """
-    usable = pl.col("ts").is_finite() & (pl.col("ts").abs() < _MAX_TS_US)
+    usable = _usable_ts(pl.col("ts"))
     frame = frame.with_columns(
         ts=pl.when(usable).then(pl.col("ts")),
         dur=pl.when(pl.col("dur").is_null())
@@ -1149,17 +1389,13 @@ def _timestamps(
             start_ns=(ts * 1000).round(0).cast(pl.Int64, strict=False), dur_ns=dur_ns
         )
         origin_ns = base
-    elif exact is not None:
-        starts, durations = exact
-        frame = frame.with_columns(
-            start_abs=pl.Series(starts, dtype=pl.Int64),
-            dur_ns=pl.Series(durations, dtype=pl.Int64),
-        )
-        first = frame.get_column("start_abs").min()
+    elif "exact_start" in frame.columns:
+        first = prepared.first_exact
         origin_ns = 0 if first is None else first // 1000 * 1000
-        frame = frame.with_columns(start_ns=pl.col("start_abs") - origin_ns).drop("start_abs")
+        frame = frame.with_columns(start_ns=pl.col("exact_start") - origin_ns, dur_ns=pl.col("exact_dur"))
     else:
-        first = frame.get_column("ts").min()
+        # Over every complete event, before rows that are no interval were dropped.
+        first = prepared.first_ts
         origin_us = 0 if first is None else math.floor(first)
         # Subtract in µs first: what is left is small, so ×1000 stays exact in float64.
         frame = frame.with_columns(
@@ -1174,7 +1410,7 @@ def _timestamps(
                 "so the wall-clock time of the trace is unknown"
             )
     frame = frame.with_columns(end_ns=pl.col("start_ns") + pl.col("dur_ns"))
-    return frame.drop("ts", "dur", "dur_ns"), origin_ns
+    return frame.drop("ts", "dur", "dur_ns", "exact_start", "exact_dur", strict=False), origin_ns
 
 
 # --------------------------------------------------------------------------------------------
@@ -1182,8 +1418,9 @@ def _timestamps(
 # --------------------------------------------------------------------------------------------
 
 
-def _classify(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
-    """Add ``kind``; drop complete events that are not intervals (and name odd categories)."""
+def _classify(frame: pl.DataFrame, unknown_categories: dict[str | None, int]) -> pl.DataFrame:
+    """Add ``kind``; drop complete events that are not intervals (counting them by category
+    in ``unknown_categories``)."""
     kind = pl.col("cat").replace_strict(KIND_BY_CATEGORY, default=None, return_dtype=pl.String)
     is_step = pl.col("name").str.starts_with("ProfilerStep#")
     frame = frame.with_columns(
@@ -1192,23 +1429,22 @@ def _classify(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
         .otherwise(kind)
     )
     unknown = (
-        frame.filter(pl.col("kind").is_null() & ~pl.col("cat").is_in(list(_IGNORED_CATEGORIES)))
+        frame.lazy()
+        .filter(pl.col("kind").is_null() & ~pl.col("cat").is_in(list(_IGNORED_CATEGORIES)))
         .group_by("cat")
         .len()
-        .sort("len", descending=True)
+        .collect()
     )
-    if unknown.height:
-        listed = ", ".join(
-            f"{cat or '<none>'} ({count:,})" for cat, count in unknown.head(5).iter_rows()
-        )
-        warnings.append(f"ignored complete events of categories with no interval kind: {listed}")
+    for cat, count in unknown.iter_rows():
+        unknown_categories[cat] = unknown_categories.get(cat, 0) + count
     return frame.filter(pl.col("kind").is_not_null())
 
 
 def _ownership(frame: pl.DataFrame) -> tuple[pl.DataFrame, int | None]:
     """pid/tid/device/stream by side: CPU rows keep OS ids, GPU rows get device and stream."""
     on_stream = pl.col("kind").is_in(_STREAM_KINDS)
-    cpu_pids = frame.filter(~on_stream).get_column("pid").drop_nulls()
+    # Select before filtering: filtering the frame would copy every column.
+    cpu_pids = frame.select(pl.col("pid").filter(~on_stream)).to_series().drop_nulls()
     if cpu_pids.is_empty():
         cpu_pids = frame.get_column("pid").drop_nulls()
     main_pid = None if cpu_pids.is_empty() else int(cpu_pids.mode().sort()[0])
@@ -1237,11 +1473,18 @@ _SYNC_KIND_LABELS = {
 _API_CLASS_BY_CATEGORY = {"cuda_runtime": "runtime", "Runtime": "runtime", "cuda_driver": "driver"}
 
 
-def _details(frame: pl.DataFrame) -> pl.DataFrame:
-    """Kernel short names, and ``detail`` per kind (signature, shapes, direction, sync type)."""
+def _details(frame: pl.DataFrame, short_names: dict[str, str]) -> pl.DataFrame:
+    """Kernel short names, and ``detail`` per kind (signature, shapes, direction, sync type).
+
+    ``short_names`` caches kernel short names across chunks (a few hundred distinct names
+    in a million launches).
+    """
     kind = pl.col("kind")
-    kernel_names = frame.filter(kind == "kernel").get_column("name").unique().drop_nulls()
-    short = {name: _short_kernel_name(name) for name in kernel_names.to_list()}
+    kernel_names = frame.select(pl.col("name").filter(kind == "kernel").unique()).to_series()
+    for name in kernel_names.drop_nulls().to_list():
+        if name not in short_names:
+            short_names[name] = _short_kernel_name(name)
+    short = {name: short_names[name] for name in kernel_names.drop_nulls().to_list()}
     dims = pl.col("input_dims")
     # Kineto writes "[[1, 2], []]"; files re-serialised by other tools spread the lists over
     # lines or drop the spaces. Rewriting every row is slow, so check first.
