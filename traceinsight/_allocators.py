@@ -14,8 +14,10 @@ temporaries rather than the largest of them:
   given back. A fixed threshold keeps every block of 128 KiB or more in its own mapping,
   returned when freed.
 
-On the 320 MB H200 trace this takes the peak of ``analyze`` from 630 MB to about 340 MB,
-for about a tenth more time (measured in ``docs/performance.md``).
+Measured on the 318 MiB H200 trace (``/usr/bin/time``, same code otherwise): the peak of
+``analyze`` fell from 550 to 333 MiB, for about 15% more time (``docs/performance.md``).
+polars prepends its own defaults to ``_RJEM_MALLOC_CONF`` when it loads; jemalloc takes the
+last value of each option, so these (or the user's) win.
 """
 
 from __future__ import annotations
