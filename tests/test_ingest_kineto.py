@@ -748,3 +748,30 @@ def test_streamed_read_of_a_real_trace_matches_the_whole_file_read(monkeypatch: 
     streamed = _streamed_read(monkeypatch, path, chunk_bytes=1 << 20, block_bytes=1 << 16)
     _models_equal(_whole_file_read(monkeypatch, path), streamed)
     assert streamed.of_kind("kernel").height > 10_000
+
+SMALL_KINETO_FILES = [p for p in KINETO_FILES if p.stat().st_size < 5 * 2**20]
+
+
+@pytest.mark.skipif(not SMALL_KINETO_FILES, reason="../shared/traces not available")
+def test_every_real_kineto_file_streams_to_the_whole_file_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceinsight.ingest import kineto
+
+    streaming = kineto._read_streaming
+    outcomes = []
+
+    def recorded(*args, **kwargs):
+        outcomes.append(streaming(*args, **kwargs))
+        return outcomes[-1]
+
+    for path in SMALL_KINETO_FILES:
+        with monkeypatch.context() as patch:
+            # Small chunks and blocks: every file is cut in many places.
+            patch.setattr(kineto, "_CHUNK_BYTES", 1 << 18)
+            patch.setattr(kineto, "_STREAM_BLOCK", 1 << 15)
+            patch.setattr(kineto, "_read_streaming", recorded)
+            streamed = kineto.read_kineto(path)
+        _models_equal(_whole_file_read(monkeypatch, str(path)), streamed)
+    streamed_files = sum(outcome is not None for outcome in outcomes)
+    # Only the 2020 bare list (kineto_tb_plugin_resnet50_2020_list) and the absolute
+    # fractional timestamps of hta_ns_resolution_v100 need the whole-file path.
+    assert len(SMALL_KINETO_FILES) - streamed_files <= 2, (streamed_files, len(SMALL_KINETO_FILES))
