@@ -203,7 +203,6 @@ def test_join_sorted_runs_matches_a_group_by(rows, widest):
     from traceinsight.analysis import cpu_gaps
 
     frame = pl.DataFrame(sorted(rows, key=lambda r: r[0]), schema={"k": pl.Int64, "v": pl.String}, orient="row")
-    frame = frame.filter(pl.col("v").is_not_null())
     expected = frame.group_by("k", maintain_order=True).agg(pl.col("v").str.join(", "))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(cpu_gaps, "_MAX_SHIFTED_RUN", widest)

@@ -498,6 +498,9 @@ def _join_sorted_runs(frame: pl.DataFrame, *, key: str, column: str, separator: 
         [value, *(pl.when(offset + k < run_length).then(separator + value.shift(-k)) for k in range(1, widest))],
         ignore_nulls=True,
     )
+    # Nulls are skipped, as a string join skips them: a run that starts with one must not
+    # start with the separator.
+    joined = pl.when(value.is_null()).then(joined.str.strip_prefix(separator)).otherwise(joined)
     return frame.select(key, joined.alias(column))[pl.Series(starts)]
 
 
