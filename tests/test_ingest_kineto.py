@@ -772,6 +772,50 @@ def test_every_real_kineto_file_streams_to_the_whole_file_result(monkeypatch: py
             streamed = kineto.read_kineto(path)
         _models_equal(_whole_file_read(monkeypatch, str(path)), streamed)
     streamed_files = sum(outcome is not None for outcome in outcomes)
-    # Only the 2020 bare list (kineto_tb_plugin_resnet50_2020_list) and the absolute
-    # fractional timestamps of hta_ns_resolution_v100 need the whole-file path.
-    assert len(SMALL_KINETO_FILES) - streamed_files <= 2, (streamed_files, len(SMALL_KINETO_FILES))
+    # Every era streams, the 2020 bare list and the absolute fractional µs of
+    # hta_ns_resolution_v100 included.
+    assert streamed_files == len(SMALL_KINETO_FILES), (streamed_files, len(SMALL_KINETO_FILES))
+
+
+@pytest.mark.parametrize(("chunk_bytes", "block_bytes"), [(1, 7), (300, 64)])
+def test_streamed_bare_list_and_exact_times(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes, block_bytes) -> None:
+    # A 2020-style bare list with absolute epoch µs written with a nanosecond fraction:
+    # float64 would lose the last digits, so the stamps are re-read exactly, chunk by chunk.
+    # The first stamp's fraction (.001) is below float64's 0.25 µs step there: only the
+    # text shows it.
+    stamps = [f"1712195495519{i:03d}.{(7 * i + 1) % 1000:03d}" for i in range(40)]
+    text = "[" + ",".join(
+        f'{{"ph": "X", "cat": "cpu_op", "name": "op{i}", "pid": 1, "tid": 2, "ts": {ts}, "dur": 1.001}}'
+        for i, ts in enumerate(stamps)
+    ) + "]"
+    path = write(tmp_path, text, gz=True)
+    streamed = _streamed_read(monkeypatch, path, chunk_bytes=chunk_bytes, block_bytes=block_bytes)
+    _models_equal(_whole_file_read(monkeypatch, path), streamed)
+    origin = streamed.ranks.row(0, named=True)["clock_origin_ns"]
+    starts = sorted(origin + v for v in streamed.intervals.get_column("start_ns").to_list())
+    assert starts == sorted(int(Decimal(ts) * 1000) for ts in stamps)
+    assert set(streamed.intervals.get_column("end_ns") - streamed.intervals.get_column("start_ns")) == {1001}
+
+
+def test_stamps_turning_fractional_late_are_read_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from traceinsight.ingest import kineto
+
+    events = [op(f"a{i}", 1712195495519000 + i, 1) for i in range(30)]
+    # .123 is below float64's 0.25 µs step there: only the text shows the fraction.
+    events += [{**op("late", 0, 1), "ts": Decimal("1712195495519100.123")}]
+    text = json.dumps({"traceEvents": events}, default=str).replace('"1712195495519100.123"', "1712195495519100.123")
+    path = write(tmp_path, text)
+    taken = []
+    whole_file = kineto._decode
+
+    def recorded(*args, **kwargs):
+        taken.append(True)
+        return whole_file(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kineto, "_CHUNK_BYTES", 200)
+        patch.setattr(kineto, "_decode", recorded)
+        model = kineto.read_kineto(path)
+    assert taken  # the first chunks decided integer stamps: the late fraction is read whole
+    late = model.intervals.filter(pl.col("name") == "late").row(0, named=True)
+    assert late["start_ns"] + model.ranks.row(0, named=True)["clock_origin_ns"] == 1712195495519100123

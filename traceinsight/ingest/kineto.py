@@ -13,12 +13,13 @@ and prepared at once (:class:`_Prepared`: text scrubbed, ``kind`` assigned, rows
 no interval dropped, kernel names shortened), so neither the file's text nor all its
 events, nor any full-length temporary column of them, ever exist at once. On a 333 MB trace
 the whole ``analyze`` peaks below the size of the JSON, and reading alone is faster than an
-``orjson.loads`` of the same bytes. Files that need more (a bare 2020 event list, malformed
-or truncated JSON, ``--salvage``, absolute fractional timestamps needing an exact re-decode,
-fields of unexpected JSON types) take the whole-file path, which holds the text: if an event
-field has an unexpected JSON type, the file is decoded a second time with loosely typed
-structs and the values are coerced one by one (slow, but a trace is never rejected over a
-field the model only uses for enrichment).
+``orjson.loads`` of the same bytes. Every era streams, the 2020 bare event list included;
+absolute epoch stamps written with a fraction (Kineto builds of March to May 2024) are
+re-read exactly from each chunk's text (:class:`_ExactTimesStream`). Files that need more
+(malformed or truncated JSON, ``--salvage``, fields of unexpected JSON types) take the
+whole-file path, which holds the text: if an event field has an unexpected JSON type, the
+file is decoded a second time with loosely typed structs and the values are coerced one by
+one (slow, but a trace is never rejected over a field the model only uses for enrichment).
 
 Format eras (see ``shared/traces/kineto/FORMAT.md``)
 ----------------------------------------------------
@@ -748,19 +749,13 @@ def _intervals(
     base = _as_int(trace.baseTimeNanoseconds)
     extra: dict[str, pl.Series] = {}
     exact_note = None
-    if base is None and _needs_exact_times(_float_series("ts", [event.ts for event in kept])):
-        exact = _exact_times(decoded, events, kept)
-        if exact is None:
+    if base is None and _needs_exact_times(_float_series("ts", [event.ts for event in kept]), decoded.source):
+        extra = _exact_times(decoded, events, kept) or {}
+        if not extra:
             exact_note = (
                 "absolute timestamps with a fraction could not be re-read exactly; "
                 "their last nanosecond digits may be off"
             )
-        else:
-            extra = {
-                "exact_start": pl.Series(exact[0], dtype=pl.Int64),
-                "exact_dur": pl.Series(exact[1], dtype=pl.Int64),
-            }
-            del exact
     decoded.source = None  # let the JSON text go as soon as the events go
     prepared = _Prepared()
     columns = _RawColumns(prepared)
@@ -887,10 +882,10 @@ def _text_blocks(path: str, limit: int | None) -> Iterator[bytes]:
 
 
 def _read_streaming(path: str, *, limit: int | None, warnings: list[str]) -> _ReadColumns | None:
-    """The prepared columns and top-level keys of a well-formed trace object, read from a
-    stream of its text a chunk of events at a time; ``None`` to take
-    the whole-file path (a bare event list, malformed or cut JSON, unexpected field types,
-    absolute fractional timestamps needing an exact re-decode, no ``ph``).
+    """The prepared columns and top-level keys of a well-formed trace (an object, or a
+    2020 bare event list), read from a stream of its text a chunk of events at a time;
+    ``None`` to take the whole-file path (malformed or cut JSON, unexpected field types,
+    fractional stamps met only after the chunk that decided they were whole, no ``ph``).
 
     Neither the file's text nor its events are ever whole in memory: a block of text is
     decompressed, the event array is cut at an event boundary about every ``_CHUNK_BYTES``,
@@ -913,73 +908,82 @@ def _read_streaming(path: str, *, limit: int | None, warnings: list[str]) -> _Re
         return True
 
     try:
-        header, position = _stream_header(buffer, read_more)
+        header, position, is_list = _stream_header(buffer, read_more)
         if header is None:
             return None
         prepared = _Prepared()
         columns = _RawColumns(prepared)
+        times = _ExactTimesStream()
         total = 0
         any_ph = False
         while True:
-            events, resume = _next_chunk(buffer, position, read_more)
+            events, text, resume = _next_chunk(buffer, position, read_more)
             if events is None:
                 break
             total += len(events)
             any_ph = any_ph or any(event.ph for event in events)
-            columns.add(_chunk_columns(events))
-            del events
+            kept = _kept_events(events)
+            columns.add(_gather_columns(kept, lenient=False), extra=times.columns(events, kept, text))
+            del events, kept, text
             del buffer[:resume]  # cheap: CPython drops a bytearray's head in place
             position = 0
-        # The rest of the array, its ']' and the keys after it, as one small object.
+        # The rest of the array, its ']' and the keys after it, as one small object (a bare
+        # list's rest ends with its ']').
         rest = bytearray(b'{"traceEvents":[')
         rest += memoryview(buffer)[position:]
+        if is_list:
+            rest += b"}"
         del buffer[:]
         tail = msgspec.json.decode(rest, type=_TopLevel)
         del rest
         events = msgspec.json.decode(tail.traceEvents, type=list[_Event])
+        total += len(events)
+        any_ph = any_ph or any(event.ph for event in events)
+        kept = _kept_events(events)
+        columns.add(_gather_columns(kept, lenient=False), extra=times.columns(events, kept, tail.traceEvents))
+        del events, kept
         tail.traceEvents = None
     except (_NotStreamable, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     finally:
         blocks.close()
-    total += len(events)
-    any_ph = any_ph or any(event.ph for event in events)
-    columns.add(_chunk_columns(events))
-    del events
     if total and not any_ph:
         return None
     for key in _TOP_FIELDS:  # a key written after the events wins, as in a whole decode
         if getattr(tail, key) is None:
             setattr(tail, key, getattr(header, key))
     base = _as_int(tail.baseTimeNanoseconds)
-    if base is None and prepared.needs_exact:
-        return None
+    if base is None and prepared.needs_exact and not times.exact:
+        return None  # stamps that needed the exact re-decode were met too late
     read = _ReadColumns(columns.frame(), tail, base, prepared)
     del columns
     warnings.extend(prepared.scrub_notes())
     return read
 
 
-def _stream_header(buffer: bytearray, read_more) -> tuple[Any, int]:
-    """The top-level keys before the event array, and the offset just past its ``[``;
-    ``(None, 0)`` when the text is not a trace object with a ``traceEvents`` array near its
-    start (the whole-file path then says why, or reads a bare event list)."""
+def _stream_header(buffer: bytearray, read_more) -> tuple[Any, int, bool]:
+    """The top-level keys before the event array, the offset just past its ``[``, and
+    whether the text is a bare event list (2020); ``(None, 0, False)`` when the text is
+    neither a list nor an object with a ``traceEvents`` array near its start (the
+    whole-file path then says why)."""
     searched = 0
     while True:
         start = len(buffer) - len(buffer.lstrip(_WHITESPACE))
         if start < len(buffer):
             break
         if not read_more():
-            return None, 0
+            return None, 0, False
+    if buffer[start] == ord("["):
+        return _TopLevel(None), start + 1, True
     if buffer[start] != ord("{"):
-        return None, 0  # a bare list (2020), a BOM, or not JSON
+        return None, 0, False  # a BOM, or not JSON
     while True:
         found = _EVENTS_KEY.search(buffer, searched)
         if found is None:
             # The key may straddle the end of what was read: search its last bytes again.
             searched = max(searched, len(buffer) - 64)
             if len(buffer) > _MAX_HEADER_BYTES or not read_more():
-                return None, 0
+                return None, 0, False
             continue
         # A match inside a string or a nested object leaves the prefix unbalanced.
         prefix = bytearray(memoryview(buffer)[: found.start()])
@@ -989,13 +993,14 @@ def _stream_header(buffer: bytearray, read_more) -> tuple[Any, int]:
         except msgspec.DecodeError:
             searched = found.start() + 1
             continue
-        return header, found.end()
+        return header, found.end(), False
 
 
-def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] | None, int]:
+def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] | None, bytes, int]:
     """Decode the events from ``position`` to an event boundary at least ``_CHUNK_BYTES``
-    further; returns them and where the next chunk starts, or ``(None, position)`` when
-    the text ends first (the rest is decoded with the end of the file).
+    further; returns them, their text as a JSON array and where the next chunk starts, or
+    ``(None, b"", position)`` when the text ends first (the rest is decoded with the end of
+    the file).
 
     Raises ``msgspec.DecodeError`` (a ``ValidationError``: a field of an unexpected type)
     and :class:`_NotStreamable` when no boundary decodes.
@@ -1005,13 +1010,13 @@ def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] 
     while True:
         while (found := _EVENT_END.search(buffer, cut) if cut < len(buffer) else None) is None:
             if not read_more():
-                return None, position
+                return None, b"", position
         close, resume = found.start() + 1, found.end()
         chunk = bytearray(b"[")
         chunk += memoryview(buffer)[position:close]
         chunk += b"]"
         try:
-            return msgspec.json.decode(chunk, type=list[_Event]), resume
+            return msgspec.json.decode(chunk, type=list[_Event]), chunk, resume
         except msgspec.ValidationError:
             raise
         except msgspec.DecodeError:
@@ -1021,10 +1026,42 @@ def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] 
             cut = close  # that '}' closed something inside an event: try the next one
 
 
-def _chunk_columns(events: list[Any]) -> dict[str, list[Any]]:
-    """The gathered lists of one chunk's complete events."""
-    kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
-    return _gather_columns(kept, lenient=False)
+def _kept_events(events: list[Any]) -> list[Any]:
+    """The complete events that may be intervals (strictly typed events)."""
+    return [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
+
+
+class _ExactTimesStream:
+    """Exact (Decimal) times for a streamed file whose stamps need them: absolute epoch µs
+    written with a fraction (Kineto from March to May 2024), where float64 loses the last
+    nanosecond digits.
+
+    The first chunk with usable stamps decides (by its text: a float can hide a fraction);
+    from then on each chunk's text is decoded a second time for ``ts`` and ``dur`` alone, as
+    the whole-file path decodes the whole text. A file whose stamps turn fractional only
+    after that decision is re-read whole (:func:`_read_streaming` checks :attr:`exact`).
+    """
+
+    def __init__(self) -> None:
+        self.exact: bool | None = None
+        self.absolute = False
+
+    def columns(self, events: list[Any], kept: list[Any], text: bytes | msgspec.Raw) -> dict[str, pl.Series] | None:
+        if self.exact is None:
+            stamps = _float_series("ts", [event.ts for event in kept]).drop_nulls()
+            if stamps.is_empty():
+                return None
+            self.absolute = bool(stamps.abs().max() >= _FLOAT_EXACT_LIMIT_US)
+            self.exact = _needs_exact_times(stamps, text)
+        elif not self.exact and self.absolute and _FRACTIONAL_STAMP.search(memoryview(text)):
+            raise _NotStreamable  # fractions after the decision: the whole-file path reads them
+        if not self.exact:
+            return None
+        exact_events = msgspec.json.decode(text, type=list[_ExactTime])  # DecodeError: re-read whole
+        extra = _exact_columns(events, exact_events, kept)
+        if extra is None:
+            raise _NotStreamable
+        return extra
 
 
 #: Args that only a few rows carry (collectives, syncs): gathered for those rows only.
@@ -1310,19 +1347,27 @@ def _as_str(value: Any) -> str | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _needs_exact_times(ts: pl.Series) -> bool:
-    """True when float64 lost nanoseconds: absolute epoch µs written with a fraction."""
+#: A ``ts`` written with a non-zero fraction.
+_FRACTIONAL_STAMP = re.compile(rb'"ts"[ \t\r\n]*:[ \t\r\n]*-?[0-9]+\.[0-9]*[1-9]')
+
+
+def _needs_exact_times(ts: pl.Series, text: bytes | bytearray | msgspec.Raw | None = None) -> bool:
+    """True when float64 lost nanoseconds: absolute epoch µs written with a fraction.
+
+    Near 1.7e15 a float64 step is 0.25 µs, so most fractional stamps still show one; the
+    ``text`` they were decoded from, where given, shows every one.
+    """
     ts = ts.drop_nulls()
     if ts.is_empty() or ts.abs().max() < _FLOAT_EXACT_LIMIT_US:
         return False
-    # Near 1.7e15 a float64 step is 0.25 µs, so most fractional stamps still show one.
-    return bool((ts != ts.floor()).any())
+    if (ts != ts.floor()).any():
+        return True
+    return text is not None and _FRACTIONAL_STAMP.search(memoryview(text)) is not None
 
 
-def _exact_times(
-    decoded: _Decoded, events: list[Any], kept: list[Any]
-) -> tuple[list[int | None], list[int | None]] | None:
-    """Start (epoch ns) and duration (ns) of the kept events, from a Decimal re-decode."""
+def _exact_times(decoded: _Decoded, events: list[Any], kept: list[Any]) -> dict[str, pl.Series] | None:
+    """``exact_start`` (epoch ns) and ``exact_dur`` (ns) of the kept events, from a Decimal
+    re-decode of the whole text; None if that is impossible."""
     if decoded.source is None:
         return None
     try:
@@ -1332,6 +1377,12 @@ def _exact_times(
             exact_events = msgspec.json.decode(decoded.source, type=_ExactTraceFile).traceEvents
     except msgspec.DecodeError:  # a stamp that is not a number: keep the float times
         return None
+    return _exact_columns(events, exact_events, kept)
+
+
+def _exact_columns(events: list[Any], exact_events: list[Any], kept: list[Any]) -> dict[str, pl.Series] | None:
+    """The kept events' exact times, from ``exact_events`` decoded from the same text as
+    ``events`` (one per event, in order); None if they do not line up."""
     if len(exact_events) != len(events):
         return None
     kept_ids = {id(event) for event in kept}
@@ -1351,7 +1402,10 @@ def _exact_times(
             durations.append(
                 0 if exact.dur is None else nanoseconds(exact.dur, _MAX_EXACT_NS // 2)
             )
-    return starts, durations
+    return {
+        "exact_start": pl.Series(starts, dtype=pl.Int64),
+        "exact_dur": pl.Series(durations, dtype=pl.Int64),
+    }
 
 
 def _usable_ts(ts: pl.Series | pl.Expr) -> pl.Series | pl.Expr:
