@@ -56,7 +56,7 @@ from traceinsight.analysis.multirank import (
 )
 from traceinsight.analysis.ranges import range_instances, range_statistics
 from traceinsight.analysis.steps import find_steps
-from traceinsight.ingest.guard import release_freed_memory
+from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel
 
 #: Largest CPU gaps per rank kept when only summaries may travel (the Ray engine).

@@ -15,11 +15,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import re
-import sys
 
 import polars as pl
 
@@ -63,22 +61,6 @@ _THREAD_KINDS = ("cuda_api", "annotation", "cpu_op", "python", "osrt")
 
 
 # -- memory ---------------------------------------------------------------------------------
-
-
-def release_freed_memory() -> None:
-    """Give the memory freed while reading a trace back to the operating system.
-
-    Decoding frees millions of small Python objects (names, structs); glibc's allocator
-    keeps the freed heap for reuse, where it would count towards the process's size for
-    the rest of the analysis. ``malloc_trim`` returns it (tens of MB on a 300 MB trace).
-    A no-op where the C library has no such call.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def parse_size(text: str) -> int:

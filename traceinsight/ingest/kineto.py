@@ -112,6 +112,7 @@ from typing import Any
 import msgspec
 import polars as pl
 
+from traceinsight._allocators import release_freed_memory
 from traceinsight.errors import TraceFormatError, TraceInputError
 from traceinsight.ingest import guard
 from traceinsight.model import (
@@ -343,7 +344,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
         path, limit=None if budget is None else budget // guard.KINETO_BYTES_PER_JSON_BYTE, warnings=warnings
     )
     if streamed is not None:
-        guard.release_freed_memory()  # what decoding the chunks freed
+        release_freed_memory()  # what decoding the chunks freed
         trace = streamed.trace
         intervals, facts = _finish_intervals(streamed, warnings)
         del streamed
@@ -363,7 +364,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
         ) from None
     del data  # the events keep what they need of it (their raw Input Dims point into it)
     intervals, facts = _intervals(decoded, path=path, warnings=warnings)
-    guard.release_freed_memory()
+    release_freed_memory()
     ranks = _rank_frame(decoded.trace, facts, path=path)
     return TraceModel(intervals=intervals, ranks=ranks, warnings=warnings)
 
@@ -745,7 +746,7 @@ def _intervals(
             and not (isinstance(event.cat, str) and event.cat in _IGNORED_CATEGORIES)
         ]
     else:
-        kept = [e for e in events if e.ph == "X" and e.cat not in _IGNORED_CATEGORIES]
+        kept = _kept_events(events)
     base = _as_int(trace.baseTimeNanoseconds)
     extra: dict[str, pl.Series] = {}
     exact_note = None
@@ -914,17 +915,21 @@ def _read_streaming(path: str, *, limit: int | None, warnings: list[str]) -> _Re
         prepared = _Prepared()
         columns = _RawColumns(prepared)
         times = _ExactTimesStream()
-        total = 0
-        any_ph = False
+        seen = {"events": 0, "with_ph": False}
+
+        def take(events: list[Any], text: bytes | msgspec.Raw) -> None:
+            """Add one chunk's events, decoded from ``text`` (a JSON array)."""
+            seen["events"] += len(events)
+            seen["with_ph"] = seen["with_ph"] or any(event.ph for event in events)
+            kept = _kept_events(events)
+            columns.add(_gather_columns(kept, lenient=False), extra=times.columns(events, kept, text))
+
         while True:
             events, text, resume = _next_chunk(buffer, position, read_more)
             if events is None:
                 break
-            total += len(events)
-            any_ph = any_ph or any(event.ph for event in events)
-            kept = _kept_events(events)
-            columns.add(_gather_columns(kept, lenient=False), extra=times.columns(events, kept, text))
-            del events, kept, text
+            take(events, text)
+            del events, text
             del buffer[:resume]  # cheap: CPython drops a bytearray's head in place
             position = 0
         # The rest of the array, its ']' and the keys after it, as one small object (a bare
@@ -936,18 +941,13 @@ def _read_streaming(path: str, *, limit: int | None, warnings: list[str]) -> _Re
         del buffer[:]
         tail = msgspec.json.decode(rest, type=_TopLevel)
         del rest
-        events = msgspec.json.decode(tail.traceEvents, type=list[_Event])
-        total += len(events)
-        any_ph = any_ph or any(event.ph for event in events)
-        kept = _kept_events(events)
-        columns.add(_gather_columns(kept, lenient=False), extra=times.columns(events, kept, tail.traceEvents))
-        del events, kept
+        take(msgspec.json.decode(tail.traceEvents, type=list[_Event]), tail.traceEvents)
         tail.traceEvents = None
     except (_NotStreamable, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         return None
     finally:
         blocks.close()
-    if total and not any_ph:
+    if seen["events"] and not seen["with_ph"]:
         return None
     for key in _TOP_FIELDS:  # a key written after the events wins, as in a whole decode
         if getattr(tail, key) is None:
