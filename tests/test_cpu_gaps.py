@@ -73,7 +73,8 @@ def test_garbage_collection_from_python_functions():
 def test_an_annotation_alone_says_where_but_not_why():
     gap = _big_gap(_attributed(build_model(_base_rows())))
     assert gap["cause"] == "unknown"
-    assert gap["evidence"].startswith("GroupedLinear forward layer2.fc1")
+    # The range around the gap is where it happened, not what the host did: never evidence.
+    assert gap["evidence"] is None and gap["evidence_source"] == "none"
 
 
 def test_many_small_ops_and_launches_are_launch_overhead():

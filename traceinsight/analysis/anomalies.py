@@ -1,28 +1,38 @@
-"""Anomalous steps and range instances, and the root cause of each.
+"""Anomalous steps and range instances, where their time went, and why.
 
-Baselines are robust and local. A step is compared with the median of its neighbours on the
-same rank (``window`` steps either side, outliers left out), so a warm-up phase or a slow
-drift is not called an anomaly, while a single step that stands out from the steps around it
-is. A step is flagged when its duration exceeds that local median by at least ``min_ratio``
-(default +50%) *and* by more than ``sigmas`` robust standard deviations (1.4826 × MAD of the
-ratios of the rank's ordinary steps), and by at least ``min_excess_ns``.
+**Steps.** Baselines are robust and local. A step is compared with the median of its
+neighbours on the same rank (``window`` steps either side, outliers left out), so a warm-up
+phase or a slow drift is not called an anomaly, while a single step that stands out from the
+steps around it is. How far it must stand out follows the rank's own noise: the robust
+spread of the steps' ratios to their baselines (1.4826 × MAD); a step is flagged when its
+ratio exceeds ``1 + sigmas × spread``, kept between ``min_ratio`` (+15%) and ``max_ratio``
+(+50%: a step half again as long as its neighbours is slow however noisy the run), and it is
+longer by at least ``min_excess_ns``. +30% is flagged on a run whose steps vary by ±3%; +20%
+is not on one that varies by ±7%. Steps at least ``min_ratio`` above the median of all their
+neighbours are candidates, left out of every baseline and of the spread estimate. Where more than a fifth of the steps would be flagged and they are alike (the
+longest within the flag ratio of the shortest), they are a second mode of the run (every fourth step runs
+the optimizer), and only steps that stand out from that mode too are kept. The *last* step of a rank has no next step to cap its window: it holds
+the drain of the GPU queue the host filled ahead of time. It is judged on its CPU-side
+marker and the GPU time of the work launched inside it (``judged_ns``), not on its window.
 
-Range instances (every ``GroupedLinear forward layer2.fc1``...) are compared with the median
-of the same name on the same rank; an instance is flagged when it is at least ``range_ratio``
-times the median, longer by ``min_range_excess_ns``, and beyond ``sigmas`` robust deviations;
-this finds a 200 ms range among 1–3 ms siblings even where the step as a whole hides it.
+**Range instances** (every ``GroupedLinear forward layer2.fc1``...) are compared with the
+distribution of the same name on the same rank: with at least ``min_range_instances``
+instances, an instance is flagged when it is ``range_ratio`` times the name's 90th
+percentile, longer than its median by ``min_range_excess_ns`` and by ``sigmas`` robust
+deviations. A name whose long instances are not rare (more than ``max_range_flag_share`` of
+them, a heavy tail) is not flagged at all: its long instances are its normal behaviour.
 
-The root cause compares the anomalous step with the *typical* step of the same rank (the
-median of each quantity over the rank's unflagged steps):
+**Findings.** Each anomalous step, and each anomalous range instance (inside flagged steps
+too), is a finding. A step finding lists the *places* (:mod:`traceinsight.analysis.places`)
+that together explain most of its excess, largest first: CPU gaps placed on the annotation
+path of the launching thread, and GPU time placed on the range that *launched* it (through
+the launch correlation, backward's thread included), each against the typical step. A range
+finding whose excess lies within a flagged range instance nested inside it is folded into
+that deepest one; a range that only waited for GPU work launched elsewhere is not blamed.
 
-- **category**: the breakdown category that grew most;
-- **where**: the deepest annotation whose per-step time grew by at least half the step's
-  excess (else the one that grew most);
-- **cause**: from the vocabulary :data:`CAUSES`: ``cpu_gap.<cause>`` where the CPU-gap evidence
-  of the step names what grew (``cpu_gap`` alone where the trace holds no evidence),
-  ``host_sync``, ``gpu_compute``, ``communication``, ``cross_rank_wait``, ``unknown``;
-- **evidence**: the range's time and GPU lag against typical, launch counts, the CPU-gap
-  evidence (frames, calls, ops with their share).
+**Causes** (:data:`CAUSES`): ``cpu_gap.<cause>`` from the CPU-gap evidence of the place
+(``cpu_gap`` alone where the trace holds none), ``host_sync``, ``gpu_compute``, ``gpu_memory``,
+``communication``, ``cross_rank_wait``, ``unknown``.
 """
 
 from __future__ import annotations
@@ -33,24 +43,25 @@ import numpy as np
 import polars as pl
 
 from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.classify import GAP_CAUSES
+from traceinsight.analysis.places import LIBRARY_RANGES, PATH_SEPARATOR, RangeTree, join_path
+
+__all__ = ["LIBRARY_RANGES"]
 
 CAUSES = (
-    "cpu_gap.memory_allocation",
-    "cpu_gap.garbage_collection",
-    "cpu_gap.launch_overhead",
-    "cpu_gap.blocked",
-    "cpu_gap.python",
+    *(f"cpu_gap.{c}" for c in GAP_CAUSES if c not in ("unknown", "host_sync")),
     "cpu_gap",
     "host_sync",
     "gpu_compute",
+    "gpu_memory",
     "communication",
     "cross_rank_wait",
     "unknown",
 )
 
 MAD_TO_SIGMA = 1.4826
-#: Annotations that name a communication library's call rather than a place in the model.
-LIBRARY_RANGES = r"(?i)^(?:nccl|rccl|c10d::|record_param_comms|ProfilerStep#|cub::|deep_ep)|^nccl:"
+#: Above this share of flagged steps the slow steps are a mode of the run, not outliers.
+MODE_SHARE = 0.2
 
 
 @dataclass(frozen=True)
@@ -58,11 +69,14 @@ class AnomalyOptions:
     """Thresholds of the anomaly detector (see the module docstring)."""
 
     window: int = 5
-    min_ratio: float = 1.5
+    min_ratio: float = 1.15
+    max_ratio: float = 1.5
     sigmas: float = 5.0
     min_excess_ns: int = 1_000_000
     range_ratio: float = 3.0
     min_range_excess_ns: int = 1_000_000
+    min_range_instances: int = 8
+    max_range_flag_share: float = 0.05
 
 
 def _robust_sigma(values: np.ndarray) -> float:
@@ -73,56 +87,114 @@ def _robust_sigma(values: np.ndarray) -> float:
 
 
 def _local_median(durations: np.ndarray, window: int, usable: np.ndarray) -> np.ndarray:
-    """Median of the usable neighbours within ``window`` steps on each side (the step excluded).
+    """The baseline of each step: the median of its usable neighbours within ``window`` steps
+    on each side, taken per side, and the *higher* of the two sides where both have one.
 
-    Falls back to the median of all usable steps where no neighbour is usable.
+    A step that stands out from both sides is a spike; one that is like the steps on one
+    side is the edge of a phase (warm-up, a change of batch size), not an anomaly. Falls
+    back to the median of all usable steps where no neighbour is usable.
     """
     n = durations.size
     fallback = np.median(durations[usable]) if usable.any() else np.median(durations)
     out = np.empty(n, dtype=np.float64)
     for i in range(n):  # steps per rank are few (tens to thousands): a plain loop is fine
-        lo, hi = max(0, i - window), min(n, i + window + 1)
-        mask = usable[lo:hi].copy()
-        mask[i - lo] = False
-        neighbours = durations[lo:hi][mask]
-        out[i] = np.median(neighbours) if neighbours.size else fallback
+        left = durations[max(0, i - window):i][usable[max(0, i - window):i]]
+        right = durations[i + 1:i + 1 + window][usable[i + 1:i + 1 + window]]
+        sides = [np.median(side) for side in (left, right) if side.size]
+        out[i] = max(sides) if sides else fallback
     return out
 
 
-def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
-    """Add ``baseline_ns``, ``ratio`` and ``anomalous`` to the step table (per rank).
+def _threshold(ratios: np.ndarray, options: AnomalyOptions) -> float:
+    """``1 + sigmas × spread``, kept between ``min_ratio`` and ``max_ratio``."""
+    band = options.sigmas * _robust_sigma(ratios)
+    return 1.0 + float(np.clip(band, options.min_ratio - 1.0, options.max_ratio - 1.0))
 
-    Two passes keep outliers out of their neighbours' baselines: steps at least ``min_ratio``
-    times the median of all their neighbours are candidates and are left out of every local
-    median and of the spread estimate; every step is then judged against the median of its
-    usable neighbours. A warm-up phase has slow neighbours and is no candidate.
+
+def judged_durations(steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFrame:
+    """Add ``launched_gpu_ns`` (busy time of the GPU work launched inside each step's marker)
+    and ``judged_ns``: the step's duration, except for the last step of each rank, which is
+    judged on the longer of its marker and its launched GPU work (never more than its window).
+    """
+    steps = steps.with_columns(launched_gpu_ns=pl.lit(0, pl.Int64))
+    if gpu is not None and gpu.height and steps.height:
+        launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select(
+            "rank", "start_ns", "end_ns", "launch_start_ns")
+        markers = steps.select("rank", "step", pl.col("start_ns").alias("_m_start"),
+                               pl.col("marker_end_ns").alias("_m_end")).sort("_m_start")
+        inside = (
+            launched.sort("launch_start_ns")
+            .join_asof(markers, left_on="launch_start_ns", right_on="_m_start", by="rank",
+                       strategy="backward", check_sortedness=False)
+            .filter(pl.col("launch_start_ns") <= pl.col("_m_end"))
+            .sort("rank", "step", "start_ns")
+        )
+        # Busy time is the length of the union of the activities (streams overlap).
+        busy = (
+            inside.with_columns(_reach=pl.col("end_ns").cum_max().shift(1).over("rank", "step"))
+            .with_columns(_block=(pl.col("_reach").is_null() | (pl.col("start_ns") > pl.col("_reach")))
+                          .cum_sum().over("rank", "step"))
+            .group_by("rank", "step", "_block")
+            .agg(length=pl.col("end_ns").max() - pl.col("start_ns").min())
+            .group_by("rank", "step")
+            .agg(launched_gpu_ns=pl.col("length").sum().cast(pl.Int64))
+        )
+        steps = steps.drop("launched_gpu_ns").join(busy, on=["rank", "step"], how="left").with_columns(
+            pl.col("launched_gpu_ns").fill_null(0))
+    last = pl.col("start_ns") == pl.col("start_ns").max().over("rank")
+    marker = pl.col("marker_end_ns") - pl.col("start_ns")
+    return steps.with_columns(
+        judged_ns=pl.when(last & (pl.len().over("rank") > 1))
+        .then(pl.min_horizontal("duration_ns", pl.max_horizontal(marker, "launched_gpu_ns")))
+        .otherwise(pl.col("duration_ns"))
+    )
+
+
+def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
+    """Add ``baseline_ns``, ``ratio``, ``threshold`` and ``anomalous`` to the step table (per rank).
+
+    Two passes keep outliers out of their neighbours' baselines: steps that stand out from
+    all their neighbours are candidates and are left out of every local median and of the
+    spread estimate; every step is then judged against the median of its usable neighbours.
+    Steps are judged on ``judged_ns`` where present (:func:`judged_durations`).
 
     Examples
     --------
     >>> flag_steps(breakdown.steps).filter("anomalous").select("rank", "step")  # doctest: +SKIP
     """
     frames = []
+    column = "judged_ns" if "judged_ns" in steps.columns else "duration_ns"
     for _, rank_steps in steps.sort("rank", "step").group_by("rank", maintain_order=True):
-        durations = rank_steps.get_column("duration_ns").to_numpy().astype(np.float64)
+        durations = rank_steps.get_column(column).to_numpy().astype(np.float64)
         if durations.size < 3:
             frames.append(rank_steps.with_columns(
-                baseline_ns=pl.col("duration_ns").cast(pl.Float64), ratio=pl.lit(1.0), anomalous=pl.lit(False)))
+                baseline_ns=pl.col(column).cast(pl.Float64), ratio=pl.lit(1.0),
+                threshold=pl.lit(None, pl.Float64), anomalous=pl.lit(False)))
             continue
         # Pass 1: steps that stand out from all their neighbours are candidates. Pass 2: the
         # baseline of every step leaves the candidates out.
         raw = _local_median(durations, options.window, np.ones(durations.size, dtype=bool))
         usable = durations < options.min_ratio * raw
+        if usable.sum() < 2:
+            usable = np.ones(durations.size, dtype=bool)
         baseline = _local_median(durations, options.window, usable)
         ratio = durations / np.maximum(baseline, 1.0)
-        spread = _robust_sigma(ratio[usable])
-        threshold = max(options.min_ratio, 1.0 + options.sigmas * spread)
+        threshold = _threshold(ratio[usable] if usable.any() else ratio, options)
         anomalous = (ratio >= threshold) & (durations - baseline >= options.min_excess_ns)
+        slow = durations[anomalous]
+        if slow.size >= 3 and slow.size > MODE_SHARE * durations.size \
+                and slow.max() < threshold * slow.min():
+            # Many slow steps alike (every fourth step runs the optimizer): a second mode of
+            # the run, not outliers. Keep the steps that stand out from that mode too.
+            anomalous &= durations >= threshold * np.median(slow)
         frames.append(rank_steps.with_columns(
-            baseline_ns=pl.Series(baseline), ratio=pl.Series(ratio), anomalous=pl.Series(anomalous)))
+            baseline_ns=pl.Series(baseline), ratio=pl.Series(ratio),
+            threshold=pl.lit(float(threshold)), anomalous=pl.Series(anomalous)))
     if not frames:
         return steps.with_columns(
-            baseline_ns=pl.lit(None, pl.Float64), ratio=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
-    return pl.concat(frames)
+            baseline_ns=pl.lit(None, pl.Float64), ratio=pl.lit(None, pl.Float64),
+            threshold=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
+    return pl.concat(frames, how="diagonal_relaxed")
 
 
 def flag_job_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
@@ -152,22 +224,286 @@ def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: st
 
 
 def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
-    """Add ``typical_ns`` (median of the same name and rank) and ``anomalous`` to range instances."""
+    """Add ``typical_ns`` (median of the same name and rank) and ``anomalous`` to range instances.
+
+    Statistics per (rank, name) are one group-by joined back; see the module docstring for
+    the rule.
+    """
     if instances.is_empty():
         return instances.with_columns(typical_ns=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
     group = ["rank", "name"]
-    median = pl.col("duration_ns").median().over(group)
-    mad = (pl.col("duration_ns") - median).abs().median().over(group)
-    return instances.with_columns(typical_ns=median, _sigma=mad * MAD_TO_SIGMA, _count=pl.len().over(group)).with_columns(
-        anomalous=(pl.col("_count") >= 5)
-        & (pl.col("duration_ns") >= options.range_ratio * pl.col("typical_ns"))
-        & (pl.col("duration_ns") - pl.col("typical_ns") >= options.min_range_excess_ns)
-        & (pl.col("duration_ns") - pl.col("typical_ns") > options.sigmas * pl.col("_sigma"))
-    ).drop("_sigma", "_count")
+    stats = instances.group_by(group).agg(
+        _count=pl.len(),
+        typical_ns=pl.col("duration_ns").median(),
+        _p90=pl.col("duration_ns").quantile(0.9, interpolation="lower"),
+    )
+    spread = (
+        instances.select(*group, "duration_ns").join(stats.select(*group, "typical_ns"), on=group)
+        .group_by(group)
+        .agg(_sigma=(pl.col("duration_ns") - pl.col("typical_ns")).abs().median() * MAD_TO_SIGMA)
+    )
+    stats = stats.join(spread, on=group, how="left")
+    excess = pl.col("duration_ns") - pl.col("typical_ns")
+    flagged = (
+        instances.drop("typical_ns", "anomalous", strict=False)
+        .join(stats, on=group, how="left")
+        .with_columns(
+            _long=(pl.col("_count") >= options.min_range_instances)
+            & (pl.col("duration_ns") >= options.range_ratio * pl.col("_p90"))
+            & (excess >= options.min_range_excess_ns)
+            & (excess > options.sigmas * pl.col("_sigma"))
+        )
+    )
+    # Long instances that are not rare are the name's heavy tail, not anomalies.
+    rare = pl.col("_long").sum().over(group) <= pl.max_horizontal(
+        pl.lit(1.0), options.max_range_flag_share * pl.col("_count"))
+    return flagged.with_columns(anomalous=pl.col("_long") & rare).drop("_count", "_p90", "_sigma", "_long")
 
 
 def _ms(ns: float | None) -> str:
     return "?" if ns is None else f"{ns / 1e6:.1f} ms"
+
+
+def _cause_name(cause: str | None) -> str:
+    """The finding vocabulary for a CPU-gap cause."""
+    if cause in (None, "unknown", "unresolved"):
+        return "cpu_gap"
+    if cause == "host_sync":
+        return "host_sync"
+    return f"cpu_gap.{cause}"
+
+
+def _main_threads(gpu: pl.DataFrame) -> dict[int, int]:
+    """Per rank, the thread that launched most GPU work."""
+    if gpu is None or gpu.is_empty() or "launch_tid" not in gpu.columns:
+        return {}
+    counts = (
+        gpu.filter(pl.col("launch_tid").is_not_null())
+        .group_by("rank", "launch_tid").agg(n=pl.len())
+        .sort(["rank", "n", "launch_tid"], descending=[False, True, False])
+        .unique("rank", keep="first", maintain_order=True)
+    )
+    return dict(counts.select("rank", "launch_tid").iter_rows())
+
+
+class Places:
+    """CPU gaps and GPU work of a set of ranks, each with the place it belongs to.
+
+    Built once per analysis (:mod:`traceinsight.analysis.places` explains the rules); step
+    findings compare each place's time in a step with the typical step's.
+    """
+
+    def __init__(self, steps: pl.DataFrame, instances: pl.DataFrame, cpu_gaps: pl.DataFrame,
+                 gpu: pl.DataFrame | None, sync_pieces: pl.DataFrame | None = None) -> None:
+        self.tree = RangeTree(instances) if instances.height else None
+        self.instances = instances
+        self.main = _main_threads(gpu)
+        pieces = [cpu_gaps.select("rank", "step", "start_ns", "end_ns", "pid", "tid", "cause", "evidence",
+                                  "evidence_source")] if cpu_gaps.height else []
+        if sync_pieces is not None and sync_pieces.height:
+            pieces.append(sync_pieces.select(
+                "rank", "step", "start_ns", "end_ns", "pid", "tid", cause=pl.lit("host_sync"),
+                evidence=pl.lit(None, pl.String), evidence_source=pl.lit("cuda api")))
+        cpu = pl.concat(pieces, how="vertical_relaxed") if pieces else pl.DataFrame(
+            schema={"rank": pl.Int32, "step": pl.Int64, "start_ns": pl.Int64, "end_ns": pl.Int64,
+                    "pid": pl.Int64, "tid": pl.Int64, "cause": pl.String, "evidence": pl.String,
+                    "evidence_source": pl.String})
+        cpu = cpu.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"),
+                               _mid=(pl.col("start_ns") + pl.col("end_ns")) // 2)
+        self.cpu = cpu.with_columns(self._cpu_keys(cpu))
+        self.gpu = self._gpu_places(steps, gpu)
+
+    def _key_column(self, nodes: np.ndarray) -> pl.Series:
+        if self.tree is None:
+            return pl.Series([""] * nodes.size, dtype=pl.String)
+        unique = np.unique(nodes[nodes >= 0])
+        paths = dict(zip(unique.tolist(), self.tree.keys(unique).to_list()))
+        return pl.Series([paths.get(int(n), "") for n in nodes], dtype=pl.String)
+
+    def _cpu_keys(self, cpu: pl.DataFrame) -> list[pl.Series]:
+        if cpu.is_empty() or self.tree is None:
+            return [pl.Series("key", ["outside any range"] * cpu.height, dtype=pl.String),
+                    pl.Series("node", [-1] * cpu.height, dtype=pl.Int64)]
+        # The range holding the middle of the gap: where the host spent it. A gap in no range
+        # sits before the range the host launched from when it ended.
+        node = self.tree.innermost(cpu, time_column="_mid")
+        at_end = self.tree.innermost(cpu, time_column="end_ns")
+        keys = self._key_column(node).to_list()
+        ranks = cpu.get_column("rank").to_list()
+        tids = cpu.get_column("tid").to_list()
+        for i in np.flatnonzero(node < 0):
+            outer = self.tree.outermost(int(at_end[i])) if at_end[i] >= 0 else -1
+            keys[i] = f"before {self.tree.names[outer]}" if outer >= 0 else "outside any range"
+            if tids[i] is not None and self.main.get(ranks[i]) not in (None, tids[i]):
+                keys[i] = f"thread {tids[i]}, {keys[i]}"
+        return [pl.Series("key", keys, dtype=pl.String), pl.Series("node", node, dtype=pl.Int64)]
+
+    def _gpu_places(self, steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFrame:
+        schema = {"rank": pl.Int32, "step": pl.Int64, "name": pl.String, "is_comm": pl.Boolean,
+                  "kind": pl.String, "duration_ns": pl.Int64, "key": pl.String}
+        if gpu is None or gpu.is_empty() or "launch_start_ns" not in gpu.columns:
+            return pl.DataFrame(schema=schema)
+        launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select(
+            "rank", "name", "kind", "is_comm", "start_ns", "end_ns", "launch_start_ns",
+            pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"))
+        launched = assign_to_steps(launched, steps, time_column="launch_start_ns").filter(
+            pl.col("step").is_not_null())
+        if launched.is_empty():
+            return pl.DataFrame(schema=schema)
+        node = (self.tree.innermost(launched, time_column="launch_start_ns") if self.tree is not None
+                else np.full(launched.height, -1, dtype=np.int64))
+        keys = self._key_column(node)
+        main_tid = pl.col("rank").replace_strict(self.main, default=None, return_dtype=pl.Int64)
+        return launched.with_columns(
+            duration_ns=pl.col("end_ns") - pl.col("start_ns"),
+            key=pl.when(pl.Series(node) >= 0).then(keys)
+            .when(pl.col("tid") == main_tid).then(pl.lit("outside any range"))
+            .otherwise(pl.format("thread {}, outside any range", pl.col("tid"))),
+        ).select(list(schema))
+
+    def step_places(self, rank: int, step: int, normal_steps: list[int], *, excess_ns: float,
+                    label: str, cross_rank_wait: bool = False, limit: int = 5) -> list[dict]:
+        """The places that together explain most of the step's excess, largest first."""
+        n_normal = max(len(normal_steps), 1)
+        grown = []
+        for side, frame in (("cpu", self.cpu), ("gpu", self.gpu)):
+            mine = frame.filter(pl.col("rank") == rank)
+            if mine.is_empty():
+                continue
+            per_step = mine.group_by("step", "key").agg(total_ns=pl.col("duration_ns").sum())
+            typical = (per_step.filter(pl.col("step").is_in(normal_steps)).group_by("key")
+                       .agg(typical_ns=pl.col("total_ns").sum() / n_normal))
+            grown.append(
+                per_step.filter(pl.col("step") == step).join(typical, on="key", how="left")
+                .with_columns(pl.col("typical_ns").fill_null(0.0), side=pl.lit(side))
+                .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"))
+                .filter(pl.col("excess_ns") > 0)
+            )
+        if not grown:
+            return []
+        ranked = pl.concat(grown, how="vertical_relaxed").sort(["excess_ns", "key"], descending=[True, False])
+        chosen, covered = [], 0.0
+        floor = max(0.1 * excess_ns, 1_000_000) if excess_ns > 0 else 1_000_000
+        for row in ranked.iter_rows(named=True):
+            # Every place worth a tenth of the excess, up to ``limit``: a step whose excess is
+            # mostly one stall may still hold a second anomalous place worth naming.
+            if len(chosen) >= limit or row["excess_ns"] < floor or (excess_ns > 0 and covered >= 0.98 * excess_ns):
+                break
+            chosen.append(row)
+            covered += row["excess_ns"]
+        return [self._describe(rank, step, normal_steps, row, label, cross_rank_wait) for row in chosen]
+
+    def _display(self, key: str, label: str) -> str:
+        if key == "outside any range":
+            return f"{label} (outside any range)"
+        return join_path([label, key])
+
+    def _describe(self, rank: int, step: int, normal_steps: list[int], row: dict, label: str,
+                  cross_rank_wait: bool) -> dict:
+        plain_path = not row["key"].startswith(("before ", "thread ", "outside any range"))
+        place = {"where": self._display(row["key"], label), "side": row["side"],
+                 "range": row["key"].split(PATH_SEPARATOR)[-1] if plain_path and row["key"] else None,
+                 "ms": round(row["total_ns"] / 1e6, 3), "typical_ms": round(row["typical_ns"] / 1e6, 3),
+                 "excess_ms": round(row["excess_ns"] / 1e6, 3)}
+        if row["side"] == "cpu":
+            here = self.cpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("key") == row["key"]))
+            by_cause = here.group_by("cause").agg(t=pl.col("duration_ns").sum()).sort(["t", "cause"], descending=[True, False])
+            cause = by_cause.item(0, "cause") if by_cause.height else None
+            top = here.filter(pl.col("cause") == cause).sort("duration_ns", descending=True).row(0, named=True)
+            place["cause"] = _cause_name(cause)
+            text = f"the GPU waited {_ms(row['total_ns'])} for the host here (typically {_ms(row['typical_ns'])})"
+            if cause == "host_sync":
+                text += "; the host had drained the GPU queue with a synchronizing call"
+            if top["evidence"]:
+                text += f"; {top['evidence_source']}: {top['evidence']}"
+            elif cause in (None, "unknown"):
+                text += "; no CPU sample, OS call, Python function or op covers it: the trace cannot tell what the host did"
+            lag = self._lag(rank, int(top["node"]))
+            if lag:
+                text += f"; {lag}"
+            place["evidence"] = text
+        else:
+            kernels = self.kernel_changes(rank, step, normal_steps, key=row["key"], limit=3)
+            comm = self.gpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("key") == row["key"]))
+            comm_share = (comm.filter(pl.col("is_comm")).get_column("duration_ns").sum() /
+                          max(comm.get_column("duration_ns").sum(), 1))
+            memory_share = (comm.filter(pl.col("kind") != "kernel").get_column("duration_ns").sum() /
+                            max(comm.get_column("duration_ns").sum(), 1))
+            if comm_share >= 0.5:
+                place["cause"] = "cross_rank_wait" if cross_rank_wait else "communication"
+            else:
+                place["cause"] = "gpu_memory" if memory_share >= 0.5 else "gpu_compute"
+            text = (f"the GPU work launched here took {_ms(row['total_ns'])} vs {_ms(row['typical_ns'])} typically"
+                    f" (by launch, whichever range later waited for it)")
+            if kernels:
+                text += "; kernels that grew: " + ", ".join(_kernel_text(k) for k in kernels)
+            place["evidence"] = text
+            place["kernels"] = kernels
+        return place
+
+    def _lag(self, rank: int, node: int) -> str | None:
+        """The lag from a range's start to its first GPU work, when it is large."""
+        if self.tree is None or node < 0:
+            return None
+        row = self.tree.frame.row(node, named=True)
+        match = self.instances.filter(
+            (pl.col("rank") == rank) & (pl.col("tid") == row["tid"]) & (pl.col("start_ns") == row["start_ns"])
+            & (pl.col("end_ns") == row["end_ns"])
+        )
+        if match.is_empty() or "first_gpu_lag_ns" not in match.columns:
+            return None
+        lag = match.item(0, "first_gpu_lag_ns")
+        if lag is None or lag < 1_000_000:
+            return None
+        return f"{row['name']} began {_ms(lag)} before its first GPU work started"
+
+    def kernel_changes(self, rank: int, step: int, normal_steps: list[int], *, key: str | None = None,
+                       limit: int = 5) -> list[dict]:
+        """Kernels (by launch) whose time in the step grew most against the typical step."""
+        mine = self.gpu.filter(pl.col("rank") == rank)
+        if key is not None:
+            mine = mine.filter(pl.col("key") == key)
+        if mine.is_empty():
+            return []
+        n_normal = max(len(normal_steps), 1)
+        per_step = mine.group_by("step", "name").agg(count=pl.len(), total_ns=pl.col("duration_ns").sum())
+        typical = (per_step.filter(pl.col("step").is_in(normal_steps)).group_by("name")
+                   .agg(typical_count=pl.col("count").sum() / n_normal,
+                        typical_ns=pl.col("total_ns").sum() / n_normal))
+        table = (
+            per_step.filter(pl.col("step") == step).join(typical, on="name", how="left")
+            .with_columns(pl.col("typical_count", "typical_ns").fill_null(0.0))
+            .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"))
+            .filter(pl.col("excess_ns") > 0)
+            .sort(["excess_ns", "name"], descending=[True, False])
+            .head(limit)
+        )
+        return [
+            {"name": r["name"], "count": int(r["count"]), "typical_count": round(float(r["typical_count"]), 1),
+             "ms": round(r["total_ns"] / 1e6, 3), "typical_ms": round(r["typical_ns"] / 1e6, 3),
+             "excess_ms": round(r["excess_ns"] / 1e6, 3)}
+            for r in table.iter_rows(named=True)
+        ]
+
+    def path_of(self, row: dict) -> list[str]:
+        """The annotation path of a range instance (outermost first)."""
+        if self.tree is None:
+            return [row["name"]]
+        frame = self.tree.frame
+        match = frame.filter(
+            (pl.col("rank") == row["rank"]) & (pl.col("tid") == row["tid"]) & (pl.col("start_ns") == row["start_ns"])
+            & (pl.col("end_ns") == row["end_ns"]) & (pl.col("name") == row["name"])
+        )
+        if match.is_empty():
+            return [row["name"]]
+        return self.tree.path(int(match.item(0, "node")))
+
+
+def _kernel_text(kernel: dict) -> str:
+    text = f"{kernel['name']} +{_ms(kernel['excess_ns'] if 'excess_ns' in kernel else kernel['excess_ms'] * 1e6)}"
+    if kernel["count"] != round(kernel["typical_count"]):
+        text += f" ({kernel['count']} launches vs {kernel['typical_count']:.0f})"
+    return text
 
 
 def explain_steps(
@@ -177,8 +513,11 @@ def explain_steps(
     *,
     which: pl.DataFrame | None = None,
     launch_counts: pl.DataFrame | None = None,
+    gpu: pl.DataFrame | None = None,
+    sync_pieces: pl.DataFrame | None = None,
+    places: Places | None = None,
 ) -> list[dict]:
-    """Root cause of each anomalous step (or of the steps in ``which``: ``rank, step``).
+    """Where the time of each anomalous step went, and why (or of the steps in ``which``).
 
     Parameters
     ----------
@@ -189,18 +528,27 @@ def explain_steps(
     cpu_gaps
         Attributed CPU gaps (:func:`~traceinsight.analysis.cpu_gaps.attribute_cpu_gaps`).
     launch_counts
-        GPU activities launched per (rank, step) (:func:`launches_per_step`): a CPU gap that
-        grew along with the number of launches is launch overhead even where the trace holds
-        no stack to show it.
+        GPU activities launched per (rank, step) (:func:`launches_per_step`).
+    gpu
+        GPU activities with their launch calls: GPU time is placed where it was launched.
+    sync_pieces
+        The ``host_sync`` pieces of the breakdown: GPU idle while the host synchronized.
+    places
+        A :class:`Places` already built over the same frames.
 
     Returns
     -------
     list of dict
-        ``rank, step, duration_ms, typical_ms, excess_ms, category, category_excess_ms, where,
-        cause, evidence, ranges`` (the ranges that grew most, with this step's and the typical
-        per-step time, lag and launches).
+        ``rank, step, duration_ms, typical_ms, excess_ms, category, category_excess_ms,
+        category_deltas_ms, where, cause, evidence, places, kernels, ranges``. ``places``
+        lists the places that together explain most of the excess (``where`` is the first),
+        ``kernels`` the kernels that grew, ``ranges`` the ranges whose time grew most.
     """
     targets = which if which is not None else steps.filter(pl.col("anomalous")).select("rank", "step")
+    if targets.is_empty():
+        return []
+    if places is None:
+        places = Places(steps, instances, cpu_gaps, gpu, sync_pieces)
     gap_totals = cpu_gaps.group_by("rank", "step", "cause").agg(total=pl.col("duration_ns").sum())
     results = []
     for rank, step in targets.iter_rows():
@@ -212,39 +560,53 @@ def explain_steps(
         normal = rank_steps.filter(~pl.col("anomalous") & (pl.col("step") != step))
         if normal.is_empty():
             normal = rank_steps.filter(pl.col("step") != step)
+        normal_steps = normal.get_column("step").to_list()
         typical = {c: float(normal.get_column(f"{c}_ns").median() or 0) for c in CATEGORIES}
         typical_duration = float(normal.get_column("duration_ns").median() or 0) if normal.height else 0.0
-        excess = this["duration_ns"] - typical_duration
+        judged = this.get("judged_ns") or this["duration_ns"]
+        excess = judged - typical_duration
         deltas = {c: this[f"{c}_ns"] - typical[c] for c in CATEGORIES}
         category = max(deltas, key=deltas.get)
-        ranges = _range_excess(instances, rank, step, set(normal.get_column("step").to_list()))
-        where, where_row = _where(ranges, excess, this["label"])
-        also = None
-        if category in ("cpu_gap", "host_sync") and (
-            where_row is None or where_row["excess_ns"] < 0.5 * deltas[category]
-        ):
-            # No range holds the growth: name the place of the largest gap instead.
-            located = _locate_largest_gap(cpu_gaps, instances, rank, step, deltas[category])
-            if located:
-                also = where_row
-                where, where_row = located, None
-        cause, gap_evidence = _cause(category, cpu_gaps, gap_totals, rank, step,
-                                     set(normal.get_column("step").to_list()))
-        launches_note = None
-        if launch_counts is not None and category == "cpu_gap":
+        waited = category == "cross_rank_wait"
+        found = places.step_places(rank, step, normal_steps, excess_ns=excess, label=this["label"],
+                                   cross_rank_wait=waited)
+        kernels = places.kernel_changes(rank, step, normal_steps, limit=5)
+        ranges = _range_excess(instances, rank, step, set(normal_steps))
+        if found:
+            where, cause = found[0]["where"], found[0]["cause"]
+            if waited and deltas["cross_rank_wait"] >= 0.5 * max(excess, 1):
+                cause = "cross_rank_wait"
+        else:
+            where = this["label"]
+            cause, _ = _cause(category, cpu_gaps, gap_totals, rank, step, set(normal_steps))
+        more_launches = None
+        if launch_counts is not None:
             counts = launch_counts.filter(pl.col("rank") == rank)
             here = counts.filter(pl.col("step") == step).get_column("launches")
-            usual = counts.filter(pl.col("step").is_in(normal.get_column("step").implode())).get_column("launches").median()
+            usual = counts.filter(pl.col("step").is_in(normal_steps)).get_column("launches").median()
             if here.len() and usual and here[0] >= 1.5 * usual:
-                launches_note = f"the step launched {here[0]} GPU activities vs {usual:.0f} typically ({here[0] / usual:.1f}x)"
+                more_launches = (f"the step launched {here[0]} GPU activities vs {usual:.0f} typically "
+                                 f"({here[0] / usual:.1f}x)")
+                # Host time that grew with the launches, without evidence of anything else.
                 if cause == "cpu_gap":
                     cause = "cpu_gap.launch_overhead"
-        evidence = _evidence(where_row, category, deltas[category], gap_evidence, this, typical_duration)
-        if launches_note and launches_note.split(" (")[0] not in evidence:
-            evidence += f". {launches_note[0].upper()}{launches_note[1:]}"
-        if also is not None:
-            evidence += (f". The largest gap lies outside the ranges; of the ranges, {also['name']} grew most: "
-                         f"{_ms(also['total_ns'])} vs {_ms(also['typical_ns'])} typical")
+                    if found and found[0]["cause"] == "cpu_gap":
+                        found[0]["cause"] = cause
+        parts = [f"step {step} took {_ms(this['duration_ns'])} vs {_ms(typical_duration)} typical; "
+                 f"{category} +{_ms(deltas[category])}"]
+        if judged != this["duration_ns"]:
+            parts[0] += (f" (the last step: judged on its marker and the GPU work it launched, "
+                         f"{_ms(judged)}, not on the queue drain after it)")
+        for index, place in enumerate(found, 1):
+            parts.append(f"({index}) {place['where']}: +{_ms(place['excess_ms'] * 1e6)}, {place['cause']}: "
+                         f"{place['evidence']}")
+        if not found and category == "cpu_gap":
+            parts.append("no single place holds the growth")
+        gpu_growth = deltas["gpu_compute"] + deltas["gpu_memory"] + deltas["communication"]
+        if kernels and gpu_growth > 0.1 * max(excess, 1) and not any(p["side"] == "gpu" for p in found):
+            parts.append("kernels that grew: " + ", ".join(_kernel_text(k) for k in kernels[:3]))
+        if more_launches:
+            parts.append(more_launches)
         results.append({
             "rank": rank,
             "step": step,
@@ -256,7 +618,9 @@ def explain_steps(
             "category_deltas_ms": {c: round(v / 1e6, 3) for c, v in deltas.items()},
             "where": where,
             "cause": cause,
-            "evidence": evidence,
+            "evidence": ". ".join(parts),
+            "places": found,
+            "kernels": kernels,
             "ranges": ranges.head(8).to_dicts() if ranges.height else [],
         })
     return results
@@ -311,50 +675,6 @@ def _range_excess(instances: pl.DataFrame, rank: int, step: int, normal_steps: s
     )
 
 
-def _locate_largest_gap(cpu_gaps: pl.DataFrame, instances: pl.DataFrame, rank: int, step: int,
-                        category_excess: float) -> str | None:
-    """Where the step's largest CPU gap sits: its innermost range, or the ranges around it."""
-    gaps = cpu_gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
-    if gaps.is_empty():
-        return None
-    gap = gaps.sort("duration_ns", descending=True).row(0, named=True)
-    if gap["duration_ns"] < 0.5 * category_excess:
-        return None  # many small gaps (launch-bound): no single place holds the growth
-    ranges = instances.filter(
-        (pl.col("rank") == rank) & (pl.col("step") == step) & ~pl.col("name").str.contains(LIBRARY_RANGES)
-    )
-    inside = ranges.filter((pl.col("start_ns") <= gap["start_ns"]) & (pl.col("end_ns") >= gap["end_ns"]))
-    if inside.height:
-        return inside.sort("depth", descending=True).item(0, "name")
-    before = ranges.filter(pl.col("end_ns") <= gap["start_ns"]).sort(["end_ns", "depth"], descending=[True, False])
-    after = ranges.filter(pl.col("start_ns") >= gap["start_ns"]).sort(["start_ns", "depth"])
-    if before.height and after.height:
-        return f"step {step} between {before.item(0, 'name')} and {after.item(0, 'name')}"
-    if after.height:
-        return f"step {step} before {after.item(0, 'name')}"
-    if before.height:
-        return f"step {step} after {before.item(0, 'name')}"
-    return None
-
-
-def _where(ranges: pl.DataFrame, excess: float, step_label: str) -> tuple[str, dict | None]:
-    """The deepest range that holds (nearly) as much of the excess as any range does."""
-    if ranges.is_empty() or excess <= 0:
-        return step_label, None
-    grown = ranges.filter((pl.col("name") != step_label) & (pl.col("excess_ns") > 0))
-    if grown.is_empty():
-        return step_label, None
-    most = grown.get_column("excess_ns").max()
-    # A parent range always holds at least its child's excess; prefer the child when it holds
-    # at least 80% of what the range that grew most holds.
-    best = (
-        grown.filter(pl.col("excess_ns") >= 0.8 * most)
-        .sort(["depth", "excess_ns"], descending=[True, True])
-        .row(0, named=True)
-    )
-    return best["name"], best
-
-
 def _cause(category: str, cpu_gaps: pl.DataFrame, gap_totals: pl.DataFrame, rank: int, step: int,
            normal_steps: set[int]) -> tuple[str, str | None]:
     if category == "idle":
@@ -389,81 +709,118 @@ def _cause(category: str, cpu_gaps: pl.DataFrame, gap_totals: pl.DataFrame, rank
     return f"cpu_gap.{cause}", text
 
 
-def _evidence(where_row: dict | None, category: str, category_excess: float, gap_evidence: str | None,
-              this: dict, typical_duration: float) -> str:
-    parts = [f"step {this['step']} took {_ms(this['duration_ns'])} vs {_ms(typical_duration)} typical; "
-             f"{category} +{_ms(category_excess)}"]
-    if where_row is not None:
-        text = f"{where_row['name']} took {_ms(where_row['total_ns'])} vs {_ms(where_row['typical_ns'])} typical"
-        lag, typical_lag = where_row.get("lag_ns"), where_row.get("typical_lag_ns")
-        if lag is not None and typical_lag is not None and lag - typical_lag > 0.25 * max(where_row["excess_ns"], 1):
-            text += f"; its first kernel started {_ms(lag)} after it began (typically {_ms(typical_lag)})"
-        launches, typical_launches = where_row.get("launches") or 0, where_row.get("typical_launches") or 0
-        if typical_launches and launches >= 1.5 * typical_launches:
-            text += f"; it launched {launches:.0f} GPU activities vs {typical_launches:.0f} typically ({launches / typical_launches:.1f}x)"
-        parts.append(text)
-    if gap_evidence:
-        parts.append(f"CPU during the gaps, {gap_evidence}")
-    elif category == "cpu_gap":
-        parts.append("no CPU sample, OS call, Python function or op covers the gap: the trace cannot tell what the host did")
-    return ". ".join(parts)
-
-
-def _gap_cause_in_window(cpu_gaps: pl.DataFrame, rank: int, start: int, end: int) -> tuple[str, str | None]:
-    """The CPU-gap cause that covers most of ``[start, end)`` on ``rank``, with its evidence."""
+def _gap_cause_in_window(cpu_gaps: pl.DataFrame, rank: int, start: int, end: int, *,
+                         tid: int | None = None) -> tuple[str, str | None]:
+    """The CPU-gap cause that covers most of ``[start, end)`` on ``rank`` (on thread ``tid``,
+    whose launches the gaps waited for, where given), with its evidence."""
     inside = cpu_gaps.filter(
         (pl.col("rank") == rank) & (pl.col("end_ns") > start) & (pl.col("start_ns") < end)
-    ).with_columns(
+    )
+    if tid is not None:
+        inside = inside.filter(pl.col("tid") == tid)
+    inside = inside.with_columns(
         overlap=pl.min_horizontal("end_ns", pl.lit(end)) - pl.max_horizontal("start_ns", pl.lit(start))
     )
     if inside.is_empty():
         return "cpu_gap", None
-    cause = inside.group_by("cause").agg(t=pl.col("overlap").sum()).sort("t", descending=True).row(0)[0]
+    cause = inside.group_by("cause").agg(t=pl.col("overlap").sum()).sort(["t", "cause"], descending=[True, False]).row(0)[0]
     top = inside.filter(pl.col("cause") == cause).sort("overlap", descending=True).row(0, named=True)
     evidence = f"{top['evidence_source']}: {top['evidence']}" if top["evidence"] else None
-    return ("cpu_gap" if cause == "unknown" else f"cpu_gap.{cause}"), evidence
+    return _cause_name(cause), evidence
 
 
-def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *, skip_steps: set[tuple[int, int]]) -> list[dict]:
-    """Root cause of each anomalous range instance outside the already-explained steps.
+def _fold_nested(rows: list[dict]) -> list[dict]:
+    """Drop a flagged range whose excess lies mostly in a flagged range nested inside it on
+    the same thread: one stall is reported once, at the deepest range that holds it."""
+    kept = []
+    for outer in rows:
+        inner = [
+            r for r in rows
+            if r is not outer and r["rank"] == outer["rank"] and r["tid"] == outer["tid"]
+            and r["start_ns"] >= outer["start_ns"] and r["end_ns"] <= outer["end_ns"]
+            and (r["start_ns"], r["end_ns"]) != (outer["start_ns"], outer["end_ns"])
+        ]
+        # Nested flagged ranges do not overlap one another only at one level; the largest
+        # inner excess and their sum bound what the inner ranges explain.
+        explained = max(max((r["excess_ns"] for r in inner), default=0),
+                        sum(r["excess_ns"] for r in inner if not any(
+                            o is not r and o["start_ns"] <= r["start_ns"] and r["end_ns"] <= o["end_ns"] for o in inner)))
+        if explained < 0.5 * outer["excess_ns"]:
+            kept.append(outer)
+    return kept
+
+
+def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
+                            steps: pl.DataFrame | None = None, places: Places | None = None) -> list[dict]:
+    """Each anomalous range instance as its own finding (inside flagged steps too).
 
     ``instances`` must carry the ``<category>_ns`` columns of their own window
     (:meth:`~traceinsight.analysis.breakdown.Breakdown.window_breakdown`): the category that
-    grew most against the median instance of the same name decides the cause.
+    grew most against the median instance of the same name decides the cause. Left out: a
+    range on a thread that never launches GPU work (a loader or metrics thread cannot hold
+    up the GPU), and a range that only *waited* for GPU work launched elsewhere (its window
+    grew on the GPU side while its own launched GPU time did not): the step finding places
+    that work where it was launched. Nested flagged ranges of one stall are folded into the
+    deepest (:func:`_fold_nested`).
     """
+    flagged = instances.filter(pl.col("anomalous"))
+    if flagged.is_empty():
+        return []
+    launching = instances.group_by("rank", "pid", "tid").agg(_l=pl.col("launches").sum()).filter(pl.col("_l") > 0)
+    flagged = flagged.join(launching.select("rank", "pid", "tid"), on=["rank", "pid", "tid"], how="semi")
     columns = [f"{c}_ns" for c in CATEGORIES]
     typical = instances.group_by("rank", "name").agg(
-        [pl.col(c).median().alias(f"typical_{c}") for c in columns]
+        *[pl.col(c).median().alias(f"typical_{c}") for c in columns],
+        typical_gpu_ns=pl.col("gpu_ns").median(),
+        typical_lag_ns=pl.col("first_gpu_lag_ns").median(),
     )
-    flagged = instances.filter(pl.col("anomalous")).join(typical, on=["rank", "name"], how="left")
-    out = []
-    for row in flagged.sort("duration_ns", descending=True).iter_rows(named=True):
-        if row["step"] is None or (row["rank"], row["step"]) in skip_steps:
-            continue
+    labels = {}
+    if steps is not None and steps.height:
+        labels = {(r, s): label for r, s, label in steps.select("rank", "step", "label").iter_rows()}
+    rows = []
+    for row in flagged.join(typical, on=["rank", "name"], how="left").sort("duration_ns", descending=True).iter_rows(named=True):
+        row["excess_ns"] = row["duration_ns"] - row["typical_ns"]
         deltas = {c: row[f"{c}_ns"] - (row[f"typical_{c}_ns"] or 0) for c in CATEGORIES}
         category = max(deltas, key=deltas.get)
+        own_gpu_growth = (row["gpu_ns"] or 0) - (row["typical_gpu_ns"] or 0)
+        if category in ("gpu_compute", "gpu_memory", "communication", "idle") and own_gpu_growth < 0.5 * row["excess_ns"]:
+            continue  # it waited for work launched before it
+        row["_deltas"], row["_category"] = deltas, category
+        rows.append(row)
+    out = []
+    for row in _fold_nested(rows):
+        deltas, category = row["_deltas"], row["_category"]
         gap_evidence = None
         if category == "cpu_gap":
-            cause, gap_evidence = _gap_cause_in_window(cpu_gaps, row["rank"], row["start_ns"], row["end_ns"])
+            cause, gap_evidence = _gap_cause_in_window(cpu_gaps, row["rank"], row["start_ns"], row["end_ns"],
+                                                       tid=row["tid"])
         elif category == "idle":
             cause = "unknown"
         else:
             cause = category
+        path = places.path_of(row) if places is not None else [row["name"]]
+        label = labels.get((row["rank"], row["step"]))
+        where = join_path([label, *path]) if label and label not in path else join_path(path)
         lag = row["first_gpu_lag_ns"]
-        text = (
-            f"{row['name']} took {_ms(row['duration_ns'])} vs {_ms(row['typical_ns'])} typical "
-            f"in step {row['step']}; {category} +{_ms(deltas[category])} inside it"
-        )
-        if lag is not None:
-            text += f"; its first kernel started {_ms(lag)} after it began"
+        text = (f"{row['name']} took {_ms(row['duration_ns'])} vs {_ms(row['typical_ns'])} typical"
+                + (f" in step {row['step']}" if row["step"] is not None else "")
+                + f"; {category} +{_ms(deltas[category])} inside it")
+        if lag is not None and lag - (row["typical_lag_ns"] or 0) > 0.25 * max(row["excess_ns"], 1):
+            text += f"; its first GPU work started {_ms(lag)} after it began (typically {_ms(row['typical_lag_ns'])})"
         if gap_evidence:
             text += f". CPU during the gaps, {gap_evidence}"
+        elif category == "cpu_gap":
+            text += ". No CPU sample, OS call, Python function or op covers the gaps: the trace cannot tell what the host did"
         out.append({
             "kind": "range",
             "rank": row["rank"],
             "step": row["step"],
-            "excess_ms": round((row["duration_ns"] - row["typical_ns"]) / 1e6, 3),
-            "where": row["name"],
+            "excess_ms": round(row["excess_ns"] / 1e6, 3),
+            "where": where,
+            "name": row["name"],
+            "duration_ms": round(row["duration_ns"] / 1e6, 3),
+            "typical_ms": round(row["typical_ns"] / 1e6, 3),
+            "lag_ms": None if lag is None else round(lag / 1e6, 3),
             "category": category,
             "cause": cause,
             "evidence": text,

@@ -39,12 +39,18 @@ LAUNCH_API = re.compile(
 )
 
 #: Causes of a CPU gap, in the order they are tried on a stack (innermost frame first).
+#: ``host_sync`` is not read from stacks: it is a gap that follows a synchronizing call
+#: which drained the GPU queue (:mod:`traceinsight.analysis.cpu_gaps`).
 GAP_CAUSES = (
     "garbage_collection",
+    "cuda_allocator",
     "memory_allocation",
+    "io",
     "blocked",
+    "cpu_compute",
     "launch_overhead",
     "python",
+    "host_sync",
     "unknown",
 )
 
@@ -62,17 +68,45 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
     (
+        # The device allocator: the caching allocator going to the driver (cudaMalloc after a
+        # cache miss or torch.cuda.empty_cache, cudaFree, pinned-host allocations).
+        "cuda_allocator",
+        re.compile(
+            r"(?i)^cu(?:da)?(?:Malloc\w*|Free\w*|MemAlloc\w*|MemFree\w*|MemCreate|MemRelease|MemMap|MemUnmap"
+            r"|MemAddressReserve|MemAddressFree|MemSetAccess|HostAlloc|MallocHost|FreeHost|HostRegister"
+            r"|HostUnregister|MemHostAlloc\w*|MemFreeHost|MemHostRegister\w*)(?:_v\d+)?$"
+            r"|CUDACachingAllocator|CachingHostAllocator|emptyCache|empty_cache|release_cached_blocks"
+            r"|release_available_cached_blocks|garbage_collect_cached_blocks|alloc_block|free_cached_blocks"
+            r"|ExpandableSegment|hipMalloc|hipFree"
+        ),
+    ),
+    (
         "memory_allocation",
         re.compile(
-            r"(?i)^(?:__libc_)?(?:malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign)$"
-            r"|^(?:mmap|mmap64|munmap|mremap|brk|sbrk|madvise)$|_int_malloc|_int_free|sysmalloc"
-            r"|page_fault|do_anonymous_page|handle_mm_fault|clear_page|alloc_pages|do_huge_pmd"
+            r"(?i)^(?:__libc_)?(?:malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign|cfree)$"
+            r"|^(?:__)?(?:mmap|mmap64|munmap|mremap|brk|sbrk|madvise)$|_int_malloc|_int_free|sysmalloc"
+            r"|malloc_consolidate|page_fault|do_anonymous_page|handle_mm_fault|clear_page|alloc_pages"
+            r"|do_huge_pmd|do_user_addr_fault|exc_page_fault|get_page_from_freelist|rmqueue|zap_pte_range"
+            r"|unmap_page_range|release_pages|free_pages|__memcg_\w+|mem_cgroup_charge"
             r"|PyDataMem_|npy_alloc|PyArray_(?:Zeros|Empty|New\w*|Fill\w*|AssignRawScalar)"
             # numpy creating and filling a fresh array (np.ones/np.full/np.zeros touch pages)
             r"|raw_array_assign_scalar|array_(?:zeros|empty|ones|full)|_aligned_strided_to_contig"
             r"|numpy\.(?:zeros|ones|empty|full)|method (?:zeros|ones|empty|full) of module numpy"
-            r"|cudaHostAlloc|cudaMallocHost|cuMemHostAlloc|CachingHostAllocator|cudaMalloc\b"
+            # Python frames of array creation (Kineto with_stack: ``numpy/_core/numeric.py(190): ones``)
+            r"|\.py\(\d+\): (?:ones|zeros|empty|full)(?:_like)?$|built-in method (?:zeros|ones|empty|full)\b"
+            r"|\bbytearray\b|PyByteArray_|PyBytes_FromStringAndSize"
             r"|^aten::(?:empty|zeros|ones|full)$|^\[memory\]$|__memset|memset_erms|__memcpy"
+        ),
+    ),
+    (
+        # File I/O on the thread: checkpoint and log writes, reads of data files.
+        "io",
+        re.compile(
+            r"(?i)^(?:__)?(?:write|pwrite(?:64)?|writev|pwritev\d?|fsync|fdatasync|sync_file_range|syncfs"
+            r"|read|pread(?:64)?|readv|preadv\d?|open|open64|openat|openat64|fopen|fopen64|fclose|fflush"
+            r"|fwrite|fread|sendfile|copy_file_range|fallocate|ftruncate|io_submit|io_getevents|__close)$"
+            r"|ext4_\w+|xfs_\w+|vfs_(?:write|read|fsync)|\bfile_write_iter|blkdev_\w+"
+            r"|method (?:write|flush|read) of '_io\.|_io\.\w+\.(?:write|flush|read)|torch\.save|torch/serialization\.py"
         ),
     ),
     (
@@ -81,9 +115,18 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"(?i)^(?:__)?(?:nanosleep|clock_nanosleep|sleep|usleep|select|pselect6?|poll|ppoll"
             r"|epoll_wait|epoll_pwait|futex|sem_wait|sem_timedwait|pthread_cond_wait"
             r"|pthread_cond_timedwait|pthread_join|pthread_mutex_lock|pthread_rwlock_\w+lock"
-            r"|read|recv|recvmsg|recvfrom|accept|wait4|waitpid|lll_lock_wait\w*|futex_wait\w*"
+            r"|recv|recvmsg|recvfrom|accept|wait4|waitpid|lll_lock_wait\w*|futex_wait\w*"
             r"|do_futex|schedule|io_schedule)$|time\.sleep|function sleep\b|threading\.py.*wait"
-            r"|lock\.acquire|method acquire of"
+            r"|lock\.acquire|method acquire of|queue\.py\(\d+\): get$|connection\.py\(\d+\): (?:recv|poll)"
+        ),
+    ),
+    (
+        # Tensor math on the CPU (a CPU fill, copy or reduction): work, not launching.
+        "cpu_compute",
+        re.compile(
+            r"(?i)TensorIteratorBase::(?:for_each|serial_for_each)|\bcpu_kernel(?:_vec)?\b|VectorizedLoop2d"
+            r"|vectorized_loop|basic_loop|\bGOMP_\w+|\bgomp_\w+|libgomp|\bmkl_\w+|libmkl|openblas|dnnl::"
+            r"|at::vec::|invoke_parallel|at::internal::|libiomp"
         ),
     ),
     (
@@ -94,7 +137,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             r"|view|narrow|slice|select|as_strided|unbind|stack|reshape|expand|t|transpose|contiguous"
             r"|copy_|to|_to_copy|mm|matmul|linear|addmm|bmm|index|index_select|unsqueeze|squeeze"
             r"|permute|detach|empty_strided|resize_)$|torch\.split|split_with_sizes|libtorch_cuda"
-            r"|TensorIterator|launch_kernel|cudaLaunchKernel|cuLaunchKernel"
+            r"|launch_kernel|cudaLaunchKernel|cuLaunchKernel"
         ),
     ),
     (
@@ -105,6 +148,10 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         ),
     ),
 )
+
+#: Modules of the profiler itself: its samples say the profiler was intercepting a call
+#: (an OS-runtime or CUDA trace hook), not what the program was doing.
+PROFILER_MODULES = re.compile(r"(?i)ToolsInjection|libcupti|libnvperf|libnvtx|nsys|libpcsamplingutil|QdstrmImporter")
 
 
 @functools.lru_cache(maxsize=65536)
@@ -144,6 +191,8 @@ def cause_of_stack(frames: list[str] | None, modules: list[str] | None = None) -
     innermost_unreadable = bool(frames) and is_unresolved(frames[0])
     for frame, module in zip(frames, modules):
         if is_unresolved(frame):
+            if module and PROFILER_MODULES.search(module):
+                continue  # the profiler's own hook around a call: look further out
             cause = cause_of_name(module)
             if cause == "python":
                 cause = None
@@ -160,6 +209,18 @@ def cause_of_stack(frames: list[str] | None, modules: list[str] | None = None) -
     if fallback and not innermost_unreadable:
         return fallback
     return "unknown" if resolved_any and not innermost_unreadable else "unresolved"
+
+
+#: What ``torch.autograd.profiler.emit_nvtx()`` and ``record_shapes`` append to an op's name
+#: (``aten::mm, seq = 47555, op_id = 12, sizes = [[2048, 4096], []]``): unique per call, so
+#: names are grouped without it.
+EMIT_NVTX_SUFFIX = r",\s*(?:stashed\s+)?(?:seq|op_id|sizes|input_op_ids)\s*=.*$"
+
+
+def range_group_expr(column: str = "name") -> pl.Expr:
+    """Polars expression: the annotation name that instances are grouped by (suffixes that
+    make every call unique removed; the raw name is kept beside it by callers)."""
+    return pl.col(column).str.replace(EMIT_NVTX_SUFFIX, "")
 
 
 def comm_kernel_expr(patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS) -> pl.Expr:

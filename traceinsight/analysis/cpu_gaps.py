@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.classify import cause_of_name, cause_of_stack, launch_expr
+from traceinsight.analysis.classify import HOST_SYNC_API, cause_of_name, cause_of_stack, launch_expr
 from traceinsight.model import TraceModel
 
 GAP_KEYS = ["rank", "pid", "tid"]
@@ -30,6 +30,17 @@ _ITEM_COLUMNS = ["rank", "pid", "tid", "start_ns", "end_ns", "name", "kind", "de
 _ITEM_BLOCK = 1 << 16
 #: The least share of a gap an op or function must cover to name the gap.
 MIN_SHARE = 0.1
+#: How soon after a ``host_sync`` piece a gap must begin to be that sync's refill cost.
+SYNC_FOLLOW_NS = 50_000
+#: The longest gap after a sync that is taken as the sync's refill cost.
+SYNC_REFILL_NS = 1_000_000
+#: CUDA API calls that cost host time without launching work: the device allocator and
+#: synchronizing calls.
+_COSTLY_CUDA_API = (
+    r"^(?:cu(?:da)?(?:Malloc\w*|Free\w*|MemAlloc\w*|MemFree\w*|MemCreate|MemRelease|MemMap|MemUnmap"
+    r"|HostAlloc|MallocHost|FreeHost|HostRegister|HostUnregister|MemHostAlloc\w*|MemFreeHost)(?:_v\d+)?$)"
+    r"|" + HOST_SYNC_API.pattern
+)
 
 
 def _pairs_overlapping(
@@ -253,8 +264,15 @@ def _pooled_evidence(gaps: pl.DataFrame, samples: pl.DataFrame, undecided: pl.Da
     )
 
 
+def _cause_of_cuda_call(name: str) -> str | None:
+    if HOST_SYNC_API.match(name):
+        return "host_sync"
+    return cause_of_name(name)
+
+
 def _weights_from_intervals(
-    gaps: pl.DataFrame, items: pl.DataFrame, *, source: str, deepest_only: bool, default_cause: str | None
+    gaps: pl.DataFrame, items: pl.DataFrame, *, source: str, deepest_only: bool, default_cause: str | None,
+    cause_of=cause_of_name,
 ) -> pl.DataFrame:
     if items.is_empty():
         return pl.DataFrame()
@@ -276,7 +294,7 @@ def _weights_from_intervals(
         hits = hits.filter(_deepest_covering(hits, gaps))
     hits = hits.with_columns(pl.col("name").cast(pl.String))
     names = hits.get_column("name").unique().to_list()
-    cause_by_name = {name: cause_of_name(name) or default_cause for name in names}
+    cause_by_name = {name: cause_of(name) or default_cause for name in names}
     return (
         hits.with_columns(cause=pl.col("name").replace_strict(cause_by_name, default=None))
         .filter(pl.col("cause").is_not_null())
@@ -354,6 +372,14 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
         known, rows(pl.col("kind") == "osrt"),
         source="os runtime", deepest_only=False, default_cause=None,
     )
+    # The CUDA calls of the thread that cost time without launching: the device allocator
+    # (cudaMalloc/cudaFree, pinned-host allocation) and synchronizing calls.
+    cuda_calls = _weights_from_intervals(
+        known, rows((pl.col("kind") == "cuda_api") & pl.col("name").str.contains(_COSTLY_CUDA_API)),
+        source="cuda api", deepest_only=False, default_cause=None, cause_of=_cause_of_cuda_call,
+    )
+    if cuda_calls.height:
+        osrt = pl.concat([osrt, cuda_calls], how="vertical_relaxed") if osrt.height else cuda_calls
     samples = _weights_from_samples(known, model.samples)
     if osrt.height and samples.height:
         # A thread asleep in a call takes no CPU samples, so samples speak only for the part
@@ -371,13 +397,20 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
             .drop("covered_ns", "duration_ns")
             .filter(pl.col("weight_ns") > 0)
         )
+        # A recorded call says what the thread did; a sample that says nothing (no readable
+        # frame, or only the profiler's own hook) must not outweigh it.
+        samples = samples.filter(
+            ~(pl.col("cause").is_in(["unknown", "unresolved"]) & pl.col("gap_id").is_in(covered.get_column("gap_id").implode()))
+        )
     strong = [samples, osrt]
     python = _weights_from_intervals(
         known, rows(pl.col("kind") == "python"),
         source="python functions", deepest_only=True, default_cause="python",
     )
+    # Framework ops only: an annotation (the range under judgement, or one around it) says
+    # where the gap is, never why.
     ops = _weights_from_intervals(
-        known, rows(pl.col("kind").is_in(["cpu_op", "annotation"]) & ~pl.col("name").is_in(list(marker_names))),
+        known, rows((pl.col("kind") == "cpu_op") & ~pl.col("name").is_in(list(marker_names))),
         source="ops", deepest_only=True, default_cause="unknown",
     )
     strong = [frame for frame in strong if not frame.is_empty()]
@@ -426,7 +459,37 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
         .then(pl.lit("launch_overhead"))
         .otherwise(pl.col("cause"))
     )
+    out = _after_host_sync(out, gaps)
     return out.drop("gap_id").sort("rank", "start_ns")
+
+
+def _after_host_sync(attributed: pl.DataFrame, pieces: pl.DataFrame) -> pl.DataFrame:
+    """A gap that begins where a ``host_sync`` piece ends follows a synchronizing call that
+    emptied the GPU queue: every microsecond of host work until the next launch is exposed
+    because of that sync (``.item()``, ``.cpu()``, ``cudaStreamSynchronize``). Unless the
+    evidence names something specific (the collector, an allocation, I/O, sleeping), its
+    cause is the host sync, as the breakdown calls the wait itself."""
+    syncs = (pieces.filter(pl.col("category") == "host_sync")
+             .select("rank", pl.col("end_ns").alias("_sync_end")).sort("_sync_end"))
+    if syncs.is_empty() or attributed.is_empty():
+        return attributed
+    # The host usually launches a small kernel or copy right after the sync returns, so the
+    # gap may begin a few microseconds after the sync piece ends.
+    follows = attributed.sort("start_ns").join_asof(
+        syncs, left_on="start_ns", right_on="_sync_end", by="rank", strategy="backward",
+        tolerance=SYNC_FOLLOW_NS, check_sortedness=False,
+    ).sort("rank", "start_ns")
+    # Only a refill-sized gap is the sync's doing: a long one after a sync is host work of
+    # its own that the trace cannot name.
+    vague = pl.col("cause").is_in(["unknown", "launch_overhead", "python", "unresolved"]) & (
+        pl.col("end_ns") - pl.col("start_ns") <= SYNC_REFILL_NS)
+    return follows.with_columns(
+        evidence=pl.when(pl.col("_sync_end").is_not_null() & vague)
+        .then(pl.concat_str([pl.lit("the host had just synchronized with the GPU (queue empty); then "),
+                             pl.col("evidence").fill_null("no further evidence")]))
+        .otherwise(pl.col("evidence")),
+        cause=pl.when(pl.col("_sync_end").is_not_null() & vague).then(pl.lit("host_sync")).otherwise(pl.col("cause")),
+    ).drop("_sync_end")
 
 
 def _summarize_evidence(evidence: pl.DataFrame, durations: pl.DataFrame, *, key: str) -> pl.DataFrame:
@@ -468,7 +531,22 @@ def _summarize_evidence(evidence: pl.DataFrame, durations: pl.DataFrame, *, key:
         ),
         key=key, column="evidence", separator=", ",
     )
-    return best.join(top, on=key, how="left").join(sources, on=key, how="left")
+    unresolved = (
+        ranked.filter(pl.col("unreadable") & (pl.col("source") != "python functions"))
+        .group_by(key).agg(_unresolved=pl.col("weight_ns").sum(), _duration=pl.col("duration_ns").first())
+        .with_columns(_share=(pl.col("_unresolved") / pl.col("_duration") * 100).clip(0, 100).round(0).cast(pl.Int64))
+        .filter(pl.col("_share") >= 20)
+        .select(key, "_share")
+    )
+    out = best.join(top, on=key, how="left").join(sources, on=key, how="left")
+    if unresolved.height:
+        out = out.join(unresolved, on=key, how="left").with_columns(
+            evidence=pl.when(pl.col("_share").is_not_null())
+            .then(pl.format("{}; {}% of it unresolved samples (taken as their nearest readable neighbour's cause)",
+                            pl.col("evidence"), pl.col("_share")))
+            .otherwise(pl.col("evidence"))
+        ).drop("_share")
+    return out
 
 
 #: Runs longer than this are joined with a group-by instead of shifted columns.

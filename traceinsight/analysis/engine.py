@@ -36,10 +36,12 @@ from traceinsight.analysis.anomalies import (
     flag_job_steps,
     flag_range_instances,
     flag_steps,
+    judged_durations,
     launches_per_step,
+    Places,
 )
 from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
-from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
+from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels
 from traceinsight.analysis.multirank import (
@@ -97,27 +99,36 @@ class RankWorker:
 
     def breakdown(self, waits: pl.DataFrame) -> pl.DataFrame:
         self.result = step_breakdown(self.model, self.table, waits=waits, gpu=self.gpu)
-        return flag_steps(self.result.steps, self.options.anomaly_options)
+        return flag_steps(judged_durations(self.result.steps, self.gpu), self.options.anomaly_options)
 
     def finish(self, steps: pl.DataFrame, windows: pl.DataFrame, *, keep_details: bool) -> dict:
         model, options = self.model, self.options
         gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
-        # Step markers are annotations too, but the step table already covers them.
-        instances = range_instances(model, gpu=self.gpu).filter(~pl.col("name").is_in(self.marker_names))
+        # Step markers are annotations too, but the step table already covers them. Names
+        # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
+        instances = (
+            range_instances(model, gpu=self.gpu)
+            .filter(~pl.col("name").is_in(self.marker_names))
+            .with_columns(raw_name=pl.col("name"), name=range_group_expr())
+        )
         instances = flag_range_instances(
             self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options
         )
         launch_counts = launches_per_step(self.gpu, steps)
-        step_anomalies = explain_steps(steps, instances, gaps, launch_counts=launch_counts)
-        range_anomalies = explain_range_instances(
-            instances, gaps, skip_steps={(a["rank"], a["step"]) for a in step_anomalies}
-        )
+        sync_gaps = self.result.gaps.filter(pl.col("category") == "host_sync")
+        places = None
+        if steps.get_column("anomalous").any() or instances.get_column("anomalous").any():
+            places = Places(steps, instances, gaps, self.gpu, sync_gaps)
+        step_anomalies = explain_steps(steps, instances, gaps, launch_counts=launch_counts, places=places)
+        range_anomalies = explain_range_instances(instances, gaps, steps=steps, places=places)
         broken = window_breakdown(self.result.sets, windows) if windows.height else windows
         details = {
             "cpu_gaps": gaps,
+            "sync_gaps": sync_gaps,
             "range_instances": instances,
             "gpu": self.gpu,
         } if keep_details else {
+            "sync_gaps": sync_gaps.sort("start_ns").head(SUMMARY_GAPS),
             "cpu_gaps": gaps.sort("duration_ns", descending=True).head(SUMMARY_GAPS).sort("rank", "start_ns"),
             "range_instances": instances.filter(pl.col("anomalous")),
             "gpu": self.gpu.head(0),
@@ -159,8 +170,11 @@ def run_phases(call, options: Options):
     ranks = _frames([first[r]["ranks"] for r in ranks_order])
     warnings = [w for r in ranks_order for w in first[r]["warnings"]]
     sources = {first[r]["step_source"] for r in ranks_order}
-    step_source = "marker" if sources == {"marker"} else ("whole trace" if sources == {"whole trace"} else "mixed")
-    if step_source != "marker":
+    step_source = sources.pop() if len(sources) == 1 else "mixed"
+    if step_source.startswith("repeated range"):
+        warnings.append(f"steps are the instances of the {step_source} (no numbered step marker), "
+                        "numbered by order from 0")
+    elif "whole trace" in sources or step_source == "whole trace":
         where = ": the whole trace is one step" if step_source == "whole trace" else \
             " on some ranks: there the whole trace is one step"
         if options.step_pattern:
@@ -196,6 +210,7 @@ def run_phases(call, options: Options):
         step_source=step_source,
         step_pattern=first[ranks_order[0]]["step_pattern"],
         cpu_gaps=_frames([done[r]["cpu_gaps"] for r in ranks_order]),
+        sync_gaps=_frames([done[r]["sync_gaps"] for r in ranks_order]),
         cpu_gap_causes=_frames([done[r]["cpu_gap_causes"] for r in ranks_order]),
         ranges=_frames([done[r]["ranges"] for r in ranks_order]).sort(
             ["total_ms", "rank", "name"], descending=[True, False, False]),

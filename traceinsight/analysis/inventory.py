@@ -72,10 +72,10 @@ def describe(model: TraceModel, *, path: str, fmt: str, step_pattern: str | None
         "samples": model.samples.height,
         "steps": {
             "source": table.source,
-            "count": steps.height if table.source == "marker" else 0,
-            "numbers": sorted(set(steps.get_column("step").to_list())) if table.source == "marker" else [],
+            "count": steps.height if table.source != "whole trace" else 0,
+            "numbers": sorted(set(steps.get_column("step").to_list())) if table.source != "whole trace" else [],
             "labels": steps.get_column("label").unique(maintain_order=True).head(3).to_list()
-            if table.source == "marker" else [],
+            if table.source != "whole trace" else [],
         },
         "top_kernels": [
             {"rank": r, "name": n, "count": c, "total_ms": round(t, 3), "share": round(s, 4)}

@@ -35,6 +35,9 @@ class Findings:
         Every CPU-gap piece with its cause and evidence.
     cpu_gap_causes
         CPU-gap time per (rank, step, cause).
+    sync_gaps
+        The ``host_sync`` pieces of the breakdown (GPU idle while the host synchronized):
+        step findings place them like CPU gaps.
     ranges
         Range statistics per (rank, name); ``range_instances`` one row per instance.
     top_kernels
@@ -68,6 +71,7 @@ class Findings:
     top_kernels: pl.DataFrame
     gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
     launch_counts: pl.DataFrame = field(default_factory=pl.DataFrame)
+    sync_gaps: pl.DataFrame = field(default_factory=pl.DataFrame)
     anomalies: list[dict] = field(default_factory=list)
     waits: list[dict] = field(default_factory=list)
     alignment: Alignment | None = None

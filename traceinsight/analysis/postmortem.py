@@ -87,7 +87,8 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     explanation = explain_steps(steps, findings.range_instances, findings.cpu_gaps,
                                 which=pl.DataFrame({"rank": [rank], "step": [step]},
                                                    schema={"rank": pl.Int32, "step": pl.Int64}),
-                                launch_counts=findings.launch_counts)[0]
+                                launch_counts=findings.launch_counts, gpu=findings.gpu,
+                                sync_pieces=findings.sync_gaps if findings.sync_gaps.width else None)[0]
     categories = [
         {"category": c, "ms": round(row[f"{c}_ns"] / 1e6, 3),
          "typical_ms": round(float(normal.get_column(f"{c}_ns").median() or 0) / 1e6, 3)}
@@ -106,8 +107,9 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     ]
     lag = None
     where = explanation["where"]
+    range_name = next((p["range"] for p in explanation.get("places", []) if p.get("range")), None)
     instances = findings.range_instances.filter(
-        (pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == where)
+        (pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == range_name)
     ).sort("duration_ns", descending=True)
     if instances.height:
         inst = instances.row(0, named=True)
@@ -117,7 +119,7 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
                 (pl.col("rank") == rank) & (pl.col("end_ns") > lag_start) & (pl.col("start_ns") < lag_end)
             ).sort("duration_ns", descending=True)
             lag = {
-                "range": where,
+                "range": range_name,
                 "lag_ms": round(inst["first_gpu_lag_ns"] / 1e6, 3),
                 "range_ms": round(inst["duration_ns"] / 1e6, 3),
                 "cpu_in_lag": [

@@ -7,8 +7,14 @@ matches a step marker. Its number is the integer captured from the name, so
 The step's *window* is where its time is accounted: from the marker's start to the later of
 the marker's end and the end of the last GPU activity launched inside the marker, but never
 past the next step's start on the same rank (so windows never overlap and a step's breakdown
-can partition its window). Without any marker the whole trace is one step (number 0) and
-``StepTable.source`` says so.
+can partition its window).
+
+Where no annotation carries a number, a common habit is one range of the same name around
+every iteration (``train_step``, ``fwd_bwd``, ``iteration``): the shallowest annotation name
+that repeats at least :data:`MIN_REPEATS` times on the thread that launches the GPU work and
+covers most of the time from its first to its last instance marks the steps, numbered by
+order from 0. Only without either kind of marker the whole trace is one step (number 0).
+``StepTable.source`` says which rule found the steps.
 """
 
 from __future__ import annotations
@@ -16,12 +22,20 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
+from traceinsight.analysis.classify import LAUNCH_API
 from traceinsight.model import GPU_KINDS, TraceModel
 
 #: Default marker: ``ProfilerStep#12``, ``step 7``, ``Step_3``, ``iteration 5``, ``iter#9``.
 DEFAULT_STEP_PATTERN = r"(?i)^\s*(?:ProfilerStep\s*#\s*|(?:step|iteration|iter)[\s_#:=-]*)(\d+)\s*$"
+
+#: An un-numbered range must repeat this often to mark steps.
+MIN_REPEATS = 4
+#: ... and its instances must cover at least this share of the time from the first to the
+#: last (a ``forward`` range repeats too, but leaves backward and the optimizer outside).
+MIN_COVERAGE = 0.6
 
 STEP_SCHEMA = {
     "rank": pl.Int32,
@@ -45,7 +59,8 @@ class StepTable:
         One row per (rank, step): ``rank, step, label, start_ns, end_ns`` (the accounting
         window), ``marker_end_ns`` (the marker's own CPU-side end), ``pid, tid``.
     source
-        ``"marker"`` when markers were found, ``"whole trace"`` for the fallback.
+        ``"marker"`` when numbered markers were found, ``"repeated range 'NAME'"`` when an
+        un-numbered range around every iteration was, ``"whole trace"`` for the fallback.
     pattern
         The regular expression used.
     """
@@ -142,9 +157,16 @@ def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
     >>> table = find_steps(model)  # doctest: +SKIP
     >>> table.steps.select("rank", "step", "label").head(2)  # doctest: +SKIP
     """
+    user_pattern = pattern is not None
     pattern = pattern or DEFAULT_STEP_PATTERN
     intervals = model.intervals
     markers = _marker_rows(intervals, pattern)
+    source = "marker"
+    if markers.is_empty() and not user_pattern:
+        markers, name = _repeated_range_rows(intervals)
+        if name is not None:
+            source = f"repeated range {name!r}"
+            pattern = f"^{re.escape(name)}$"
     if markers.is_empty():
         return StepTable(_whole_trace_steps(model), "whole trace", pattern)
     markers = _last_launched_gpu_end(intervals, markers)
@@ -163,7 +185,92 @@ def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
         .cast(STEP_SCHEMA)
         .sort("rank", "step")
     )
-    return StepTable(steps, "marker", pattern)
+    return StepTable(steps, source, pattern)
+
+
+def _main_launches(intervals: pl.DataFrame) -> pl.DataFrame:
+    """Per rank, the launch calls of the thread that launched most GPU work."""
+    launches = (
+        intervals.lazy()
+        .filter((pl.col("kind") == "cuda_api") & pl.col("tid").is_not_null()
+                & pl.col("name").str.contains(LAUNCH_API.pattern))
+        .select("rank", "pid", "tid", "start_ns")
+        .collect()
+    )
+    main = (
+        launches.group_by("rank", "pid", "tid").agg(weight=pl.len())
+        .sort(["rank", "weight", "pid", "tid"], descending=[False, True, False, False])
+        .unique("rank", keep="first", maintain_order=True)
+        .select("rank", "pid", "tid")
+    )
+    return launches.join(main, on=["rank", "pid", "tid"], how="semi")
+
+
+def _repeated_range_rows(intervals: pl.DataFrame) -> tuple[pl.DataFrame, str | None]:
+    """Markers from an un-numbered range that wraps every iteration on the main thread.
+
+    Per rank, on the thread that launches most GPU work, the shallowest annotation depth at
+    which one name repeats at least :data:`MIN_REPEATS` times, nearly every instance
+    launches GPU work, the instances cover :data:`MIN_COVERAGE` of the time from the first
+    to the last, and that time holds most of the thread's launches; of such names the one
+    covering most. The same name must win on every rank (one job, one convention).
+    """
+    empty = pl.DataFrame(schema={k: STEP_SCHEMA[k] for k in ("rank", "step", "label", "start_ns",
+                                                               "marker_end_ns", "pid", "tid")})
+    launches = _main_launches(intervals)
+    if launches.is_empty():
+        return empty, None
+    main = launches.select("rank", "pid", "tid").unique()
+    ranges = (
+        intervals.lazy()
+        .filter(pl.col("kind") == "annotation")
+        .select("rank", "pid", "tid", "name", "depth", "start_ns", "end_ns")
+        .collect()
+        .join(main, on=["rank", "pid", "tid"], how="semi")
+        .sort("start_ns")
+    )
+    if ranges.is_empty():
+        return empty, None
+    # Launches inside each range instance: launch times are sorted, so two searches each.
+    counted = []
+    for (rank,), part in ranges.partition_by("rank", as_dict=True).items():
+        times = launches.filter(pl.col("rank") == rank).get_column("start_ns").sort().to_numpy()
+        first = np.searchsorted(times, part.get_column("start_ns").to_numpy(), side="left")
+        last = np.searchsorted(times, part.get_column("end_ns").to_numpy(), side="right")
+        counted.append(part.with_columns(launches=pl.Series(last - first), rank_launches=pl.lit(times.size)))
+    ranges = pl.concat(counted)
+    candidates = (
+        ranges.group_by("rank", "depth", "name")
+        .agg(
+            count=pl.len(),
+            launching=(pl.col("launches") > 0).mean(),
+            launched=pl.col("launches").sum(),
+            rank_launches=pl.col("rank_launches").first(),
+            covered=(pl.col("end_ns") - pl.col("start_ns")).sum(),
+            span=pl.col("end_ns").max() - pl.col("start_ns").min(),
+        )
+        .filter(
+            (pl.col("count") >= MIN_REPEATS)
+            & (pl.col("launching") >= 0.8)
+            & (pl.col("covered") >= MIN_COVERAGE * pl.col("span"))
+            & (pl.col("launched") >= 0.5 * pl.col("rank_launches"))
+        )
+        .sort(["rank", "depth", "covered", "name"], descending=[False, False, True, False])
+        .unique("rank", keep="first", maintain_order=True)
+    )
+    names = candidates.get_column("name").unique().to_list()
+    if len(names) != 1 or candidates.height != main.get_column("rank").n_unique():
+        return empty, None
+    name = names[0]
+    chosen = candidates.select("rank", "depth", "name")
+    rows = (
+        ranges.join(chosen, on=["rank", "depth", "name"], how="semi")
+        .sort("rank", "start_ns")
+        .with_columns(step=pl.int_range(pl.len()).over("rank").cast(pl.Int64))
+        .select("rank", "step", pl.col("name").alias("label"), "start_ns",
+                pl.col("end_ns").alias("marker_end_ns"), "pid", "tid")
+    )
+    return rows, name
 
 
 def _whole_trace_steps(model: TraceModel) -> pl.DataFrame:
