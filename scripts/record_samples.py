@@ -684,12 +684,12 @@ def fault_file_io(path: str, n_writes: int, chunk: int, fsync_every: int) -> flo
 
 
 class TorchOrNsys:
-    """Start/stop of the capture: nsys (cudaProfilerStart/Stop) or torch.profiler (no schedule)."""
+    """Start/stop of the capture: nsys (cudaProfilerStart/Stop) or torch.profiler without a schedule
+    (so the Kineto trace holds no ProfilerStep#k markers: the un-numbered step range is the only one)."""
 
-    def __init__(self, kind: str, device: torch.device, trace_path: str, step_markers: bool = False):
+    def __init__(self, kind: str, device: torch.device, trace_path: str):
         self.kind, self.device, self.trace_path = kind, device, trace_path
         self.prof = None
-        self.step_markers = step_markers
 
     def start(self):
         sync(self.device)
@@ -701,10 +701,6 @@ class TorchOrNsys:
             self.prof.start()
         elif self.device.type == "cuda":
             torch.cuda.profiler.start()
-
-    def step(self):
-        if self.prof is not None and self.step_markers:
-            self.prof.step()
 
     def stop(self):
         sync(self.device)
@@ -1076,7 +1072,7 @@ def run_dense(args) -> None:
         if kind == "file_io":
             measured[k] = fault_file_io(logf, cfg["io_writes"], cfg["io_chunk"], cfg["io_fsync_every"])
 
-    cap = TorchOrNsys(profiler, device, os.path.join(args.out_dir, "trace.json.gz"), step_markers=True)
+    cap = TorchOrNsys(profiler, device, os.path.join(args.out_dir, "trace.json.gz"))
     steps = []
     th.start()
     nvtx_ctx = contextlib.nullcontext()
@@ -1107,10 +1103,8 @@ def run_dense(args) -> None:
                 train_iter(k, in_trace)
                 sync(device)
             dt = time.perf_counter() - t0
-            if in_trace and k < args.steps - 1:
-                cap.step()
             steps.append(step_entry(k, in_trace, plan.DENSE_STEP_RANGE, dt, fplan, measured,
-                                    profiler_step=(f"ProfilerStep#{k}" if profiler == "torch" and in_trace else None)))
+                                    profiler_step=None))
             print(f"[dense] step {k}: {1e3 * dt:.2f} ms {fplan.get(k, {}).get('kind', '') if in_trace else 'warmup'}"
                   + (f" fault {1e3 * measured[k]:.1f} ms" if in_trace and k in measured else ""), flush=True)
     finally:
@@ -1129,15 +1123,14 @@ def run_dense(args) -> None:
             "foreach=False (a few small kernels per parameter, 12 parameters a block); an EMA of the parameters "
             "replayed from a CUDA graph; batches from a data-loader thread through a queue")),
         ranges=("'iteration' (same name every iteration, no number) > data | forward | backward | optimizer | "
-                "ema_update. " + ("record_function ranges inside ProfilerStep#k (prof.step() after each recorded "
-                                  "iteration but the last)" if profiler == "torch" else
+                "ema_update. " + ("record_function ranges; no ProfilerStep markers (the profiler ran without a "
+                                  "schedule, so torch's prof.step() recorded none)" if profiler == "torch" else
                                   "NVTX push/pop ranges; in the captured steps torch.autograd.profiler.emit_nvtx("
                                   "record_shapes=True) is on, so every aten op is an NVTX range too "
                                   "('aten::mm, seq = N, op_id = M, sizes = [...]' style names; backward ops on "
                                   "autograd's thread)")),
         step_numbering=(
             f"Steps are the 'iteration' ranges in trace order, numbered 0..{args.steps - 1}"
-            + (" (= ProfilerStep#k)" if profiler == "torch" else "")
             + f". {args.warmup} warm-up iterations (steps -{args.warmup}..-1) ran before the capture. Wall "
             "time = time.perf_counter() around the step, after torch.cuda.synchronize() before and at the end "
             "of (inside) the 'iteration' range. The data_loader thread runs ahead (queue of 2) and sleeps "
