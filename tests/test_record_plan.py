@@ -262,3 +262,22 @@ def test_nrank_gloo_keys():
     clean = statistics.median(walls[0][k] for k in rec if not keys[0]["steps"][k]["faults_this_step"])
     for k in (4, 15, 18):  # heavy rank, host stall, slow link slow both ranks down
         assert min(walls[0][k], walls[1][k]) > 1.5 * clean
+
+
+def test_nrank_8rank_gloo_keys():
+    d = SAMPLES / "moe_nrank_8rank_gloo_1gpu"
+    keys = [json.loads((d / f"truth_rank{r}.json").read_text()) for r in range(8)]
+    assert all(k["world_size"] == 8 and k["rank"] == r for r, k in enumerate(keys))
+    want = [{k: s[k] for k in ("step", "seqs_per_rank", "attn_repeat", "hot_rank", "stall_rank", "slow_link_rank",
+                               "faults", "skipped")} for s in plan.nrank_schedule(8, 22, 2)]
+    assert all(k["schedule"] == want for k in keys)
+    for k in range(22):
+        assert plan.check_all_to_all_consistency([keys[r]["steps"][k]["layers"] for r in range(8)]) == []
+    hot = want[8]["hot_rank"]
+    for k in (8, 9):
+        recv = [keys[r]["steps"][k]["layers"][0]["tokens_received"] for r in range(8)]
+        assert recv[hot] == 8 * 4096 and sum(recv) == recv[hot]
+    heavy = [f for f in want[4]["faults"] if f["kind"] == "heavy_rank_batch"][0]["ranks"][0]
+    assert keys[heavy]["steps"][4]["tokens_this_rank"] == 3 * 4096
+    assert keys[0]["steps"][15]["measured_fault_s"] > 0.029
+    assert all((d / f"rank{r}.json.gz").exists() for r in range(8))
