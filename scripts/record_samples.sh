@@ -9,7 +9,7 @@
 # RECORD (comma list) picks the workloads; default: the original three (two-rank-torch, single-nsys,
 # two-rank-nsys). Others: te-moe, dense (single GPU, torch.profiler + nsys each), nrank (NPROC ranks,
 # default 8, torch.profiler + nsys), nrank-1gpu (the N-rank mode with world size 1 as a smoke test,
-# plus a 2-rank gloo try on the one GPU).
+# plus NPROC_GLOO ranks, default 2, sharing the one GPU over gloo).
 # Writes RESULT_DIR/results.tar.gz (the sample_traces/ layout), RESULT_DIR/raw.tar.gz (the .nsys-rep
 # reports, when small) and RESULT_DIR/log.txt; with RECORD set, one RESULT_DIR/<workload>.tar.xz per
 # workload instead of results.tar.gz. nsys SQLite exports are scrubbed of host names and environment
@@ -172,9 +172,10 @@ if want nrank-1gpu; then
   echo "rc=$? in $((SECONDS - t)) s"
   timeout 120 "$NSYS" export --type sqlite --force-overwrite=true -o "$S/nrank_w1_nsys/rank0.sqlite" "$W/raw/rank0.nsys-rep"
   scrub "$S/nrank_w1_nsys/rank0.sqlite"
-  echo "== N-rank mode, 2 ranks on the one GPU over gloo (try)"; t=$SECONDS
-  timeout 90 torchrun --nproc_per_node=2 --master_port=29533 "$here/record_samples.py" \
-    --mode nrank-torch $DEV --backend gloo --out-dir "$S/nrank_w2gloo_torch"
+  NG=${NPROC_GLOO:-2}
+  echo "== N-rank mode, $NG ranks sharing the one GPU over gloo"; t=$SECONDS
+  OMP_NUM_THREADS=2 timeout 300 torchrun --nproc_per_node=$NG --master_port=29533 "$here/record_samples.py" \
+    --mode nrank-torch $DEV --backend gloo --out-dir "$S/moe_nrank_${NG}rank_gloo_1gpu"
   echo "rc=$? in $((SECONDS - t)) s"
 fi
 
