@@ -59,6 +59,8 @@ EXPECTED_CAUSE = {
     "cuda_allocator": "alloc",
     "allocator_churn": "alloc",
     "queue_wait": "blocked",
+    "cuda_allocator_churn": "alloc",
+    "gpu_backward_excess": "gpu",
     "heavy_attention": "gpu",
     "attention_unbalance": "gpu",
     "host_stall_before_dispatch": "blocked",
@@ -119,8 +121,9 @@ def _multi_rank(base: Path, name: str, offset: int) -> Labelled | None:
             faults += _faults_from_schedule(truth["schedule"], offset)
         if rank == 0:
             for f in truth.get("faults", []):
+                ranks = f.get("ranks") or []
                 faults.append(Fault(f["step"] + offset, f["kind"], f.get("where") or f.get("detail"),
-                                    (f.get("ranks") or [None])[0] if f["kind"] != "batch_imbalance" else None))
+                                    ranks[0] if len(ranks) == 1 and f["kind"] != "batch_imbalance" else None))
     paths = sorted(p for p in base.iterdir() if p.suffix in (".gz", ".sqlite", ".json") and not p.name.startswith("truth"))
     return Labelled(name, paths, faults, wall)
 
@@ -141,18 +144,22 @@ def _faults_from_schedule(schedule: dict, offset: int) -> list[Fault]:
 
 
 def _extra_sets() -> list[Labelled]:
-    """Sample folders with a ``truth.json`` in the unified form (``faults``: step in the
-    tool's numbering, kind, where; ``wall_ms``: per step)."""
+    """Sample folders with one trace and a ``truth.json`` (faults with the step in the
+    tool's numbering, ``kind``, ``where``; per-step ``wall_time_s``)."""
     out = []
     for truth_path in sorted((ROOT / "sample_traces").glob("*/truth.json")):
         truth = json.loads(truth_path.read_text())
         folder = truth_path.parent
-        for trace in truth.get("traces", []):
-            offset = trace.get("tool_step_offset", 0)
-            faults = [Fault(f["step"] + offset, f["kind"], f.get("where"), f.get("rank")) for f in truth["faults"]]
-            wall = {(None, int(s) + offset): ms for s, ms in enumerate(truth["wall_ms"])} \
-                if isinstance(truth.get("wall_ms"), list) else {}
-            out.append(Labelled(f"sample_traces/{folder.name}/{trace['file']}", [folder / trace["file"]], faults, wall))
+        trace = folder / truth["trace"]
+        if not trace.exists():
+            continue
+        faults = [Fault(f["step"], f["kind"], f.get("where"), f.get("rank")) for f in truth["faults"]]
+        for f, raw in zip(faults, truth["faults"]):
+            if f.kind not in EXPECTED_CAUSE and raw.get("expected_cause"):
+                EXPECTED_CAUSE[f.kind] = raw["expected_cause"]
+        wall = {(None, s["step"]): s["wall_time_s"] * 1e3 for s in truth["steps"]
+                if s.get("in_trace", True) and s.get("wall_time_s") is not None}
+        out.append(Labelled(f"sample_traces/{folder.name}", [trace], faults, wall))
     return out
 
 
@@ -164,6 +171,8 @@ def labelled_traces() -> list[Labelled]:
         _multi_rank(SHARED / "device" / "h200_2rank_torch", "device/h200_2rank_torch", 1),
         _multi_rank(ROOT / "sample_traces" / "moe_2rank", "sample_traces/moe_2rank", 0),
         _multi_rank(ROOT / "sample_traces" / "moe_2rank_nsys", "sample_traces/moe_2rank_nsys", 0),
+        *(_multi_rank(folder, f"sample_traces/{folder.name}", 0)
+          for folder in sorted((ROOT / "sample_traces").glob("moe_nrank_*"))),
         *_extra_sets(),
     ]
     return [item for item in found if item is not None]
@@ -192,6 +201,9 @@ def _place_keys(where: str | None) -> list[str]:
     router, experts), squashed so that every marker convention compares alike."""
     if not where:
         return []
+    if " › " in where:  # a nesting path: its innermost range, and any numbered element (the layer)
+        parts = [p.strip() for p in where.split(" › ")]
+        return [_squash(parts[-1])] + [_squash(p) for p in parts[:-1] if re.search(r"\d", p)]
     text = where.lower()
     keys = []
     if m := re.search(r"layer\s*(\d+)", text):

@@ -273,17 +273,27 @@ def _cause_name(cause: str | None) -> str:
     return f"cpu_gap.{cause}"
 
 
-def _main_threads(gpu: pl.DataFrame) -> dict[int, int]:
-    """Per rank, the thread that launched most GPU work."""
-    if gpu is None or gpu.is_empty() or "launch_tid" not in gpu.columns:
-        return {}
-    counts = (
-        gpu.filter(pl.col("launch_tid").is_not_null())
-        .group_by("rank", "launch_tid").agg(n=pl.len())
-        .sort(["rank", "n", "launch_tid"], descending=[False, True, False])
-        .unique("rank", keep="first", maintain_order=True)
-    )
-    return dict(counts.select("rank", "launch_tid").iter_rows())
+def _main_threads(steps: pl.DataFrame, gpu: pl.DataFrame | None) -> dict[int, int]:
+    """Per rank, the thread the program's loop runs on: the one holding the step markers,
+    else the one that launched most GPU work."""
+    out = {}
+    if gpu is not None and gpu.height and "launch_tid" in gpu.columns:
+        counts = (
+            gpu.filter(pl.col("launch_tid").is_not_null())
+            .group_by("rank", "launch_tid").agg(n=pl.len())
+            .sort(["rank", "n", "launch_tid"], descending=[False, True, False])
+            .unique("rank", keep="first", maintain_order=True)
+        )
+        out.update(dict(counts.select("rank", "launch_tid").iter_rows()))
+    if steps.height and "tid" in steps.columns:
+        markers = (
+            steps.filter(pl.col("tid").is_not_null())
+            .group_by("rank", "tid").agg(n=pl.len())
+            .sort(["rank", "n", "tid"], descending=[False, True, False])
+            .unique("rank", keep="first", maintain_order=True)
+        )
+        out.update(dict(markers.select("rank", "tid").iter_rows()))
+    return out
 
 
 class Places:
@@ -297,7 +307,7 @@ class Places:
                  gpu: pl.DataFrame | None, sync_pieces: pl.DataFrame | None = None) -> None:
         self.tree = RangeTree(instances) if instances.height else None
         self.instances = instances
-        self.main = _main_threads(gpu)
+        self.main = _main_threads(steps, gpu)
         pieces = [cpu_gaps.select("rank", "step", "start_ns", "end_ns", "pid", "tid", "cause", "evidence",
                                   "evidence_source")] if cpu_gaps.height else []
         if sync_pieces is not None and sync_pieces.height:
@@ -328,15 +338,31 @@ class Places:
         # sits before the range the host launched from when it ended.
         node = self.tree.innermost(cpu, time_column="_mid")
         at_end = self.tree.innermost(cpu, time_column="end_ns")
+        on_main, main_node = self._on_main_thread(cpu, "_mid")
         keys = self._key_column(node).to_list()
-        ranks = cpu.get_column("rank").to_list()
+        main_keys = self._key_column(main_node).to_list()
         tids = cpu.get_column("tid").to_list()
         for i in np.flatnonzero(node < 0):
             outer = self.tree.outermost(int(at_end[i])) if at_end[i] >= 0 else -1
             keys[i] = f"before {self.tree.names[outer]}" if outer >= 0 else "outside any range"
-            if tids[i] is not None and self.main.get(ranks[i]) not in (None, tids[i]):
-                keys[i] = f"thread {tids[i]}, {keys[i]}"
+            if not on_main[i] and main_node[i] >= 0:
+                # A thread without ranges of its own (autograd's backward thread) works for
+                # the loop thread, which sits in its own range meanwhile.
+                keys[i] = f"{main_keys[i]} (thread {tids[i]})"
         return [pl.Series("key", keys, dtype=pl.String), pl.Series("node", node, dtype=pl.Int64)]
+
+    def _on_main_thread(self, frame: pl.DataFrame, time_column: str) -> tuple[np.ndarray, np.ndarray]:
+        """Whether each row's thread is its rank's loop thread, and the innermost range of
+        the loop thread at ``time_column``."""
+        main = pl.col("rank").replace_strict(self.main, default=None, return_dtype=pl.Int64)
+        on_main = frame.select((pl.col("tid") == main).fill_null(False)).to_series().to_numpy()
+        if self.tree is None or not self.main:
+            return on_main, np.full(frame.height, -1, dtype=np.int64)
+        as_main = frame.with_columns(tid=main.cast(frame.schema["tid"]))
+        pids = self.tree.frame.filter(pl.col("tid").is_in(list(self.main.values()))).group_by("rank", "tid").agg(
+            pid=pl.col("pid").first())
+        as_main = as_main.drop("pid").join(pids, on=["rank", "tid"], how="left", maintain_order="left")
+        return on_main, self.tree.innermost(as_main, time_column=time_column)
 
     def _gpu_places(self, steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFrame:
         schema = {"rank": pl.Int32, "step": pl.Int64, "name": pl.String, "is_comm": pl.Boolean,
@@ -353,11 +379,16 @@ class Places:
         node = (self.tree.innermost(launched, time_column="launch_start_ns") if self.tree is not None
                 else np.full(launched.height, -1, dtype=np.int64))
         keys = self._key_column(node)
-        main_tid = pl.col("rank").replace_strict(self.main, default=None, return_dtype=pl.Int64)
+        on_main, main_node = (self._on_main_thread(launched, "launch_start_ns") if self.tree is not None
+                              else (np.ones(launched.height, dtype=bool), np.full(launched.height, -1)))
+        main_keys = self._key_column(main_node)
         return launched.with_columns(
             duration_ns=pl.col("end_ns") - pl.col("start_ns"),
             key=pl.when(pl.Series(node) >= 0).then(keys)
-            .when(pl.col("tid") == main_tid).then(pl.lit("outside any range"))
+            .when(pl.Series(on_main)).then(pl.lit("outside any range"))
+            # Launched from a thread without ranges (autograd's backward thread) while the
+            # loop thread sat in a range: the work belongs there.
+            .when(pl.Series(main_node) >= 0).then(pl.format("{} (thread {})", main_keys, pl.col("tid")))
             .otherwise(pl.format("thread {}, outside any range", pl.col("tid"))),
         ).select(list(schema))
 
@@ -400,7 +431,7 @@ class Places:
 
     def _describe(self, rank: int, step: int, normal_steps: list[int], row: dict, label: str,
                   cross_rank_wait: bool) -> dict:
-        plain_path = not row["key"].startswith(("before ", "thread ", "outside any range"))
+        plain_path = not row["key"].startswith(("before ", "thread ", "outside any range")) and "(thread " not in row["key"]
         place = {"where": self._display(row["key"], label), "side": row["side"],
                  "range": row["key"].split(PATH_SEPARATOR)[-1] if plain_path and row["key"] else None,
                  "ms": round(row["total_ns"] / 1e6, 3), "typical_ms": round(row["typical_ns"] / 1e6, 3),

@@ -26,7 +26,8 @@ THREAD = ["rank", "pid", "tid"]
 #: Separator of the elements of a place's path.
 PATH_SEPARATOR = " › "
 #: Annotations that name a library's call rather than a place in the model.
-LIBRARY_RANGES = r"(?i)^(?:nccl|rccl|c10d::|record_param_comms|ProfilerStep#|cub::|deep_ep|cuda(?:Graph)?Launch)|^nccl:"
+LIBRARY_RANGES = (r"(?i)^(?:nccl|rccl|c10d::|record_param_comms|ProfilerStep#|cub::|deep_ep|cuda(?:Graph)?Launch"
+                  r"|gloo:|mpi:|ucc:)|^nccl:")
 
 
 class RangeTree:

@@ -11,8 +11,8 @@ can partition its window).
 
 Where no annotation carries a number, a common habit is one range of the same name around
 every iteration (``train_step``, ``fwd_bwd``, ``iteration``): the shallowest annotation name
-that repeats at least :data:`MIN_REPEATS` times on the thread that launches the GPU work and
-covers most of the time from its first to its last instance marks the steps, numbered by
+that repeats at least :data:`MIN_REPEATS` times on one thread, holds most of the GPU launches
+and covers most of the time from its first to its last instance marks the steps, numbered by
 order from 0. Only without either kind of marker the whole trace is one step (number 0).
 ``StepTable.source`` says which rule found the steps.
 """
@@ -188,46 +188,31 @@ def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
     return StepTable(steps, source, pattern)
 
 
-def _main_launches(intervals: pl.DataFrame) -> pl.DataFrame:
-    """Per rank, the launch calls of the thread that launched most GPU work."""
-    launches = (
-        intervals.lazy()
-        .filter((pl.col("kind") == "cuda_api") & pl.col("tid").is_not_null()
-                & pl.col("name").str.contains(LAUNCH_API.pattern))
-        .select("rank", "pid", "tid", "start_ns")
-        .collect()
-    )
-    main = (
-        launches.group_by("rank", "pid", "tid").agg(weight=pl.len())
-        .sort(["rank", "weight", "pid", "tid"], descending=[False, True, False, False])
-        .unique("rank", keep="first", maintain_order=True)
-        .select("rank", "pid", "tid")
-    )
-    return launches.join(main, on=["rank", "pid", "tid"], how="semi")
-
-
 def _repeated_range_rows(intervals: pl.DataFrame) -> tuple[pl.DataFrame, str | None]:
-    """Markers from an un-numbered range that wraps every iteration on the main thread.
+    """Markers from an un-numbered range that wraps every iteration.
 
-    Per rank, on the thread that launches most GPU work, the shallowest annotation depth at
-    which one name repeats at least :data:`MIN_REPEATS` times, nearly every instance
-    launches GPU work, the instances cover :data:`MIN_COVERAGE` of the time from the first
-    to the last, and that time holds most of the thread's launches; of such names the one
-    covering most. The same name must win on every rank (one job, one convention).
+    Per rank, among the annotation names of each thread and depth: the name that repeats at
+    least :data:`MIN_REPEATS` times, whose instances nearly all see GPU work launched inside
+    them (by any thread: backward launches from autograd's own thread), cover
+    :data:`MIN_COVERAGE` of the time from the first to the last, and together hold most of
+    the rank's launches; of such names the shallowest, then the one holding most launches.
+    The same name must win on every rank (one job, one convention).
     """
     empty = pl.DataFrame(schema={k: STEP_SCHEMA[k] for k in ("rank", "step", "label", "start_ns",
                                                                "marker_end_ns", "pid", "tid")})
-    launches = _main_launches(intervals)
+    launches = (
+        intervals.lazy()
+        .filter((pl.col("kind") == "cuda_api") & pl.col("name").str.contains(LAUNCH_API.pattern))
+        .select("rank", "start_ns")
+        .collect()
+    )
     if launches.is_empty():
         return empty, None
-    main = launches.select("rank", "pid", "tid").unique()
     ranges = (
         intervals.lazy()
-        .filter(pl.col("kind") == "annotation")
+        .filter((pl.col("kind") == "annotation") & pl.col("tid").is_not_null())
         .select("rank", "pid", "tid", "name", "depth", "start_ns", "end_ns")
         .collect()
-        .join(main, on=["rank", "pid", "tid"], how="semi")
-        .sort("start_ns")
     )
     if ranges.is_empty():
         return empty, None
@@ -235,12 +220,17 @@ def _repeated_range_rows(intervals: pl.DataFrame) -> tuple[pl.DataFrame, str | N
     counted = []
     for (rank,), part in ranges.partition_by("rank", as_dict=True).items():
         times = launches.filter(pl.col("rank") == rank).get_column("start_ns").sort().to_numpy()
+        if times.size == 0:
+            continue
         first = np.searchsorted(times, part.get_column("start_ns").to_numpy(), side="left")
         last = np.searchsorted(times, part.get_column("end_ns").to_numpy(), side="right")
         counted.append(part.with_columns(launches=pl.Series(last - first), rank_launches=pl.lit(times.size)))
+    if not counted:
+        return empty, None
     ranges = pl.concat(counted)
+    keys = ["rank", "pid", "tid", "depth", "name"]
     candidates = (
-        ranges.group_by("rank", "depth", "name")
+        ranges.group_by(keys)
         .agg(
             count=pl.len(),
             launching=(pl.col("launches") > 0).mean(),
@@ -255,16 +245,15 @@ def _repeated_range_rows(intervals: pl.DataFrame) -> tuple[pl.DataFrame, str | N
             & (pl.col("covered") >= MIN_COVERAGE * pl.col("span"))
             & (pl.col("launched") >= 0.5 * pl.col("rank_launches"))
         )
-        .sort(["rank", "depth", "covered", "name"], descending=[False, False, True, False])
+        .sort(["rank", "depth", "launched", "name"], descending=[False, False, True, False])
         .unique("rank", keep="first", maintain_order=True)
     )
     names = candidates.get_column("name").unique().to_list()
-    if len(names) != 1 or candidates.height != main.get_column("rank").n_unique():
+    if len(names) != 1 or candidates.height != ranges.get_column("rank").n_unique():
         return empty, None
     name = names[0]
-    chosen = candidates.select("rank", "depth", "name")
     rows = (
-        ranges.join(chosen, on=["rank", "depth", "name"], how="semi")
+        ranges.join(candidates.select(keys), on=keys, how="semi")
         .sort("rank", "start_ns")
         .with_columns(step=pl.int_range(pl.len()).over("rank").cast(pl.Int64))
         .select("rank", "step", pl.col("name").alias("label"), "start_ns",

@@ -73,6 +73,10 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
             "duration_ms": _ms(row["duration_ns"]),
             "breakdown_ms": breakdown_ms(row),
             "anomalous": bool(row["anomalous"]),
+            # How far the step stood out: its (judged) time over its baseline, and the ratio
+            # that flags a step on this rank (the rank's noise band).
+            "ratio": None if row.get("ratio") is None else round(row["ratio"], 4),
+            "flag_ratio": None if row.get("threshold") is None else round(row["threshold"], 4),
         }
         for row in findings.steps.sort("rank", "step").iter_rows(named=True)
     ]
