@@ -37,6 +37,7 @@ that deepest one; a range that only waited for GPU work launched elsewhere is no
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,11 +224,14 @@ def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: st
     )
 
 
-def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) -> pl.DataFrame:
+def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = AnomalyOptions(), *,
+                         first_is_warmup: bool = False) -> pl.DataFrame:
     """Add ``typical_ns`` (median of the same name and rank) and ``anomalous`` to range instances.
 
     Statistics per (rank, name) are one group-by joined back; see the module docstring for
-    the rule.
+    the rule. With ``first_is_warmup`` (a trace without a loop: no steps to set the first
+    calls apart) the first instance of each name is not judged: first calls pay one-time
+    costs (lazy module loading, library handles, autotuning).
     """
     if instances.is_empty():
         return instances.with_columns(typical_ns=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
@@ -255,6 +259,9 @@ def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = Anom
         )
     )
     # Long instances that are not rare are the name's heavy tail, not anomalies.
+    if first_is_warmup:
+        flagged = flagged.with_columns(
+            _long=pl.col("_long") & (pl.col("start_ns") != pl.col("start_ns").min().over(group)))
     rare = pl.col("_long").sum().over(group) <= pl.max_horizontal(
         pl.lit(1.0), options.max_range_flag_share * pl.col("_count"))
     return flagged.with_columns(anomalous=pl.col("_long") & rare).drop("_count", "_p90", "_sigma", "_long")
@@ -320,8 +327,8 @@ class Places:
                     "evidence_source": pl.String})
         cpu = cpu.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"),
                                _mid=(pl.col("start_ns") + pl.col("end_ns")) // 2)
-        self.cpu = cpu.with_columns(self._cpu_keys(cpu))
-        self.gpu = self._gpu_places(steps, gpu)
+        self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
+        self.gpu = _with_family(self._gpu_places(steps, gpu))
 
     def _key_column(self, nodes: np.ndarray) -> pl.Series:
         if self.tree is None:
@@ -401,28 +408,54 @@ class Places:
             mine = frame.filter(pl.col("rank") == rank)
             if mine.is_empty():
                 continue
-            per_step = mine.group_by("step", "key").agg(total_ns=pl.col("duration_ns").sum())
-            typical = (per_step.filter(pl.col("step").is_in(normal_steps)).group_by("key")
-                       .agg(typical_ns=pl.col("total_ns").sum() / n_normal))
-            grown.append(
-                per_step.filter(pl.col("step") == step).join(typical, on="key", how="left")
-                .with_columns(pl.col("typical_ns").fill_null(0.0), side=pl.lit(side))
-                .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"))
-                .filter(pl.col("excess_ns") > 0)
-            )
+            for level in ("key", "family"):
+                per_step = mine.group_by("step", pl.col(level).alias("place")).agg(
+                    total_ns=pl.col("duration_ns").sum(), members=pl.col("key").n_unique())
+                typical = (per_step.filter(pl.col("step").is_in(normal_steps)).group_by("place")
+                           .agg(typical_ns=pl.col("total_ns").sum() / n_normal))
+                rows = (
+                    per_step.filter(pl.col("step") == step).join(typical, on="place", how="left")
+                    .with_columns(pl.col("typical_ns").fill_null(0.0), side=pl.lit(side), level=pl.lit(level))
+                    .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"))
+                    .filter(pl.col("excess_ns") > 0)
+                )
+                if level == "family":
+                    rows = rows.filter(pl.col("members") >= 2)
+                grown.append(rows)
         if not grown:
             return []
-        ranked = pl.concat(grown, how="vertical_relaxed").sort(["excess_ns", "key"], descending=[True, False])
-        chosen, covered = [], 0.0
+        ranked = pl.concat(grown, how="vertical_relaxed")
+        # The same block of every layer is one place when the growth is spread over the
+        # layers (4x attention in each of 3 layers), not when one layer holds it.
+        members = ranked.filter(pl.col("level") == "key")
+        family_of = dict(zip(*self._family_pairs(members.get_column("place").to_list())))
+        best_member: dict[tuple[str, str], float] = {}
+        for side, place, excess in members.select("side", "place", "excess_ns").iter_rows():
+            family = family_of.get(place, place)
+            best_member[(side, family)] = max(best_member.get((side, family), 0.0), excess)
+        rows = []
+        for row in ranked.sort(["excess_ns", "place"], descending=[True, False]).iter_rows(named=True):
+            if row["level"] == "family" and row["excess_ns"] < 1.5 * best_member.get((row["side"], row["place"]), 0.0):
+                continue
+            rows.append(row)
+        chosen, covered, used = [], 0.0, set()
         floor = max(0.1 * excess_ns, 1_000_000) if excess_ns > 0 else 1_000_000
-        for row in ranked.iter_rows(named=True):
+        for row in rows:
             # Every place worth a tenth of the excess, up to ``limit``: a step whose excess is
             # mostly one stall may still hold a second anomalous place worth naming.
             if len(chosen) >= limit or row["excess_ns"] < floor or (excess_ns > 0 and covered >= 0.98 * excess_ns):
                 break
+            family = row["place"] if row["level"] == "family" else family_of.get(row["place"], row["place"])
+            if (row["side"], family) in used:
+                continue  # a layer's share of a family already named, or the reverse
+            used.add((row["side"], family))
             chosen.append(row)
             covered += row["excess_ns"]
         return [self._describe(rank, step, normal_steps, row, label, cross_rank_wait) for row in chosen]
+
+    @staticmethod
+    def _family_pairs(keys: list[str]) -> tuple[list[str], list[str]]:
+        return keys, [_family_of(k) for k in keys]
 
     def _display(self, key: str, label: str) -> str:
         if key == "outside any range":
@@ -431,13 +464,19 @@ class Places:
 
     def _describe(self, rank: int, step: int, normal_steps: list[int], row: dict, label: str,
                   cross_rank_wait: bool) -> dict:
-        plain_path = not row["key"].startswith(("before ", "thread ", "outside any range")) and "(thread " not in row["key"]
+        level = row["level"]
+        row = {**row, "key": row["place"]}
+        plain_path = (level == "key" and not row["key"].startswith(("before ", "thread ", "outside any range"))
+                      and "(thread " not in row["key"])
         place = {"where": self._display(row["key"], label), "side": row["side"],
                  "range": row["key"].split(PATH_SEPARATOR)[-1] if plain_path and row["key"] else None,
                  "ms": round(row["total_ns"] / 1e6, 3), "typical_ms": round(row["typical_ns"] / 1e6, 3),
                  "excess_ms": round(row["excess_ns"] / 1e6, 3)}
+        if level == "family":
+            place["ranges"] = int(row["members"])
+            place["where"] += f" ({int(row['members'])} ranges)"
         if row["side"] == "cpu":
-            here = self.cpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("key") == row["key"]))
+            here = self.cpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col(level) == row["key"]))
             by_cause = here.group_by("cause").agg(t=pl.col("duration_ns").sum()).sort(["t", "cause"], descending=[True, False])
             cause = by_cause.item(0, "cause") if by_cause.height else None
             top = here.filter(pl.col("cause") == cause).sort("duration_ns", descending=True).row(0, named=True)
@@ -454,8 +493,8 @@ class Places:
                 text += f"; {lag}"
             place["evidence"] = text
         else:
-            kernels = self.kernel_changes(rank, step, normal_steps, key=row["key"], limit=3)
-            comm = self.gpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("key") == row["key"]))
+            kernels = self.kernel_changes(rank, step, normal_steps, key=row["key"], level=level, limit=3)
+            comm = self.gpu.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col(level) == row["key"]))
             comm_share = (comm.filter(pl.col("is_comm")).get_column("duration_ns").sum() /
                           max(comm.get_column("duration_ns").sum(), 1))
             memory_share = (comm.filter(pl.col("kind") != "kernel").get_column("duration_ns").sum() /
@@ -489,11 +528,11 @@ class Places:
         return f"{row['name']} began {_ms(lag)} before its first GPU work started"
 
     def kernel_changes(self, rank: int, step: int, normal_steps: list[int], *, key: str | None = None,
-                       limit: int = 5) -> list[dict]:
+                       level: str = "key", limit: int = 5) -> list[dict]:
         """Kernels (by launch) whose time in the step grew most against the typical step."""
         mine = self.gpu.filter(pl.col("rank") == rank)
         if key is not None:
-            mine = mine.filter(pl.col("key") == key)
+            mine = mine.filter(pl.col(level) == key)
         if mine.is_empty():
             return []
         n_normal = max(len(normal_steps), 1)
@@ -528,6 +567,24 @@ class Places:
         if match.is_empty():
             return [row["name"]]
         return self.tree.path(int(match.item(0, "node")))
+
+
+#: An index inside a range name: ``layer3``, ``layers.3``, ``block_3``, ``h.3``, ``[3]``; but
+#: not the ``1`` of ``fc1`` (a different block, not another copy of the same one).
+_INDEX = re.compile(r"(?i)(?:(?<=[._/\[\s#-])|(?<=layer)|(?<=layers)|(?<=block)|(?<=blocks))\d+")
+
+
+def _family_of(key: str) -> str:
+    """The place of the same block in every layer (``layer*.attention``)."""
+    return _INDEX.sub("*", key)
+
+
+def _with_family(frame: pl.DataFrame) -> pl.DataFrame:
+    if frame.is_empty():
+        return frame.with_columns(family=pl.lit(None, pl.String))
+    keys = frame.get_column("key").unique().to_list()
+    return frame.with_columns(family=pl.col("key").replace_strict({k: _family_of(k) for k in keys},
+                                                                  return_dtype=pl.String))
 
 
 def _kernel_text(kernel: dict) -> str:

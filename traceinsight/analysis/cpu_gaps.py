@@ -426,7 +426,17 @@ def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: l
             decided.append(weights)
             decided_ids.update(weights.get_column("gap_id").unique().to_list())
 
-    take(pl.concat(strong, how="vertical_relaxed") if strong else pl.DataFrame())
+    if strong:
+        # A call or sample must account for a fair share of a gap to explain it: a 5 µs
+        # cudaMalloc inside a 13 ms gap says nothing about the rest.
+        weights = pl.concat(strong, how="vertical_relaxed")
+        enough = (
+            weights.group_by("gap_id").agg(_w=pl.col("weight_ns").sum())
+            .join(known.select("gap_id", "duration_ns"), on="gap_id")
+            .filter(pl.col("_w") >= MIN_SHARE * pl.col("duration_ns"))
+            .select("gap_id")
+        )
+        take(weights.join(enough, on="gap_id", how="semi"))
     take(python)
     pooled = _pooled_evidence(known, model.samples, known.filter(~pl.col("gap_id").is_in(list(decided_ids))))
     decided_ids.update(pooled.get_column("gap_id").to_list())

@@ -112,7 +112,8 @@ class RankWorker:
             .with_columns(raw_name=pl.col("name"), name=range_group_expr())
         )
         instances = flag_range_instances(
-            self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options
+            self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options,
+            first_is_warmup=self.table.source == "whole trace",
         )
         launch_counts = launches_per_step(self.gpu, steps)
         sync_gaps = self.result.gaps.filter(pl.col("category") == "host_sync")
