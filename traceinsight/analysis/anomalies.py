@@ -373,11 +373,11 @@ class Places:
 
     def _gpu_places(self, steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFrame:
         schema = {"rank": pl.Int32, "step": pl.Int64, "name": pl.String, "is_comm": pl.Boolean,
-                  "kind": pl.String, "duration_ns": pl.Int64, "key": pl.String}
+                  "kind": pl.String, "stream": pl.Int64, "duration_ns": pl.Int64, "key": pl.String}
         if gpu is None or gpu.is_empty() or "launch_start_ns" not in gpu.columns:
             return pl.DataFrame(schema=schema)
         launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select(
-            "rank", "name", "kind", "is_comm", "start_ns", "end_ns", "launch_start_ns",
+            "rank", "name", "kind", "is_comm", pl.col("stream").cast(pl.Int64), "start_ns", "end_ns", "launch_start_ns",
             pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"))
         launched = assign_to_steps(launched, steps, time_column="launch_start_ns").filter(
             pl.col("step").is_not_null())
@@ -507,9 +507,33 @@ class Places:
                     f" (by launch, whichever range later waited for it)")
             if kernels:
                 text += "; kernels that grew: " + ", ".join(_kernel_text(k) for k in kernels)
+            streams = self._stream_growth(rank, step, normal_steps, level, row["key"])
+            if streams:
+                text += f"; {streams}"
             place["evidence"] = text
             place["kernels"] = kernels
         return place
+
+    def _stream_growth(self, rank: int, step: int, normal_steps: list[int], level: str, key: str) -> str | None:
+        """Where the place's GPU work runs on several streams: the stream whose time grew most."""
+        mine = self.gpu.filter((pl.col("rank") == rank) & (pl.col(level) == key) & pl.col("stream").is_not_null())
+        here = mine.filter(pl.col("step") == step)
+        if here.get_column("stream").n_unique() < 2:
+            return None
+        n_normal = max(len(normal_steps), 1)
+        per = (
+            here.group_by("stream").agg(t=pl.col("duration_ns").sum())
+            .join(mine.filter(pl.col("step").is_in(normal_steps)).group_by("stream")
+                  .agg(typical=pl.col("duration_ns").sum() / n_normal), on="stream", how="left")
+            .with_columns(growth=pl.col("t") - pl.col("typical").fill_null(0.0))
+            .sort(["growth", "stream"], descending=[True, False])
+        )
+        top = per.row(0, named=True)
+        if top["growth"] <= 0:
+            return None
+        total = max(float(per.get_column("growth").clip(lower_bound=0).sum()), 1.0)
+        return (f"on {here.get_column('stream').n_unique()} streams, stream {top['stream']} grew most "
+                f"(+{_ms(top['growth'])}, {top['growth'] / total:.0%} of the growth)")
 
     def _lag(self, rank: int, node: int) -> str | None:
         """The lag from a range's start to its first GPU work, when it is large."""

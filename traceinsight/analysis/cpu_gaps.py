@@ -299,8 +299,15 @@ def _weights_from_intervals(
         hits.with_columns(cause=pl.col("name").replace_strict(cause_by_name, default=None))
         .filter(pl.col("cause").is_not_null())
         .group_by("gap_id", "cause", pl.col("name").alias("label"))
-        .agg(weight_ns=pl.col("overlap_ns").sum())
-        .with_columns(source=pl.lit(source))
+        .agg(weight_ns=pl.col("overlap_ns").sum(), _calls=pl.len())
+        # Recorded calls are counted: 160 cudaFree calls read differently from one.
+        .with_columns(
+            label=pl.when(pl.lit(not deepest_only) & (pl.col("_calls") > 1))
+            .then(pl.format("{} ×{}", pl.col("label"), pl.col("_calls")))
+            .otherwise(pl.col("label")),
+            source=pl.lit(source),
+        )
+        .drop("_calls")
     )
 
 
