@@ -49,7 +49,10 @@ from traceinsight.analysis.multirank import (
     disjoint_ranks_note,
     enrich_collectives,
     imbalance_from,
+    job_identity_note,
     match_waits,
+    pair_collectives,
+    partial_job_note,
     reasons_from_windows,
     straggler_windows,
     wait_intervals,
@@ -168,14 +171,21 @@ def run_phases(call, options: Options):
         else:
             warnings.append(f"no step markers (ProfilerStep#N, 'step N', 'iteration N'){where}")
     comm = _frames([first[r]["comm"] for r in ranks_order])
-    alignment = align_clocks(comm, ranks)
+    if note := job_identity_note(ranks, _frames([first[r]["steps"] for r in ranks_order]), comm):
+        # Not one job: no pairing, no correction; each file keeps its own clock origin.
+        alignment = align_clocks(comm.head(0), ranks)
+        alignment.method, alignment.trusted, alignment.notes = "none", False, [note]
+    else:
+        comm, alignment = pair_collectives(comm, ranks)
+        if note := partial_job_note(ranks):
+            warnings.append(note)
     warnings += alignment.notes
     collectives = match_waits(comm, alignment) if comm.height else pl.DataFrame()
     spans = wait_intervals(collectives)
     flagged = call("breakdown", {r: (spans.filter(pl.col("rank") == r),) for r in ranks_order})
     steps = _frames([flagged[r] for r in ranks_order])
     steps = flag_job_steps(steps, options.anomaly_options)
-    if note := disjoint_ranks_note(steps, alignment):
+    if alignment.trusted and (note := disjoint_ranks_note(steps, alignment)):
         warnings.append(note)
     windows = straggler_windows(collectives, steps, alignment)
     done = call("finish", {

@@ -30,6 +30,8 @@ counts of each rank where the trace records them (``Input Dims`` of the collecti
 
 from __future__ import annotations
 
+import os
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +78,14 @@ class Alignment:
     residual_p95_ns: float | None = None
     residual_max_ns: float | None = None
     notes: list[str] = field(default_factory=list)
+    #: rank -> {"method", "matched", "residual_p50_ns", "residual_max_ns"}: how each rank was
+    #: put on the common clock and how well its collectives' ends agree with the others'.
+    per_rank: dict[int, dict] = field(default_factory=dict)
+    #: How collectives were paired across ranks: ``"sequence numbers"``, ``"order"``,
+    #: ``"time"`` (order broke, pairs re-made by overlap in time) or ``"none"``.
+    pairing: str = "none"
+    #: False when the files are not one job or the pairing is wrong: then no waits at all.
+    trusted: bool = True
 
 
 def communication_kernels(gpu: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
@@ -113,8 +123,36 @@ def _robust_median(values: np.ndarray) -> float:
     return float(np.median(values))
 
 
+def clock_domains(ranks: pl.DataFrame) -> dict[int, tuple]:
+    """Which ranks share one clock: the processes recorded in one report (one nsys file holds
+    several processes on its own host clock). rank -> (source, clock origin)."""
+    return {
+        row["rank"]: (row["source"], row["clock_origin_ns"]) if row["source"] else ("rank", row["rank"])
+        for row in ranks.select("rank", "source", "clock_origin_ns").iter_rows(named=True)
+    }
+
+
+def _end_table(comm: pl.DataFrame, rank_ids: list[int]) -> pl.DataFrame:
+    """One row per key seen on at least two ranks, one column per rank: the collective's end."""
+    counts = comm.filter(pl.col("key").is_not_null()).group_by("key").agg(n=pl.col("rank").n_unique())
+    shared_keys = counts.filter(pl.col("n") >= 2).get_column("key")
+    common = comm.filter(pl.col("key").is_in(shared_keys.implode()))
+    if common.is_empty():
+        return pl.DataFrame()
+    ends = common.group_by("key", "rank").agg(end_ns=pl.col("end_ns").max()).pivot(
+        on="rank", index="key", values="end_ns"
+    )
+    for rank in rank_ids:
+        if str(rank) not in ends.columns:
+            ends = ends.with_columns(pl.lit(None, pl.Int64).alias(str(rank)))
+    return ends
+
+
 def align_clocks(comm: pl.DataFrame, ranks: pl.DataFrame) -> Alignment:
     """Per-rank clock offsets from the files' origins, refined with matched collectives.
+
+    Ranks recorded in one report (:func:`clock_domains`) share its clock: no correction is
+    measured between them, only between reports, from the collectives of all their ranks.
 
     Examples
     --------
@@ -131,30 +169,279 @@ def align_clocks(comm: pl.DataFrame, ranks: pl.DataFrame) -> Alignment:
     if not known:
         notes.append("some files do not tell their wall-clock origin: ranks aligned by collectives only")
     coarse = {r: (origins[r] - origins[rank_ids[0]]) if known else 0 for r in rank_ids}
-    counts = comm.group_by("key").agg(n=pl.col("rank").n_unique())
-    everywhere = counts.filter(pl.col("n") == len(rank_ids)).get_column("key")
-    common = comm.filter(pl.col("key").is_in(everywhere.implode()))
+    domains = clock_domains(ranks)
     reference = rank_ids[0]
-    if common.is_empty():
-        notes.append("no collective is seen on every rank: clocks aligned by their origins only")
-        return Alignment(coarse, reference, "clock origin" if known else "none", notes=notes)
-    ends = common.group_by("key", "rank").agg(end_ns=pl.col("end_ns").max()).pivot(
-        on="rank", index="key", values="end_ns"
-    )
-    offsets = {reference: 0}
-    for rank in rank_ids[1:]:
-        diffs = (
-            (ends.get_column(str(rank)) + coarse[rank]) - ends.get_column(str(reference))
-        ).drop_nulls().to_numpy()
-        offsets[rank] = int(round(coarse[rank] - _robust_median(diffs.astype(np.float64))))
-    aligned = np.column_stack([ends.get_column(str(r)).to_numpy() + offsets[r] for r in rank_ids])
-    spread = aligned.max(axis=1) - aligned.min(axis=1)
+    ends = _end_table(comm, rank_ids)
+    same_clock = {r: "same report clock" for r in rank_ids if r != reference and domains[r] == domains[reference]}
+    if ends.is_empty():
+        notes.append("no collective is seen on two ranks: clocks aligned by their origins only")
+        method = "clock origin" if known else "none"
+        per_rank = {r: {"method": "reference" if r == reference else same_clock.get(r, method), "matched": 0,
+                        "residual_p50_ns": None, "residual_max_ns": None} for r in rank_ids}
+        return Alignment(coarse, reference, method, notes=notes, per_rank=per_rank)
+    # Corrections per clock domain: pooled end differences of all its ranks with the ranks of
+    # the domains already placed (the reference's first), so a domain without collectives
+    # in common with the reference can still be placed through another one.
+    offsets = {r: coarse[r] for r in rank_ids if domains[r] == domains[reference]}
+    methods = {r: same_clock.get(r, "reference") for r in offsets}
+    pending = [d for d in dict.fromkeys(domains[r] for r in rank_ids) if d != domains[reference]]
+    while pending:
+        best = None
+        for domain in pending:
+            members = [r for r in rank_ids if domains[r] == domain]
+            pooled = np.empty(0)
+            # Against the reference's clock where they share collectives, else any placed one.
+            for against in ([r for r in offsets if domains[r] == domains[reference]], list(offsets)):
+                diffs = [
+                    (ends.get_column(str(rank)) + coarse[rank] - (ends.get_column(str(placed)) + offsets[placed]))
+                    .drop_nulls().to_numpy()
+                    for rank in members for placed in against
+                ]
+                pooled = np.concatenate(diffs) if diffs else np.empty(0)
+                if pooled.size:
+                    break
+            if pooled.size and (best is None or pooled.size > best[2].size):
+                best = (domain, members, pooled)
+        if best is None:
+            for domain in pending:
+                for rank in (r for r in rank_ids if domains[r] == domain):
+                    offsets[rank], methods[rank] = coarse[rank], "clock origin" if known else "none"
+            notes.append("some ranks share no collective with the others: aligned by their clock origins only")
+            break
+        domain, members, pooled = best
+        correction = _robust_median(pooled.astype(np.float64))
+        for rank in members:
+            offsets[rank] = int(round(coarse[rank] - correction))
+            methods[rank] = "collectives"
+        pending.remove(domain)
+    aligned = np.column_stack([
+        ends.get_column(str(r)).cast(pl.Float64).fill_null(np.nan).to_numpy() + offsets[r] for r in rank_ids
+    ])
+    spread = np.nanmax(aligned, axis=1) - np.nanmin(aligned, axis=1)
+    # Per rank: how far its end is from the median end of the others.
+    per_rank = {}
+    for i, rank in enumerate(rank_ids):
+        others = np.delete(aligned, i, axis=1)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            deviation = np.abs(aligned[:, i] - np.nanmedian(others, axis=1))
+        deviation = deviation[~np.isnan(deviation)]
+        per_rank[rank] = {
+            "method": methods[rank], "matched": int(deviation.size),
+            "residual_p50_ns": float(np.median(deviation)) if deviation.size else None,
+            "residual_max_ns": float(deviation.max()) if deviation.size else None,
+        }
+    measured = any(m == "collectives" for m in methods.values())
     return Alignment(
-        offsets, reference, "collectives", corrections={r: coarse[r] - offsets[r] for r in rank_ids},
+        offsets, reference, "collectives" if measured else ("same report clock" if same_clock else
+                                                              "clock origin" if known else "none"),
+        corrections={r: coarse[r] - offsets[r] for r in rank_ids},
         matched=int(ends.height),
         residual_p50_ns=float(np.median(spread)), residual_p95_ns=float(np.percentile(spread, 95)),
-        residual_max_ns=float(spread.max()), notes=notes,
+        residual_max_ns=float(spread.max()), notes=notes, per_rank=per_rank,
     )
+
+
+#: How far (ns) the last arrival at a collective may follow the first participant's end on the
+#: aligned clock before the pair is called impossible: no rank leaves a collective before the
+#: last one arrived, so beyond the clocks' own disagreement (µs) such a pair is two collectives.
+PAIR_SLACK_NS = 10_000
+#: Files whose wall-clock windows are further apart than this were not recorded together
+#: (clocks of one cluster agree far better; the margin covers hosts without time sync).
+WINDOW_SLACK_NS = 10 * 1_000_000_000
+
+
+def _file_name(path: str | None) -> str:
+    return os.path.basename(path) if path else "?"
+
+
+def job_identity_note(ranks: pl.DataFrame, steps: pl.DataFrame, comm: pl.DataFrame) -> str | None:
+    """Why these files cannot be ranks of one job, or None when they can.
+
+    Checked before any pairing, from what the files say about themselves: their world sizes
+    (``distributedInfo``), their wall-clock windows where the files carry clock origins (on the
+    files' own origins, before any correction: a correction measured from collectives that
+    were never one collective would hide the gap), and the collective sequence numbers of a
+    process group where every file carries them (one job's ranks share some).
+    """
+    if ranks.height < 2:
+        return None
+    rows = {r["rank"]: r for r in ranks.iter_rows(named=True)}
+    sizes = {}
+    for rank, row in rows.items():
+        if row["world_size"] is not None:
+            sizes.setdefault(row["world_size"], []).append(rank)
+    if len(sizes) > 1:
+        parts = "; ".join(
+            f"world size {size}: rank(s) {', '.join(str(r) for r in members[:4])} "
+            f"({', '.join(dict.fromkeys(_file_name(rows[r]['source']) for r in members[:4]))})"
+            for size, members in sorted(sizes.items())
+        )
+        return f"these files are not one job ({parts}): no cross-rank waits or alignment are reported"
+    origins = {r: row["clock_origin_ns"] for r, row in rows.items()}
+    if steps.height and all(origin is not None for origin in origins.values()):
+        spans = (
+            steps.group_by("rank").agg(start=pl.col("start_ns").min(), end=pl.col("end_ns").max())
+            .with_columns(origin=pl.col("rank").replace_strict(origins, default=0, return_dtype=pl.Int64))
+            .select("rank", start=pl.col("start") + pl.col("origin"), end=pl.col("end") + pl.col("origin"))
+            .sort("start", "rank")
+        )
+        latest_rank, latest_end = None, None
+        for rank, start, end in spans.iter_rows():
+            if latest_end is not None and start > latest_end + WINDOW_SLACK_NS:
+                return (
+                    f"these files are not one job: rank {rank} ({_file_name(rows[rank]['source'])}) was recorded "
+                    f"{_duration(start - latest_end)} after rank {latest_rank} "
+                    f"({_file_name(rows[latest_rank]['source'])}) ended, by the files' own clocks; "
+                    "no cross-rank waits or alignment are reported"
+                )
+            if latest_end is None or end > latest_end:
+                latest_rank, latest_end = rank, end
+    if comm.height and comm.get_column("comm_seq").is_not_null().any():
+        numbered = comm.filter(pl.col("comm_seq").is_not_null())
+        for (group,), part in numbered.group_by(["group"]):
+            per_rank = part.group_by("rank").agg(pl.col("comm_seq").unique())
+            if per_rank.height < 2:
+                continue
+            sets = [set(values) for values in per_rank.get_column("comm_seq").to_list()]
+            if not set.intersection(*sets) and all(
+                    min(a) > max(b) or min(b) > max(a) for a in sets for b in sets if a is not b):
+                return (f"these files are not one job: the collectives of process group {group} carry "
+                        "sequence numbers that no two files share; no cross-rank waits are reported")
+    return None
+
+
+def partial_job_note(ranks: pl.DataFrame) -> str | None:
+    """A note when the files hold fewer ranks than the job they come from."""
+    sizes = ranks.get_column("world_size").drop_nulls()
+    if sizes.is_empty():
+        return None
+    world, loaded = int(sizes.max()), ranks.height
+    if world <= loaded:
+        return None
+    if loaded == 1:
+        return (f"this file is one rank of a {world}-rank job: waiting for other ranks cannot be measured "
+                "from one rank, so cross_rank_wait is 0 because it was not measured (not because no rank "
+                "waited); load the other ranks' files with it to measure waits")
+    return (f"these files hold {loaded} of the job's {world} ranks: waits are measured among these only; a "
+            "rank may also have waited for ranks that are not loaded")
+
+
+def _duration(ns: int) -> str:
+    seconds = ns / 1e9
+    if seconds >= 86_400:
+        return f"{seconds / 86_400:,.1f} days"
+    if seconds >= 3_600:
+        return f"{seconds / 3_600:,.1f} hours"
+    return f"{seconds:,.3f} s"
+
+
+def _coarse_offsets(ranks: pl.DataFrame) -> dict[int, int]:
+    rank_ids = sorted(ranks.get_column("rank").to_list())
+    origins = dict(zip(ranks.get_column("rank").to_list(), ranks.get_column("clock_origin_ns").to_list()))
+    known = all(origins[r] is not None for r in rank_ids)
+    return {r: (origins[r] - origins[rank_ids[0]]) if known else 0 for r in rank_ids}
+
+
+def impossible_pairs(comm: pl.DataFrame, offsets: dict[int, int]) -> pl.DataFrame:
+    """Per key seen on two ranks or more: whether its pairing is physically possible on the
+    aligned clock (the last arrival is before the first participant's end), and the spread of
+    its ends. Columns ``key, bad, spread_ns``."""
+    shift = pl.col("rank").replace_strict(offsets, default=0, return_dtype=pl.Int64)
+    return (
+        comm.filter(pl.col("key").is_not_null())
+        .with_columns(arrival=pl.col("start_ns") + shift, leave=pl.col("end_ns") + shift)
+        .group_by("key")
+        .agg(n=pl.col("rank").n_unique(), last=pl.col("arrival").max(), first_end=pl.col("leave").min(),
+             last_end=pl.col("leave").max())
+        .filter(pl.col("n") >= 2)
+        .select("key", bad=pl.col("last") > pl.col("first_end") + PAIR_SLACK_NS,
+                spread_ns=pl.col("last_end") - pl.col("first_end"))
+    )
+
+
+def pair_by_time(comm: pl.DataFrame, offsets: dict[int, int]) -> pl.DataFrame:
+    """Re-key collectives without sequence numbers by overlap in time on the given clock.
+
+    Per (group, collective name), all ranks' kernels sorted by start on the common clock are
+    swept once: a kernel joins the open collective when it starts before the open collective's
+    first end (all participants are inside a collective at once) and its rank is not in it yet;
+    otherwise it opens the next one. Cost O(n log n) in the number of kernels, whatever the
+    number of ranks."""
+    if comm.is_empty():
+        return comm
+    shift = pl.col("rank").replace_strict(offsets, default=0, return_dtype=pl.Int64)
+    numbered = comm.filter(pl.col("comm_seq").is_not_null())
+    timed = comm.filter(pl.col("comm_seq").is_null()).with_columns(
+        _a=pl.col("start_ns") + shift, _e=pl.col("end_ns") + shift
+    ).sort("group", "label", "_a", "rank")
+    keys = []
+    previous, cluster, members, first_end = None, 0, set(), 0
+    for group, label, rank, start, end in timed.select("group", "label", "rank", "_a", "_e").iter_rows():
+        if (group, label) != previous or rank in members or start > first_end + PAIR_SLACK_NS:
+            cluster += 1
+            previous, members, first_end = (group, label), set(), end
+        members.add(rank)
+        first_end = min(first_end, end)
+        keys.append(f"time/{group}/{label}/{cluster}")
+    timed = timed.with_columns(key=pl.Series(keys, dtype=pl.String)).drop("_a", "_e")
+    return pl.concat([numbered, timed], how="vertical_relaxed") if numbered.height else timed
+
+
+def pair_collectives(comm: pl.DataFrame, ranks: pl.DataFrame) -> tuple[pl.DataFrame, Alignment]:
+    """Pair the ranks' collectives and align their clocks; refuse what cannot be right.
+
+    Keys from :func:`communication_kernels` (sequence numbers where the trace has them, else
+    order within the step). After alignment every pair is checked (:func:`impossible_pairs`):
+    when some are impossible, the collectives without sequence numbers are paired again by
+    overlap in time (:func:`pair_by_time`) on the files' clock origins, and the pairing with
+    fewer impossible pairs is kept. Impossible pairs are then left unpaired; when they are
+    the majority the pairing is wrong as a whole, and the waits are refused with a note
+    giving the residual.
+    """
+    alignment = align_clocks(comm, ranks)
+    if comm.is_empty() or ranks.height < 2:
+        return comm, alignment
+    numbered = comm.get_column("comm_seq").is_not_null()
+    alignment.pairing = "sequence numbers" if numbered.all() else ("order" if not numbered.any() else
+                                                                   "sequence numbers, else order")
+    check = impossible_pairs(comm, alignment.offsets)
+    if check.is_empty() or not check.get_column("bad").any():
+        return comm, alignment
+    by_order = (comm, alignment, check)
+    retimed = pair_by_time(comm, _coarse_offsets(ranks))
+    timed_alignment = align_clocks(retimed, ranks)
+    timed_check = impossible_pairs(retimed, timed_alignment.offsets)
+    chosen, chosen_alignment, chosen_check = by_order
+    if timed_check.height and timed_check.get_column("bad").mean() < check.get_column("bad").mean():
+        chosen, chosen_alignment, chosen_check = retimed, timed_alignment, timed_check
+        chosen_alignment.pairing = "time"
+    else:
+        chosen_alignment.pairing = alignment.pairing
+    bad_keys = chosen_check.filter(pl.col("bad")).get_column("key")
+    share = bad_keys.len() / chosen_check.height
+    if share > 0.5:
+        spread = float(check.get_column("spread_ns").median())
+        chosen_alignment.trusted = False
+        chosen_alignment.notes.append(
+            f"the ranks' collectives could not be paired: after alignment {bad_keys.len()} of "
+            f"{chosen_check.height} pairs never overlap in time (paired by order, their ends differ by "
+            f"{spread / 1e3:,.1f} µs at the median); no cross-rank waits are reported"
+        )
+        return chosen.with_columns(key=pl.lit(None, pl.String)), chosen_alignment
+    kept = chosen.with_columns(
+        key=pl.when(pl.col("key").is_in(bad_keys.implode())).then(None).otherwise(pl.col("key"))
+    )
+    final = align_clocks(kept, ranks)
+    final.pairing = chosen_alignment.pairing
+    how = "re-paired by overlap in time" if final.pairing == "time" else "paired by order"
+    before = check.get_column("spread_ns").median()
+    final.notes.append(
+        f"{check.get_column('bad').sum()} of {check.height} collectives paired by order never overlapped in time "
+        f"after alignment (ends {before / 1e3:,.1f} µs apart at the median: events are missing on some rank); "
+        f"{how}, {bad_keys.len()} left unpaired, residual now {(final.residual_p50_ns or 0) / 1e3:,.1f} µs"
+    )
+    return kept, final
 
 
 def disjoint_ranks_note(steps: pl.DataFrame, alignment: Alignment) -> str | None:
@@ -262,8 +549,10 @@ def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
     """
     if comm.is_empty():
         return pl.DataFrame()
+    if not alignment.trusted:
+        return pl.DataFrame()
     offsets = pl.col("rank").replace_strict(alignment.offsets, default=0, return_dtype=pl.Int64)
-    matched = comm.with_columns(
+    matched = comm.filter(pl.col("key").is_not_null()).with_columns(
         arrival_ns=pl.col("start_ns") + offsets,
         end_aligned_ns=pl.col("end_ns") + offsets,
         participants=pl.col("rank").n_unique().over("key"),

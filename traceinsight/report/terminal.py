@@ -128,14 +128,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
 
 def _render_waits(findings: Findings, console: Console) -> None:
     """Multi-rank: alignment, a rank x step table of waiting, stragglers, worst phases."""
-    alignment = findings.alignment
-    if alignment is not None and alignment.method != "none":
-        residual = (
-            f", collective ends agree within {alignment.residual_p50_ns / 1e3:.1f} µs (median), "
-            f"{alignment.residual_max_ns / 1e3:.1f} µs (max) over {alignment.matched} collectives"
-            if alignment.residual_p50_ns is not None else ""
-        )
-        console.print(Text(f"Clocks aligned by {alignment.method} to rank {alignment.reference_rank}{residual}"))
+    _render_alignment(findings, console)
     if not findings.waits:
         return
     import polars as pl
@@ -179,6 +172,47 @@ def _render_waits(findings: Findings, console: Console) -> None:
             f"by {reason['reason_excess_ms']:.2f} ms"
             + (f"; rows sent per rank {reason['rows_sent']}" if reason.get("rows_sent") else "")
         ))
+
+
+MAX_ALIGNMENT_ROWS = 16
+
+
+def _render_alignment(findings: Findings, console: Console) -> None:
+    """Multi-rank: how each rank was put on the common clock and how well it agrees."""
+    alignment = findings.alignment
+    if alignment is None or len(alignment.offsets) < 2:
+        return
+    if alignment.method == "none" and not alignment.per_rank:
+        return
+    residual = (
+        f", collective ends agree within {alignment.residual_p50_ns / 1e3:.1f} µs (median), "
+        f"{alignment.residual_max_ns / 1e3:.1f} µs (max) over {alignment.matched} collectives"
+        if alignment.residual_p50_ns is not None else ""
+    )
+    pairing = f"; collectives paired by {alignment.pairing}" if alignment.pairing != "none" else ""
+    trust = "" if alignment.trusted else "; waits not reported (see notes)"
+    console.print(Text(f"Clocks aligned by {alignment.method} to rank {alignment.reference_rank}{residual}"
+                       f"{pairing}{trust}"))
+    if not alignment.per_rank:
+        return
+    table = Table(title="Clock alignment per rank", title_justify="left")
+    for column in ("rank", "method", "offset µs", "correction µs", "matched", "residual p50 µs", "residual max µs"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    ranks = sorted(alignment.per_rank)
+    # The ranks that agree worst first when not all fit.
+    shown = ranks if len(ranks) <= MAX_ALIGNMENT_ROWS else sorted(
+        sorted(ranks, key=lambda r: -(alignment.per_rank[r]["residual_max_ns"] or 0))[:MAX_ALIGNMENT_ROWS])
+    for rank in shown:
+        info = alignment.per_rank[rank]
+        table.add_row(
+            str(rank), info["method"], f"{alignment.offsets.get(rank, 0) / 1e3:,.1f}",
+            f"{alignment.corrections.get(rank, 0) / 1e3:,.1f}", str(info["matched"]),
+            "-" if info["residual_p50_ns"] is None else f"{info['residual_p50_ns'] / 1e3:,.1f}",
+            "-" if info["residual_max_ns"] is None else f"{info['residual_max_ns'] / 1e3:,.1f}",
+        )
+    if len(shown) < len(ranks):
+        table.caption = f"{len(shown)} of {len(ranks)} ranks shown, worst residual first (JSON has all)"
+    console.print(table)
 
 
 def render_info(descriptions: list[dict], console: Console) -> None:
