@@ -134,7 +134,7 @@ class RankWorker:
             "step_anomalies": step_anomalies,
             "range_anomalies": range_anomalies,
             "broken_windows": broken,
-            "compute_times": compute_phase_times(instances),
+            "compute_times": compute_phase_times(model, self.gpu, steps, step_labels=self.marker_names),
         }
 
 

@@ -684,15 +684,68 @@ def phase_class(name: str | None) -> str | None:
     return None
 
 
-def compute_phase_times(instances: pl.DataFrame) -> pl.DataFrame:
+def _innermost_names(annotations: pl.DataFrame, rows: pl.DataFrame) -> list:
+    """For each row (``rank, pid, tid, t``), the name of the deepest annotation of its thread
+    that contains ``t`` (None where none does)."""
+    names_out = np.full(rows.height, None, dtype=object)
+    if annotations.is_empty() or rows.is_empty():
+        return names_out.tolist()
+    rows = rows.with_row_index("_i")
+    for (rank, pid, tid), part in rows.group_by("rank", "pid", "tid"):
+        thread = annotations.filter((pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid))
+        if thread.is_empty():
+            continue
+        times = part.get_column("t").to_numpy()
+        best = np.full(times.size, None, dtype=object)
+        for depth in sorted(thread.get_column("depth").unique().to_list()):
+            level = thread.filter(pl.col("depth") == depth).sort("start_ns")
+            starts = level.get_column("start_ns").to_numpy()
+            ends = level.get_column("end_ns").to_numpy()
+            names = level.get_column("name").to_numpy()
+            at = np.searchsorted(starts, times, side="right") - 1
+            inside = (at >= 0) & (times <= ends[np.clip(at, 0, None)])
+            best[inside] = names[at[inside]]
+        names_out[part.get_column("_i").to_numpy()] = best
+    return names_out.tolist()
+
+
+def compute_phase_times(model: TraceModel, gpu: pl.DataFrame, steps: pl.DataFrame, *,
+                        step_labels: list[str]) -> pl.DataFrame:
     """GPU time of the attention and expert work per (step, rank, phase) (per-rank part of
-    :func:`imbalance_from`)."""
-    if instances.is_empty():
-        return pl.DataFrame(schema={"step": pl.Int64, "rank": pl.Int32, "phase": pl.String, "t": pl.Int64})
+    :func:`imbalance_from`).
+
+    Every compute kernel counts once: it belongs to the innermost attention or expert
+    annotation around its launch, however the annotations nest (``FlashAttnFunc`` around
+    ``flash_attn::_flash_attn_forward`` is one attention, not two)."""
+    empty = pl.DataFrame(schema={"step": pl.Int64, "rank": pl.Int32, "phase": pl.String, "t": pl.Int64})
+    if gpu.is_empty() or steps.is_empty():
+        return empty
+    annotations = model.intervals.lazy().filter(
+        (pl.col("kind") == "annotation") & ~pl.col("name").is_in(step_labels)
+        & ~pl.col("name").str.contains(LIBRARY_RANGES)
+    ).select("rank", "pid", "tid", "depth", "start_ns", "end_ns", "name").collect()
+    if annotations.is_empty():
+        return empty
+    classes = {name: phase_class(name) for name in annotations.get_column("name").unique().to_list()}
+    wanted = [name for name, phase in classes.items() if phase in ("attention", "experts")]
+    annotations = annotations.filter(pl.col("name").is_in(wanted))
+    kernels = gpu.filter(
+        (pl.col("kind") == "kernel") & ~pl.col("is_comm") & pl.col("launch_start_ns").is_not_null()
+    ).select("rank", pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"),
+             pl.col("launch_start_ns").alias("t"), gpu_ns=pl.col("end_ns") - pl.col("start_ns"))
+    if annotations.is_empty() or kernels.is_empty():
+        return empty
+    kernels = kernels.with_columns(
+        phase=pl.Series(_innermost_names(annotations, kernels), dtype=pl.String).replace_strict(
+            classes, default=None, return_dtype=pl.String)
+    ).filter(pl.col("phase").is_not_null())
+    if kernels.is_empty():
+        return empty
     return (
-        instances.with_columns(phase=pl.col("name").map_elements(phase_class, return_dtype=pl.String))
-        .filter(pl.col("phase").is_in(["attention", "experts"]) & pl.col("step").is_not_null())
+        assign_to_steps(kernels, steps, time_column="t")
+        .filter(pl.col("step").is_not_null())
         .group_by("step", "rank", "phase").agg(t=pl.col("gpu_ns").sum())
+        .select(pl.col("step").cast(pl.Int64), pl.col("rank").cast(pl.Int32), "phase", pl.col("t").cast(pl.Int64))
         .sort("step", "rank", "phase")
     )
 
