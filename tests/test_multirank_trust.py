@@ -207,3 +207,56 @@ def test_nested_phase_ranges_count_their_kernel_once_hand_built():
     table = find_steps(model)
     times = compute_phase_times(model, gpu_activities(model), table.steps, step_labels=table.marker_names(model.intervals))
     assert sorted(times.select("phase", "t").rows()) == [("attention", 120 * US), ("experts", 100 * US)]
+
+
+# ---------------------------------------------------------------- 6. imbalance model in the terminal, with token payload
+
+H200 = "device/h200_2rank_torch"
+
+
+@pytest.fixture(scope="module")
+def h200():
+    return analyze(traceinsight.load([shared(f"{H200}/rank0.json.gz"), shared(f"{H200}/rank1.json.gz")]))
+
+
+@pytest.fixture(scope="module")
+def h200_truth():
+    import json
+
+    return [json.loads(shared(f"{H200}/truth_rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_dispatch_payload_tokens_are_the_hidden_state_all_to_all_not_the_count_exchange(h200, h200_truth):
+    # Checked against the answer key: tokens received per layer at dispatch, summed over layers
+    # (ProfilerStep#k is the key's step k-1).
+    checked = 0
+    for entry in h200.imbalance:
+        tokens = entry.get("tokens", {}).get("dispatch")
+        if tokens is None or entry["step"] - 1 >= len(h200_truth[0]["steps"]):
+            continue
+        for rank in (0, 1):
+            truth = h200_truth[rank]["steps"][entry["step"] - 1]
+            assert tokens["received"][str(rank)] == sum(truth["recv_tokens_per_layer"])
+        # What each rank sends is what it routes: its tokens x top-k, summed over the layers.
+        sent = tokens["sent"]
+        batch = [h200_truth[r]["steps"][entry["step"] - 1]["tokens"] for r in (0, 1)]
+        assert sent["0"] * batch[1] == sent["1"] * batch[0]
+        checked += 1
+    assert checked >= 25
+
+
+def test_imbalance_is_in_the_terminal_with_tokens_and_ratios(h200, h200_truth):
+    text = " ".join(_terminal(h200).split())
+    assert "Load imbalance" in text
+    heavy = [s["step"] + 1 for s in h200_truth[0]["steps"] if s["tokens"] > 1.5 * h200_truth[1]["steps"][s["step"]]["tokens"]]
+    entry = max((e for e in h200.imbalance if e["step"] in heavy), key=lambda e: e["saving_ms"])
+    dispatch = entry["tokens"]["dispatch"]
+    # The rank with the large batch sends the most at dispatch; balanced is the mean.
+    assert dispatch["rank"] == 0 and dispatch["direction"] == "sends"
+    assert dispatch["expected_ratio"] == pytest.approx(dispatch["tokens"] / dispatch["balanced_tokens"], abs=1e-3)
+    assert dispatch["expected_ratio"] > 1.5 and dispatch["measured_ratio"] > 1.2
+    assert (f"rank 0 sends {dispatch['tokens']:,} tokens, balanced {dispatch['balanced_tokens']:,.0f}: "
+            f"expected time ratio {dispatch['expected_ratio']:.2f}, measured ratio {dispatch['measured_ratio']:.2f}") in text
+    # Straggler reasons name the payload's tokens (thousands), not the count exchange's rows (2).
+    reasons = [r for r in h200.stragglers if r["step"] in heavy and r.get("rows_sent")]
+    assert reasons and all(min(r["rows_sent"].values()) > 100 for r in reasons)

@@ -519,13 +519,15 @@ def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:
         pl.col("comm_in_nelems").alias("_op_in"), pl.col("comm_out_nelems").alias("_op_out"),
     ).unique(["rank", "external_id"], keep="first")
     if ops.is_empty():
-        return comm.with_columns(rows_sent=pl.lit(None, pl.Int64), rows_received=pl.lit(None, pl.Int64))
+        return comm.with_columns(rows_sent=pl.lit(None, pl.Int64), rows_received=pl.lit(None, pl.Int64),
+                                 payload_nelems=pl.max_horizontal("comm_in_nelems", "comm_out_nelems").cast(pl.Int64))
     joined = comm.join(ops, on=["rank", "external_id"], how="left")
     in_nelems = pl.coalesce("comm_in_nelems", "_op_in")
     out_nelems = pl.coalesce("comm_out_nelems", "_op_out")
     width = pl.when(pl.col("rows_sent") > 0).then(in_nelems / pl.col("rows_sent"))
     return joined.with_columns(
         rows_received=pl.when(width > 0).then((out_nelems / width).round(0)).cast(pl.Int64),
+        payload_nelems=pl.max_horizontal(in_nelems, out_nelems).cast(pl.Int64),
     ).drop("_op_in", "_op_out")
 
 
@@ -576,7 +578,7 @@ def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
         .select(
             "key", "step", "group", "label", "rank", "phase", "start_ns", "end_ns", "arrival_ns",
             "end_aligned_ns", "last_arrival_ns", "collective_end_ns", "straggler", "wait_ns",
-            "transfer_ns", "participants", "rows_sent", "rows_received",
+            "transfer_ns", "participants", "rows_sent", "rows_received", "payload_nelems",
         )
         .sort("arrival_ns", "rank", "key")
     )
@@ -657,15 +659,31 @@ def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> list[dict
         late = late.row(0, named=True)
         deltas = {c: late[f"{c}_ns"] - float(others.get_column(f"{c}_ns").median()) for c in CATEGORIES}
         category = max(deltas, key=deltas.get)
-        tokens = dict(zip(windows.get_column("rank").to_list(), windows.get_column("rows_sent").to_list()))
+        tokens = _payload_rows(waits, row["step"], row["phase"], row["key"])
         reasons.append({
-            "step": row["step"], "collective": row["label"], "phase": row["phase"],
+            "key": row["key"], "step": row["step"], "collective": row["label"], "phase": row["phase"],
             "straggler": row["straggler"], "max_wait_ms": round(row["max_wait_ns"] / 1e6, 3),
             "reason": category, "reason_excess_ms": round(deltas[category] / 1e6, 3),
             "before_ms": {str(r["rank"]): round((r["end_ns"] - r["start_ns"]) / 1e6, 3) for r in windows.iter_rows(named=True)},
             "rows_sent": {str(k): v for k, v in tokens.items()} if any(v is not None for v in tokens.values()) else None,
         })
     return reasons
+
+
+def _payload_rows(waits: pl.DataFrame, step, phase, key) -> dict:
+    """Tokens each rank sent in the payload collective of a phase: the collective of that step
+    and phase range that moves the most elements (a dispatch's count exchange moves a few
+    numbers before the hidden states; its row count says nothing about the batch)."""
+    if "payload_nelems" not in waits.columns:
+        part = waits.filter(pl.col("key") == key)
+    else:
+        same = waits.filter((pl.col("step") == step) & (pl.col("phase") == phase)) if phase is not None else \
+            waits.filter(pl.col("key") == key)
+        if same.is_empty() or same.get_column("payload_nelems").is_null().all():
+            same = waits.filter(pl.col("key") == key)
+        payload = same.sort(["payload_nelems", "key"], descending=[True, False], nulls_last=True).item(0, "key")
+        part = waits.filter(pl.col("key") == payload)
+    return dict(zip(part.get_column("rank").to_list(), part.get_column("rows_sent").to_list()))
 
 
 def phase_class(name: str | None) -> str | None:
@@ -766,21 +784,21 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
     """
     if waits.is_empty() or compute_times.is_empty():
         return []
-    compute = compute_times.group_by("step", "phase").agg(
-        max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean()
+    compute = compute_times.sort("t", "rank", descending=[True, False]).group_by("step", "phase").agg(
+        max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean(), max_rank=pl.col("rank").first()
     )
     transfers = waits.with_columns(phase=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)).filter(
         pl.col("phase").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()
     )
     # Participants leave a collective together, so its transfer time is set by the rank that
-    # receives the most rows at the link's bandwidth: t = max rows / bandwidth. Balanced, every
-    # rank receives the mean, so t_balanced = t * mean rows / max rows.
+    # receives or sends the most rows at the link's bandwidth: t = max rows / bandwidth.
+    # Balanced, every rank sends and receives the mean, so t_balanced = t * mean rows / max rows.
     per_collective = (
         transfers.group_by("step", "phase", "key")
         .agg(
             max_ns=pl.col("transfer_ns").max(),
             mean_ns=pl.col("transfer_ns").mean(),
-            max_rows=pl.col("rows_received").max(),
+            max_rows=pl.max_horizontal("rows_sent", "rows_received").max(),
             mean_rows=pl.col("rows_received").mean(),
         )
         .with_columns(
@@ -791,7 +809,7 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
         .group_by("step", "phase")
         .agg(pl.col("max_ns").sum(), pl.col("balanced_ns").sum())
     )
-    summary = pl.concat([compute, per_collective], how="vertical_relaxed")
+    summary = pl.concat([compute, per_collective], how="diagonal_relaxed")
     if summary.is_empty():
         return []
     measured = steps.group_by("step").agg(measured=pl.col("duration_ns").max())
@@ -800,7 +818,8 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
         modeled = float(part.get_column("max_ns").sum())
         balanced = float(part.get_column("balanced_ns").sum())
         measured_row = measured.filter(pl.col("step") == step)
-        phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "balanced_ms": round(r["balanced_ns"] / 1e6, 3)}
+        phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "balanced_ms": round(r["balanced_ns"] / 1e6, 3),
+                               **({"max_rank": r["max_rank"]} if r.get("max_rank") is not None else {})}
                   for r in part.sort("phase").iter_rows(named=True)}
         out.append({
             "step": step, "phases": phases,
@@ -808,7 +827,89 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
             "saving_ms": round((modeled - balanced) / 1e6, 3),
             "measured_ms": round(measured_row.item(0, "measured") / 1e6, 3) if measured_row.height else None,
         })
+    return _with_payload(out, waits)
+
+
+def payload_tokens(waits: pl.DataFrame) -> dict[tuple[int, str], dict]:
+    """Per (step, dispatch|combine): the token payload each rank received and sent.
+
+    A MoE dispatch is often two all-to-alls: the token counts first (a few elements), then
+    the hidden states. The payload is the collective of each phase range (``layer1.dispatch``)
+    that moves the most elements; its rows (``Out msg nelems`` / row width, or the split
+    sizes) are the tokens. Returns ``{(step, phase): {"received": {rank: N}, "sent": {rank: n},
+    "transfer_ns": t}}`` where ``t`` sums the payload collectives' transfer times.
+    """
+    if waits.is_empty() or "payload_nelems" not in waits.columns:
+        return {}
+    frame = waits.with_columns(
+        phase_class=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)
+    ).filter(pl.col("phase_class").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()
+             & pl.col("payload_nelems").is_not_null())
+    if frame.is_empty():
+        return {}
+    sizes = frame.group_by("step", "phase", "key").agg(size=pl.col("payload_nelems").max())
+    payload_keys = (
+        sizes.sort(["size", "key"], descending=[True, False])
+        .group_by("step", "phase", maintain_order=True).first().get_column("key")
+    )
+    payload = frame.filter(pl.col("key").is_in(payload_keys.implode()))
+    per_rank = payload.group_by("step", "phase_class", "rank").agg(
+        received=pl.col("rows_received").sum(), sent=pl.col("rows_sent").sum(), n=pl.col("rows_received").count())
+    transfer = payload.group_by("step", "phase_class", "key").agg(t=pl.col("transfer_ns").max()).group_by(
+        "step", "phase_class").agg(t=pl.col("t").sum())
+    out: dict[tuple[int, str], dict] = {}
+    for row in per_rank.sort("rank").iter_rows(named=True):
+        if not row["n"]:
+            continue
+        entry = out.setdefault((row["step"], row["phase_class"]), {"received": {}, "sent": {}, "transfer_ns": 0})
+        entry["received"][row["rank"]] = int(row["received"])
+        entry["sent"][row["rank"]] = int(row["sent"]) if row["sent"] is not None else None
+    for step, phase, t in transfer.iter_rows():
+        if (step, phase) in out:
+            out[(step, phase)]["transfer_ns"] = int(t)
     return out
+
+
+def _with_payload(entries: list[dict], waits: pl.DataFrame) -> list[dict]:
+    """Add ``tokens`` per entry: for dispatch and combine, the rank receiving most, its tokens
+    N, the balanced M (mean over ranks), the expected time ratio N/M (transfer time grows with
+    the tokens of the busiest receiver) and the measured ratio: this step's payload transfer
+    time per balanced token over the median of all steps (what the ratio would be if the
+    model holds)."""
+    tokens = payload_tokens(waits)
+    if not tokens:
+        return entries
+    per_token: dict[str, list[float]] = {}
+    for (step, phase), entry in tokens.items():
+        received = [v for v in entry["received"].values() if v]
+        if received and entry["transfer_ns"]:
+            per_token.setdefault(phase, []).append(entry["transfer_ns"] / (sum(received) / len(received)))
+    typical = {phase: float(np.median(values)) for phase, values in per_token.items()}
+    for entry in entries:
+        for phase in ("dispatch", "combine"):
+            found = tokens.get((entry["step"], phase))
+            if not found or not found["received"]:
+                continue
+            received, sent = found["received"], found["sent"]
+            # The busiest end of the all-to-all sets its time: the rank receiving the most
+            # tokens, or sending the most (a rank with 1.75x the batch sends 1.75x at dispatch).
+            loads = [(v, r, "receives") for r, v in received.items()] + \
+                    [(v, r, "sends") for r, v in sent.items() if v is not None]
+            tokens_busiest, busiest, direction = max(loads, key=lambda x: (x[0], -x[1], x[2]))
+            balanced = sum(received.values()) / len(received)
+            measured = None
+            if balanced > 0 and found["transfer_ns"] and typical.get(phase):
+                measured = round(found["transfer_ns"] / balanced / typical[phase], 3)
+            entry.setdefault("tokens", {})[phase] = {
+                "received": {str(r): v for r, v in received.items()},
+                "sent": {str(r): v for r, v in sent.items()},
+                "rank": busiest, "direction": direction, "tokens": tokens_busiest,
+                "balanced_tokens": round(balanced, 1),
+                "expected_ratio": round(tokens_busiest / balanced, 3) if balanced > 0 else None,
+                "measured_ratio": measured,
+                "transfer_ms": round(found["transfer_ns"] / 1e6, 4),
+            }
+    return entries
 
 
 def collective_summary(waits: pl.DataFrame) -> list[dict]:

@@ -82,6 +82,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
                 Text(anomaly["evidence"])))
 
     _render_waits(findings, console)
+    _render_imbalance(findings, console)
 
     causes = findings.cpu_gaps
     if causes.height:
@@ -170,11 +171,60 @@ def _render_waits(findings: Findings, console: Console) -> None:
             f"step {reason['step']}: rank {reason['straggler']} arrived {reason['max_wait_ms']:.2f} ms late at "
             f"{reason['phase'] or reason['collective']}; before it, its {reason['reason']} exceeded the others' "
             f"by {reason['reason_excess_ms']:.2f} ms"
-            + (f"; rows sent per rank {reason['rows_sent']}" if reason.get("rows_sent") else "")
+            + (f"; tokens sent per rank (payload all-to-all) {reason['rows_sent']}" if reason.get("rows_sent") else "")
         ))
 
 
 MAX_ALIGNMENT_ROWS = 16
+MAX_IMBALANCE_ROWS = 8
+
+
+def _render_imbalance(findings: Findings, console: Console) -> None:
+    """Multi-rank MoE: what balanced load would save, the steps that would save most first,
+    with the phase that would save most and the token payload behind dispatch and combine."""
+    entries = [e for e in findings.imbalance or [] if e.get("modeled_ms") is not None]
+    if not entries:
+        return
+    worst = sorted(entries, key=lambda e: (-e["saving_ms"], e["step"]))[:MAX_IMBALANCE_ROWS]
+    table = Table(title="Load imbalance: each step modeled now and with balanced load (ms)", title_justify="left")
+    for column in ("step", "measured", "modeled", "balanced", "saving", "most from"):
+        table.add_column(column, justify="left" if column == "most from" else "right")
+
+    def largest(entry: dict) -> tuple[str, dict]:
+        return max(entry["phases"].items(), key=lambda kv: (kv[1]["max_ms"] - kv[1]["balanced_ms"], kv[0]))
+
+    for entry in sorted(worst, key=lambda e: e["step"]):
+        phase, figures = largest(entry)
+        where = f"{phase} {figures['max_ms']:.2f} -> {figures['balanced_ms']:.2f}"
+        if figures.get("max_rank") is not None:
+            where += f" (rank {figures['max_rank']})"
+        table.add_row(str(entry["step"]), "-" if entry["measured_ms"] is None else f"{entry['measured_ms']:.2f}",
+                      f"{entry['modeled_ms']:.2f}", f"{entry['balanced_ms']:.2f}", f"{entry['saving_ms']:.2f}",
+                      where)
+    total = sum(e["saving_ms"] for e in entries)
+    table.caption = (f"{len(worst)} of {len(entries)} steps shown, most saving first; balance would save "
+                     f"{total:.2f} ms over all {len(entries)} steps (JSON has every phase)")
+    console.print(table)
+    for entry in worst[:3]:
+        phase, figures = largest(entry)
+        token = (entry.get("tokens") or {}).get(phase)
+        if token:
+            measured = "-" if token["measured_ratio"] is None else f"{token['measured_ratio']:.2f}"
+            console.print(Text(
+                f"step {entry['step']} {phase}: rank {token['rank']} {token['direction']} {token['tokens']:,} tokens, "
+                f"balanced {token['balanced_tokens']:,.0f}: expected time ratio {token['expected_ratio']:.2f}, "
+                f"measured ratio {measured} (payload transfer {token['transfer_ms']:.3f} ms)"))
+        elif figures.get("max_rank") is not None:
+            console.print(Text(
+                f"step {entry['step']} {phase}: rank {figures['max_rank']} spends {figures['max_ms']:.2f} ms of GPU time, "
+                f"balanced {figures['balanced_ms']:.2f} ms: ratio {figures['max_ms'] / max(figures['balanced_ms'], 1e-9):.2f}"))
+        for other, token in sorted((entry.get("tokens") or {}).items()):
+            if other != phase and token["expected_ratio"] and token["tokens"] > token["balanced_tokens"] * 1.1:
+                measured = "-" if token["measured_ratio"] is None else f"{token['measured_ratio']:.2f}"
+                console.print(Text(
+                    f"step {entry['step']} {other}: rank {token['rank']} {token['direction']} {token['tokens']:,} "
+                    f"tokens, balanced {token['balanced_tokens']:,.0f}: expected time ratio "
+                    f"{token['expected_ratio']:.2f}, measured ratio {measured}"))
 
 
 def _render_alignment(findings: Findings, console: Console) -> None:
