@@ -260,3 +260,48 @@ def test_imbalance_is_in_the_terminal_with_tokens_and_ratios(h200, h200_truth):
     # Straggler reasons name the payload's tokens (thousands), not the count exchange's rows (2).
     reasons = [r for r in h200.stragglers if r["step"] in heavy and r.get("rows_sent")]
     assert reasons and all(min(r["rows_sent"].values()) > 100 for r in reasons)
+
+
+# ---------------------------------------------------------------- 5. explain: who waited for whom
+
+def test_explain_multirank_step_defaults_to_the_straggler_and_says_who_waited_for_whom(h200, h200_truth):
+    from traceinsight.analysis.postmortem import step_postmortem
+
+    # Key steps 20-22: rank 1 runs attention 4x, so rank 0 waits for it at every dispatch.
+    step = 22
+    report = step_postmortem(h200, step=step)
+    assert report["rank"] == 1 and report["rank_chosen_as"] == "straggler"
+    waits = report["waits"]
+    assert len(waits) == 9  # 3 layers x (count exchange, payload dispatch, combine)
+    dispatch = [w for w in waits if "dispatch" in (w["phase"] or "")]
+    assert len(dispatch) == 6 and all(w["straggler"] == 1 for w in dispatch)
+    for w in waits:
+        order = [a["after_first_ms"] for a in w["arrivals"]]
+        assert order == sorted(order) and order[0] == 0 and w["arrivals"][-1]["rank"] == w["straggler"]
+        assert {a["rank"] for a in w["arrivals"]} == {0, 1}
+    why = [w["why"] for w in dispatch if w["why"]]
+    assert why and all("attention" in text for text in why)
+    import re
+
+    ratio = float(re.search(r"\(([\d.]+)x\)", why[0]).group(1))
+    assert 3 <= ratio <= 5  # the key's 4x
+    explicit = step_postmortem(h200, step=step, rank=0)
+    assert explicit["rank"] == 0 and explicit["rank_chosen_as"] is None and explicit["waits"] == waits
+
+
+def test_explain_cli_prints_who_waited_for_whom_on_eight_ranks():
+    from click.testing import CliRunner
+
+    from traceinsight.cli import main
+
+    files = sorted(glob.glob(str(shared("kineto/param_dlrm_8rank_v100") / "*.json.gz")))
+    findings = analyze(traceinsight.load(files))
+    step = int(findings.collectives.get_column("step").drop_nulls().mode()[0])
+    result = CliRunner().invoke(main, ["--no-cache", "explain", *files, "--step", str(step)])
+    assert result.exit_code == 0, result.output
+    assert "Who waited for whom" in result.output
+    from traceinsight.analysis.postmortem import step_postmortem
+
+    report = step_postmortem(findings, step=step)
+    assert report["waits"] and max(len(w["arrivals"]) for w in report["waits"]) == 8
+    assert report["rank_chosen_as"] == "straggler"

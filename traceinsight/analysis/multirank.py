@@ -912,6 +912,63 @@ def _with_payload(entries: list[dict], waits: pl.DataFrame) -> list[dict]:
     return entries
 
 
+def step_straggler(collectives: pl.DataFrame, step: int) -> int | None:
+    """The rank the others waited for longest in a step (None without waits)."""
+    if collectives.is_empty() or "wait_ns" not in collectives.columns:
+        return None
+    caused = (
+        collectives.filter((pl.col("step") == step) & (pl.col("rank") != pl.col("straggler")))
+        .group_by("straggler").agg(ms=pl.col("wait_ns").sum())
+        .filter(pl.col("ms") > 0).sort(["ms", "straggler"], descending=[True, False])
+    )
+    return None if caused.is_empty() else int(caused.item(0, "straggler"))
+
+
+def who_waited_for_whom(collectives: pl.DataFrame, stragglers: list[dict], imbalance: list[dict],
+                        step: int) -> list[dict]:
+    """Every matched collective of one step, in the order they completed: each rank's arrival
+    (ms after the first rank arrived, on the common clock) and wait, the straggler, and why it
+    was late (the category in which its time before the collective exceeded the others', and,
+    where the imbalance model has it, the compute phase in which its GPU time did)."""
+    if collectives.is_empty() or "wait_ns" not in collectives.columns:
+        return []
+    part = collectives.filter(pl.col("step") == step)
+    if part.is_empty():
+        return []
+    reasons = {r.get("key"): r for r in stragglers if r.get("step") == step}
+    phases = next((e["phases"] for e in imbalance if e["step"] == step), {})
+    out = []
+    for (key,), rows in part.sort("last_arrival_ns").group_by(["key"], maintain_order=True):
+        rows = rows.sort("arrival_ns", "rank")
+        first = rows.item(0, "arrival_ns")
+        straggler = int(rows.item(0, "straggler"))
+        entry = {
+            "key": key, "collective": rows.item(0, "label"), "phase": rows.get_column("phase").drop_nulls().first(),
+            "participants": rows.height, "straggler": straggler,
+            "max_wait_ms": round(rows.get_column("wait_ns").max() / 1e6, 4),
+            "transfer_ms": round(rows.get_column("transfer_ns").max() / 1e6, 4),
+            "arrivals": [{"rank": r["rank"], "after_first_ms": round((r["arrival_ns"] - first) / 1e6, 4),
+                          "wait_ms": round(r["wait_ns"] / 1e6, 4)} for r in rows.iter_rows(named=True)],
+            "why": None,
+        }
+        reason = reasons.get(key)
+        if reason is not None:
+            why = (f"before it, rank {straggler}'s {reason['reason']} exceeded the others' by "
+                   f"{reason['reason_excess_ms']:.2f} ms")
+            grown = [(p, f) for p, f in phases.items() if p in ("attention", "experts") and f.get("max_rank") == straggler]
+            if reason["reason"] == "gpu_compute" and grown and rows.height > 1:
+                phase, figures = max(grown, key=lambda pf: pf[1]["max_ms"] - pf[1]["balanced_ms"])
+                n = rows.height
+                others = (n * figures["balanced_ms"] - figures["max_ms"]) / (n - 1)
+                why += (f"; its {phase} took {figures['max_ms']:.2f} ms of GPU time in this step, "
+                        f"the others' {others:.2f} ms" + (f" ({figures['max_ms'] / others:.1f}x)" if others > 0 else ""))
+            if reason.get("rows_sent"):
+                why += f"; tokens sent per rank (payload all-to-all) {reason['rows_sent']}"
+            entry["why"] = why
+        out.append(entry)
+    return out
+
+
 def collective_summary(waits: pl.DataFrame) -> list[dict]:
     """One entry per matched collective: straggler, worst wait, transfer, phase."""
     if waits.is_empty():

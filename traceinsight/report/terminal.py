@@ -300,6 +300,10 @@ def render_postmortem(report: dict, console: Console) -> None:
         f"Step {report['step']} on rank {report['rank']} ({report['label']}): {report['duration_ms']:.1f} ms, "
         f"typical {report['typical_ms']:.1f} ms, excess {report['excess_ms']:+.1f} ms ({flag})", style="bold"))
     console.print(Text(f"where: {report['where']}    cause: {report['cause']}"))
+    if report.get("rank_chosen_as") == "straggler":
+        console.print(Text(f"rank {report['rank']} shown: the others waited for it longest in this step "
+                           "(--rank picks another)"))
+    _render_who_waited(report, console)
     console.print(plain_paragraph(report["narrative"]))
 
     table = Table(title="Breakdown against the typical step (ms)", title_justify="left")
@@ -349,6 +353,33 @@ def render_postmortem(report: dict, console: Console) -> None:
                           plain(f"{row['source']}: {row['evidence']}" if row["evidence"] else row["source"]),
                           plain(row["before"]))
         console.print(table)
+
+
+def _render_who_waited(report: dict, console: Console) -> None:
+    """Multi-rank ``explain``: each collective of the step, who arrived when and who waited."""
+    waits = report.get("waits") or []
+    if not waits:
+        return
+    costly = [w for w in waits if w["max_wait_ms"] > 0]
+    table = Table(title=f"Who waited for whom in step {report['step']} (ms after the first rank arrived)",
+                  title_justify="left")
+    for column in ("phase", "arrivals: rank +ms", "waited: rank ms", "last"):
+        table.add_column(column, justify="right" if column == "last" else "left", no_wrap=column == "phase")
+    shown = sorted(costly, key=lambda w: -w["max_wait_ms"])[:12]
+    for w in (x for x in costly if x in shown):
+        table.add_row(
+            plain(w["phase"] or w["collective"]),
+            ", ".join(f"{a['rank']} +{a['after_first_ms']:.3f}" for a in w["arrivals"][:8]),
+            ", ".join(f"{a['rank']} {a['wait_ms']:.3f}" for a in w["arrivals"][:8] if a["wait_ms"] > 0) or "-",
+            str(w["straggler"]),
+        )
+    table.caption = (f"{len(shown)} of {len(waits)} collectives of the step (largest waits), in the order they ran; "
+                     "JSON has all, with transfer times")
+    console.print(table)
+    for w in [x for x in shown if x["why"]][:6]:
+        console.print(plain_paragraph(
+            f"{w['phase'] or w['collective']} ({w['collective']}): rank {w['straggler']} arrived last, "
+            f"{w['max_wait_ms']:.3f} ms after the first; {w['why']}"))
 
 
 def plain_paragraph(text: str) -> Text:
