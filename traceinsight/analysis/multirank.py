@@ -185,38 +185,40 @@ def align_clocks(comm: pl.DataFrame, ranks: pl.DataFrame) -> Alignment:
     offsets = {r: coarse[r] for r in rank_ids if domains[r] == domains[reference]}
     methods = {r: same_clock.get(r, "reference") for r in offsets}
     pending = [d for d in dict.fromkeys(domains[r] for r in rank_ids) if d != domains[reference]]
+    members_of = {d: [r for r in rank_ids if domains[r] == d] for d in pending}
+    columns = {r: ends.get_column(str(r)).cast(pl.Float64).fill_null(np.nan).to_numpy() for r in rank_ids}
+
+    def pooled_against(domain, against: list[int]) -> np.ndarray:
+        diffs = [columns[rank] + coarse[rank] - (columns[placed] + offsets[placed])
+                 for rank in members_of[domain] for placed in against]
+        pooled = np.concatenate(diffs) if diffs else np.empty(0)
+        return pooled[~np.isnan(pooled)]
+
+    def place(domain, pooled: np.ndarray) -> None:
+        correction = _robust_median(pooled)
+        for rank in members_of[domain]:
+            offsets[rank] = int(round(coarse[rank] - correction))
+            methods[rank] = "collectives"
+
+    # Against the reference's clock, one pass (linear in the number of ranks) ...
+    on_reference = [r for r in offsets]
+    for domain in list(pending):
+        pooled = pooled_against(domain, on_reference)
+        if pooled.size:
+            place(domain, pooled)
+            pending.remove(domain)
+    # ... then, for clocks that share no collective with the reference, through placed ones.
     while pending:
-        best = None
-        for domain in pending:
-            members = [r for r in rank_ids if domains[r] == domain]
-            pooled = np.empty(0)
-            # Against the reference's clock where they share collectives, else any placed one.
-            for against in ([r for r in offsets if domains[r] == domains[reference]], list(offsets)):
-                diffs = [
-                    (ends.get_column(str(rank)) + coarse[rank] - (ends.get_column(str(placed)) + offsets[placed]))
-                    .drop_nulls().to_numpy()
-                    for rank in members for placed in against
-                ]
-                pooled = np.concatenate(diffs) if diffs else np.empty(0)
-                if pooled.size:
-                    break
-            if pooled.size and (best is None or pooled.size > best[2].size):
-                best = (domain, members, pooled)
-        if best is None:
+        best = max(((d, pooled_against(d, list(offsets))) for d in pending), key=lambda dp: dp[1].size)
+        if not best[1].size:
             for domain in pending:
-                for rank in (r for r in rank_ids if domains[r] == domain):
+                for rank in members_of[domain]:
                     offsets[rank], methods[rank] = coarse[rank], "clock origin" if known else "none"
             notes.append("some ranks share no collective with the others: aligned by their clock origins only")
             break
-        domain, members, pooled = best
-        correction = _robust_median(pooled.astype(np.float64))
-        for rank in members:
-            offsets[rank] = int(round(coarse[rank] - correction))
-            methods[rank] = "collectives"
-        pending.remove(domain)
-    aligned = np.column_stack([
-        ends.get_column(str(r)).cast(pl.Float64).fill_null(np.nan).to_numpy() + offsets[r] for r in rank_ids
-    ])
+        place(*best)
+        pending.remove(best[0])
+    aligned = np.column_stack([columns[r] + offsets[r] for r in rank_ids])
     spread = np.nanmax(aligned, axis=1) - np.nanmin(aligned, axis=1)
     # Per rank: how far its end is from the median end of the others.
     per_rank = {}
