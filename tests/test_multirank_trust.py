@@ -305,3 +305,27 @@ def test_explain_cli_prints_who_waited_for_whom_on_eight_ranks():
     report = step_postmortem(findings, step=step)
     assert report["waits"] and max(len(w["arrivals"]) for w in report["waits"]) == 8
     assert report["rank_chosen_as"] == "straggler"
+
+
+# ---------------------------------------------------------------- 7. full kernel names
+
+def test_kernel_names_keep_namespace_and_template_head():
+    # Was shown as "combine": intranode and internode DeepEP kernels could not be told apart.
+    model = traceinsight.load(shared("kineto/deepseek_train_h800_ep64/train.json.gz"))
+    names = set(model.intervals.filter(pl.col("kind") == "kernel").get_column("name").to_list())
+    assert {"dpsk::ep::internode::combine<...>", "dpsk::ep::internode::dispatch<...>"} <= names
+    assert "combine" not in names and "dispatch" not in names
+    findings = analyze(model)
+    assert "dpsk::ep::internode::combine<...>" in findings.top_kernels.get_column("name").to_list() or \
+        "dpsk::ep::internode::combine<...>" in set(findings.gpu.get_column("name").to_list())
+
+
+def test_nsys_kernel_names_are_qualified_from_the_demangled_signature():
+    model = traceinsight.load(shared("nsys/nsysai-h100x2-nccl-2026.2.sqlite"))
+    kernels = model.intervals.filter(pl.col("kind") == "kernel")
+    names = set(kernels.get_column("name").to_list())
+    assert "flash::flash_fwd_kernel<...>" in names and "ncclDevKernel_SendRecv" in names
+    assert "flash_fwd_kernel" not in names
+    # Every qualified name is the signature's function: its base is what nsys's shortName says.
+    for name, detail in kernels.select("name", "detail").unique().iter_rows():
+        assert name.rsplit("::", 1)[-1].removesuffix("<...>") in detail
