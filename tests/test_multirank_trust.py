@@ -48,6 +48,7 @@ def test_unrelated_runs_are_not_paired(unrelated):
     assert findings.steps.get_column("cross_rank_wait_ns").sum() == 0
     assert not findings.alignment.trusted
     assert all(c == 0 for c in findings.alignment.corrections.values())
+    assert set(findings.alignment.offsets.values()) == {0} and findings.alignment.method == "none"
     notes = [w for w in findings.warnings if "not one job" in w]
     assert len(notes) == 1
     assert "control.json.gz" in notes[0] and "test.json.gz" in notes[0]
@@ -118,7 +119,9 @@ def test_waits_are_refused_with_the_residual_when_no_pairing_is_possible():
     assert not findings.alignment.trusted
     assert findings.waits == [] and findings.collectives.is_empty()
     assert findings.steps.get_column("cross_rank_wait_ns").sum() == 0
+    assert findings.alignment.offsets == {0: 0, 1: 0} and findings.alignment.method == "clock origin"
     note = next(w for w in findings.warnings if "could not be paired" in w)
+    assert not any("no collective is seen" in w for w in findings.warnings)
     assert "500.0 µs at the median" in note  # the residual of the order pairing
 
 

@@ -43,7 +43,7 @@ from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels
 from traceinsight.analysis.multirank import (
-    align_clocks,
+    Alignment,
     communication_kernels,
     compute_phase_times,
     disjoint_ranks_note,
@@ -172,9 +172,8 @@ def run_phases(call, options: Options):
             warnings.append(f"no step markers (ProfilerStep#N, 'step N', 'iteration N'){where}")
     comm = _frames([first[r]["comm"] for r in ranks_order])
     if note := job_identity_note(ranks, _frames([first[r]["steps"] for r in ranks_order]), comm):
-        # Not one job: no pairing, no correction; each file keeps its own clock origin.
-        alignment = align_clocks(comm.head(0), ranks)
-        alignment.method, alignment.trusted, alignment.notes = "none", False, [note]
+        # Not one job: no pairing, no alignment; each file keeps its own clock.
+        alignment = Alignment({r: 0 for r in ranks_order}, ranks_order[0], "none", trusted=False, notes=[note])
     else:
         comm, alignment = pair_collectives(comm, ranks)
         if note := partial_job_note(ranks):

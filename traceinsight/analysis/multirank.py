@@ -1,5 +1,13 @@
 """Many ranks on one clock: collective matching, clock alignment, waiting versus transfer.
 
+**One job first** (:func:`job_identity_note`). Files are paired only when they can be ranks
+of one job: equal world sizes (``distributedInfo``), wall-clock windows that overlap by the
+files' own clock origins (checked *before* any correction, which pairs of unrelated
+collectives would otherwise invent), and shared collective sequence numbers where every file
+carries them. Otherwise nothing is paired and one note names the files. Files holding fewer
+ranks than their job get a note too (:func:`partial_job_note`): one rank of 64 cannot show
+waiting at all.
+
 **Matching.** Every communication kernel (see :mod:`~traceinsight.analysis.classify`) is keyed
 by ``(group, seq)`` where the trace numbers a process group's collectives (Kineto ``Seq``),
 else by ``(step, group, name, occurrence)``: the n-th collective of that name of that group
@@ -8,7 +16,15 @@ steps are matched by number, so the same key on two ranks is the same collective
 the ranks' profiling windows started at different moments. Keys whose names differ between
 ranks never match, since the name is part of the key.
 
-**Clock alignment.** Each rank's own clock is first put on the wall clock with the file's own
+**Trusting the pairs** (:func:`pair_collectives`). No rank leaves a collective before the
+last one arrived, so on the aligned clock the last arrival precedes the first end. Pairs by
+order that break this (events missing on one rank, as in sampled traces) make the
+collectives without sequence numbers be paired again by overlap in time
+(:func:`pair_by_time`); what still breaks it is left unpaired, and when that is most pairs the
+waits are refused with a note giving the residual.
+
+**Clock alignment.** Processes recorded in one report (one nsys file) share its clock
+(:func:`clock_domains`): no correction is measured between them. Each rank's own clock is first put on the wall clock with the file's own
 origin (nsys ``utcEpochNs``, Kineto ``baseTimeNanoseconds`` or absolute stamps). The residual
 skew is then measured from matched collectives: participants leave a collective at nearly
 the same moment (its *ends* agree; its *starts* do not: that difference is the waiting), so
@@ -26,6 +42,12 @@ straggler. The phase is the innermost user annotation around the launch
 time is broken down (:func:`~traceinsight.analysis.breakdown.window_breakdown`); the category
 in which the straggler exceeds the median of the others most is the reason, with the token
 counts of each rank where the trace records them (``Input Dims`` of the collective's op).
+
+**Cost.** The cross-rank part works on small per-rank summaries and is linear in the number
+of ranks (corrections in one pass against the reference clock; pairing by time one sort of
+all collectives). Measured on synthetic jobs of copies of a 2,459-event DLRM rank file (2
+cores, shared): 64 ranks in 6.8-8.5 s, about 0.11-0.13 s per added rank, nearly all of it
+the rank's own per-rank analysis; pairing, alignment and waits take 0.14 s at 64 ranks.
 """
 
 from __future__ import annotations
@@ -424,7 +446,9 @@ def pair_collectives(comm: pl.DataFrame, ranks: pl.DataFrame) -> tuple[pl.DataFr
     share = bad_keys.len() / chosen_check.height
     if share > 0.5:
         spread = float(check.get_column("spread_ns").median())
-        chosen_alignment.trusted = False
+        # The collectives say nothing reliable about the clocks either: the origins only.
+        chosen_alignment = align_clocks(comm.head(0), ranks)
+        chosen_alignment.pairing, chosen_alignment.trusted, chosen_alignment.notes = "none", False, []
         chosen_alignment.notes.append(
             f"the ranks' collectives could not be paired: after alignment {bad_keys.len()} of "
             f"{chosen_check.height} pairs never overlap in time (paired by order, their ends differ by "
