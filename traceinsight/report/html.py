@@ -665,7 +665,7 @@ def _straggler_reasons(findings) -> str:
     note = f"{len(reasons)} in all; the 25 largest shown." if len(reasons) > 25 else ""
     return "<h3>Why the stragglers were late</h3>" + _table(
         ["step", "phase", "collective", "straggler", "max wait ms", "reason", "reason excess ms",
-         "ms before it, per rank", "rows sent, per rank"], rows, numeric={0, 3, 4, 6}, note=note)
+         "ms before it, per rank", "tokens sent in the payload all-to-all, per rank"], rows, numeric={0, 3, 4, 6}, note=note)
 
 
 def _imbalance(findings, page: _Page) -> str:

@@ -185,6 +185,10 @@ def _render_imbalance(findings: Findings, console: Console) -> None:
     entries = [e for e in findings.imbalance or [] if e.get("modeled_ms") is not None]
     if not entries:
         return
+    if all(round(e["saving_ms"], 2) <= 0 for e in entries):
+        console.print(Text(f"Load imbalance: the ranks' MoE phases are balanced; balance would save nothing "
+                           f"measurable in {len(entries)} steps"))
+        return
     worst = sorted(entries, key=lambda e: (-e["saving_ms"], e["step"]))[:MAX_IMBALANCE_ROWS]
     table = Table(title="Load imbalance: each step modeled now and with balanced load (ms)", title_justify="left")
     for column in ("step", "measured", "modeled", "balanced", "saving", "most from"):
