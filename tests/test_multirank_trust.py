@@ -88,10 +88,15 @@ def test_sampled_trace_is_paired_by_time_not_off_by_one():
     assert any("2 of the job's 128 ranks" in w for w in findings.warnings)
 
 
-def _rank(rank: int, kernels_us: list[tuple[float, float]], *, seq: list[int] | None = None) -> TraceModel:
+def _rank(rank: int, kernels_us: list[tuple[float, float]], *, seq: list[int] | None = None,
+          seq_on_op: bool = False) -> TraceModel:
     rows = [annotation("step 1", 0, 100_000, rank=rank)]
     for i, (start, end) in enumerate(kernels_us):
         extra = {"comm_seq": seq[i], "comm_group": "0"} if seq else {}
+        if seq_on_op:  # Kineto 2026+: Seq on the record_param_comms op, the kernel linked by External id
+            rows.append(dict(kind="cpu_op", name="record_param_comms", start_ns=int((start - 12) * US),
+                             end_ns=int((start - 6) * US), rank=rank, external_id=100 + i, **extra))
+            extra = {"external_id": 100 + i}
         rows += [launch("cudaLaunchKernel", start - 10, start - 8, 10 + i, rank=rank),
                  kernel("ncclDevKernel_SendRecv", start, end, 10 + i, rank=rank, stream=20, **extra)]
     model = build_model(rows, ranks=[rank])
@@ -99,11 +104,12 @@ def _rank(rank: int, kernels_us: list[tuple[float, float]], *, seq: list[int] | 
         clock_origin_ns=pl.lit(1_700_000_000_000_000_000, pl.Int64), source=pl.lit(f"rank{rank}.json")))
 
 
-def test_sequence_numbers_pair_collectives_when_one_rank_lost_an_event():
+@pytest.mark.parametrize("seq_on_op", [False, True])
+def test_sequence_numbers_pair_collectives_when_one_rank_lost_an_event(seq_on_op):
     # Rank 1's trace lost collective 1. By sequence number the others still pair: collective 2
     # rank 0 waited 300 µs, collective 3 rank 1 waited 200 µs.
-    rank0 = _rank(0, [(1000, 1500), (3000, 3600), (6000, 6500)], seq=[1, 2, 3])
-    rank1 = _rank(1, [(3300, 3600), (5800, 6500)], seq=[2, 3])
+    rank0 = _rank(0, [(1000, 1500), (3000, 3600), (6000, 6500)], seq=[1, 2, 3], seq_on_op=seq_on_op)
+    rank1 = _rank(1, [(3300, 3600), (5800, 6500)], seq=[2, 3], seq_on_op=seq_on_op)
     findings = analyze(TraceModel.concat([rank0, rank1]))
     assert findings.alignment.pairing == "sequence numbers"
     waits = sorted((w["key"], w["rank"], w["waiting_for_rank"], w["wait_ms"]) for w in findings.waits)

@@ -44,6 +44,7 @@ from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels
 from traceinsight.analysis.multirank import (
     Alignment,
+    collective_ops,
     communication_kernels,
     compute_phase_times,
     disjoint_ranks_note,
@@ -88,7 +89,7 @@ class RankWorker:
         self.table = find_steps(model, pattern=options.step_pattern)
         self.marker_names = self.table.marker_names(model.intervals)
         self.gpu = gpu_activities(model, comm_patterns=options.comm_patterns)
-        comm = communication_kernels(self.gpu, self.table.steps)
+        comm = communication_kernels(self.gpu, self.table.steps, collective_ops(model))
         return {
             "steps": self.table.steps,
             "step_source": self.table.source,

@@ -110,14 +110,31 @@ class Alignment:
     trusted: bool = True
 
 
-def communication_kernels(gpu: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
+def collective_ops(model: TraceModel) -> pl.DataFrame:
+    """The ``record_param_comms`` ops that number their collective (Kineto 2026+ writes ``Seq``
+    on the op, not always on its kernel): ``rank, external_id, _op_seq, _op_group``."""
+    return model.intervals.lazy().filter(
+        (pl.col("kind") == "cpu_op") & (pl.col("name") == "record_param_comms")
+        & pl.col("external_id").is_not_null() & pl.col("comm_seq").is_not_null()
+    ).select("rank", "external_id", _op_seq=pl.col("comm_seq"), _op_group=pl.col("comm_group")).unique(
+        ["rank", "external_id"], keep="first").collect()
+
+
+def communication_kernels(gpu: pl.DataFrame, steps: pl.DataFrame, ops: pl.DataFrame | None = None) -> pl.DataFrame:
     """Communication kernels with their step, group and matching key.
+
+    ``ops`` (:func:`collective_ops`) lend their sequence number and group to the kernels they
+    launched where the kernel itself carries none.
 
     Columns added: ``step``, ``group``, ``label`` (collective name), ``occurrence``, ``key``.
     """
     comm = gpu.filter(pl.col("is_comm")).with_columns(
         _when=pl.coalesce("launch_start_ns", "start_ns")
     )
+    if ops is not None and ops.height and comm.height:
+        comm = comm.join(ops, on=["rank", "external_id"], how="left").with_columns(
+            comm_seq=pl.coalesce("comm_seq", "_op_seq"), comm_group=pl.coalesce("comm_group", "_op_group"),
+        ).drop("_op_seq", "_op_group")
     if comm.is_empty():
         return comm.with_columns(step=pl.lit(None, pl.Int64), group=pl.lit(None, pl.String),
                                  label=pl.lit(None, pl.String), occurrence=pl.lit(None, pl.UInt32),
