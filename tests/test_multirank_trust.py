@@ -338,3 +338,26 @@ def test_nsys_kernel_names_are_qualified_from_the_demangled_signature():
     # Every qualified name is the signature's function: its base is what nsys's shortName says.
     for name, detail in kernels.select("name", "detail").unique().iter_rows():
         assert name.rsplit("::", 1)[-1].removesuffix("<...>") in detail
+
+
+# ---------------------------------------------------------------- the waits that were right stay right
+
+def test_waits_of_the_reference_traces_are_unchanged(h200):
+    import json
+    from pathlib import Path
+
+    before = json.loads((Path(__file__).parent / "data" / "waits_before_issue14.json").read_text())
+    sets = {
+        "h200_2rank_torch": h200,
+        "moe_2rank": analyze(traceinsight.load([SAMPLE / "rank0.json.gz", SAMPLE / "rank1.json.gz"])),
+        "moe_2rank_nsys": analyze(traceinsight.load(
+            [SAMPLE.parent / "moe_2rank_nsys" / "rank0.sqlite", SAMPLE.parent / "moe_2rank_nsys" / "rank1.sqlite"])),
+        "dlrm8": analyze(traceinsight.load(sorted(glob.glob(str(shared("kineto/param_dlrm_8rank_v100") / "*.json.gz"))))),
+    }
+    for name, findings in sets.items():
+        now = {(r[0], r[1]): (r[2], r[3]) for r in
+               findings.collectives.select("key", "rank", "wait_ns", "straggler").rows()}
+        then = {(r[0], r[1]): (r[2], r[3]) for r in before[name]}
+        assert now.keys() == then.keys(), name
+        assert max(abs(now[k][0] - then[k][0]) for k in then) <= 1_000, name
+        assert all(now[k][1] == then[k][1] for k in then), name
