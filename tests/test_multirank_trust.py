@@ -53,6 +53,8 @@ def test_unrelated_runs_are_not_paired(unrelated):
     assert len(notes) == 1
     assert "control.json.gz" in notes[0] and "test.json.gz" in notes[0]
     assert "world size 2" in notes[0] and "world size 8" in notes[0]
+    assert "Clocks not aligned and no waits reported: these files are not one job" in render_html(findings)
+    assert "Clock alignment per rank" not in _terminal(findings)
 
 
 def test_unrelated_runs_of_equal_world_size_are_told_apart_by_their_wall_clock_windows(unrelated):

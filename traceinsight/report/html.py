@@ -607,6 +607,9 @@ def _alignment_note(findings) -> str:
     if alignment is None or not getattr(alignment, "offsets", None):
         return ""
     offsets = [abs(v) for v in alignment.offsets.values() if v is not None]
+    if getattr(alignment, "method", None) == "none" and not getattr(alignment, "trusted", True):
+        notes = [w for w in getattr(alignment, "notes", []) or []]
+        return f'<p class="note">{esc("Clocks not aligned and no waits reported: " + "; ".join(notes), 600)}</p>'
     text = (f"Clocks aligned by {getattr(alignment, 'method', '?')} from {getattr(alignment, 'matched', 0)} "
             f"matched collectives; largest offset {max(offsets, default=0) / 1e3:,.1f} µs")
     p50, p95 = getattr(alignment, "residual_p50_ns", None), getattr(alignment, "residual_p95_ns", None)
