@@ -62,8 +62,10 @@ def test_unrelated_runs_of_equal_world_size_are_told_apart_by_their_wall_clock_w
                            ranks=unrelated.ranks.with_columns(world_size=pl.lit(8, pl.Int32)))
     findings = analyze(same_size)
     assert findings.waits == [] and not findings.alignment.trusted
-    notes = [w for w in findings.warnings if "not one job" in w]
-    assert len(notes) == 1 and "days after" in notes[0]
+    notes = [w for w in findings.warnings if "do not overlap in time" in w]
+    assert len(notes) == 1
+    gap_s = float(notes[0].split(" starts ")[1].split(" s after")[0].replace(",", ""))
+    assert 8 * 86_400 < gap_s < 10 * 86_400  # nine days apart, by the files' own clocks
 
 
 # ---------------------------------------------------------------- 2. pairing that survives missing events

@@ -330,11 +330,11 @@ def job_identity_note(ranks: pl.DataFrame, steps: pl.DataFrame, comm: pl.DataFra
         latest_rank, latest_end = None, None
         for rank, start, end in spans.iter_rows():
             if latest_end is not None and start > latest_end + WINDOW_SLACK_NS:
+                # The wording of disjoint_ranks_note: the same finding, now made before pairing.
                 return (
-                    f"these files are not one job: rank {rank} ({_file_name(rows[rank]['source'])}) was recorded "
-                    f"{_duration(start - latest_end)} after rank {latest_rank} "
-                    f"({_file_name(rows[latest_rank]['source'])}) ended, by the files' own clocks; "
-                    "no cross-rank waits or alignment are reported"
+                    f"ranks {latest_rank} and {rank} do not overlap in time: rank {rank} starts "
+                    f"{(start - latest_end) / 1e9:,.3f} s after rank {latest_rank} ends; were the files "
+                    "recorded in the same run? Cross-rank waits and comparisons are not meaningful"
                 )
             if latest_end is None or end > latest_end:
                 latest_rank, latest_end = rank, end
@@ -366,15 +366,6 @@ def partial_job_note(ranks: pl.DataFrame) -> str | None:
                 "waited); load the other ranks' files with it to measure waits")
     return (f"these files hold {loaded} of the job's {world} ranks: waits are measured among these only; a "
             "rank may also have waited for ranks that are not loaded")
-
-
-def _duration(ns: int) -> str:
-    seconds = ns / 1e9
-    if seconds >= 86_400:
-        return f"{seconds / 86_400:,.1f} days"
-    if seconds >= 3_600:
-        return f"{seconds / 3_600:,.1f} hours"
-    return f"{seconds:,.3f} s"
 
 
 def _coarse_offsets(ranks: pl.DataFrame) -> dict[int, int]:

@@ -74,6 +74,8 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     """
     steps = findings.steps
     chosen_as_straggler = rank is None and (rank := step_straggler(findings.collectives, step)) is not None
+    if chosen_as_straggler and steps.filter((pl.col("step") == step) & (pl.col("rank") == rank)).is_empty():
+        rank, chosen_as_straggler = None, False
     candidates = steps.filter(pl.col("step") == step)
     if rank is not None:
         candidates = candidates.filter(pl.col("rank") == rank)
