@@ -293,7 +293,11 @@ def test_kernel_names_are_short_with_the_signature_in_detail(two_rank) -> None:
     kernels = two_rank[0][0].intervals.filter(pl.col("kind") == "kernel")
     names = set(kernels.get_column("name"))
     assert "ncclDevKernel_SendRecv" in names
-    assert not any("(" in name or "<" in name for name in names)
+    # Issue 14: namespace and template head kept, template and call arguments cut.
+    assert not any("(" in name.replace("(anonymous namespace)", "") for name in names)
+    assert all(name.count("<") == name.count("<...>") for name in names if "<unnamed>" not in name)
+    assert not any(name.startswith("void ") for name in names)
+    assert any("::" in name and name.endswith("<...>") for name in names)
     signatures = kernels.filter(pl.col("name") == "ncclDevKernel_SendRecv")["detail"]
     assert signatures[0] == "ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)"
 

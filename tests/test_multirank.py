@@ -26,8 +26,9 @@ def _rank(rank: int, *, clock_shift_us: float, arrivals_us: list[float], ends_us
             kernel("ncclDevKernel_SendRecv", t, end + clock_shift_us, 10 + i, rank=rank, stream=20),
         ]
     model = build_model(rows, ranks=[rank])
+    # One file per rank, as each rank's profiler writes its own (each its own clock).
     return TraceModel(intervals=model.intervals, ranks=model.ranks.with_columns(
-        clock_origin_ns=pl.lit(origin_ns, dtype=pl.Int64)), samples=model.samples)
+        clock_origin_ns=pl.lit(origin_ns, dtype=pl.Int64), source=pl.lit(f"rank{rank}.json")), samples=model.samples)
 
 
 def _job(shift_us: float):

@@ -45,13 +45,17 @@ from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_ex
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels
 from traceinsight.analysis.multirank import (
-    align_clocks,
+    Alignment,
+    collective_ops,
     communication_kernels,
     compute_phase_times,
     disjoint_ranks_note,
     enrich_collectives,
     imbalance_from,
+    job_identity_note,
     match_waits,
+    pair_collectives,
+    partial_job_note,
     reasons_from_windows,
     straggler_windows,
     wait_intervals,
@@ -87,7 +91,7 @@ class RankWorker:
         self.table = find_steps(model, pattern=options.step_pattern)
         self.marker_names = self.table.marker_names(model.intervals)
         self.gpu = gpu_activities(model, comm_patterns=options.comm_patterns)
-        comm = communication_kernels(self.gpu, self.table.steps)
+        comm = communication_kernels(self.gpu, self.table.steps, collective_ops(model))
         return {
             "steps": self.table.steps,
             "step_source": self.table.source,
@@ -143,7 +147,7 @@ class RankWorker:
             "step_anomalies": step_anomalies,
             "range_anomalies": range_anomalies,
             "broken_windows": broken,
-            "compute_times": compute_phase_times(instances),
+            "compute_times": compute_phase_times(model, self.gpu, steps, step_labels=self.marker_names),
         }
 
 
@@ -183,14 +187,20 @@ def run_phases(call, options: Options):
         else:
             warnings.append(f"no step markers (ProfilerStep#N, 'step N', 'iteration N'){where}")
     comm = _frames([first[r]["comm"] for r in ranks_order])
-    alignment = align_clocks(comm, ranks)
+    if note := job_identity_note(ranks, _frames([first[r]["steps"] for r in ranks_order]), comm):
+        # Not one job: no pairing, no alignment; each file keeps its own clock.
+        alignment = Alignment({r: 0 for r in ranks_order}, ranks_order[0], "none", trusted=False, notes=[note])
+    else:
+        comm, alignment = pair_collectives(comm, ranks)
+        if note := partial_job_note(ranks):
+            warnings.append(note)
     warnings += alignment.notes
     collectives = match_waits(comm, alignment) if comm.height else pl.DataFrame()
     spans = wait_intervals(collectives)
     flagged = call("breakdown", {r: (spans.filter(pl.col("rank") == r),) for r in ranks_order})
     steps = _frames([flagged[r] for r in ranks_order])
     steps = flag_job_steps(steps, options.anomaly_options)
-    if note := disjoint_ranks_note(steps, alignment):
+    if alignment.trusted and (note := disjoint_ranks_note(steps, alignment)):
         warnings.append(note)
     windows = straggler_windows(collectives, steps, alignment)
     done = call("finish", {

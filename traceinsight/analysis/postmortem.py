@@ -12,6 +12,7 @@ import polars as pl
 
 from traceinsight.analysis.anomalies import assign_to_steps, explain_steps
 from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.multirank import step_straggler, who_waited_for_whom
 from traceinsight.analysis.pipeline import Findings
 from traceinsight.errors import TraceInputError
 
@@ -63,7 +64,8 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     step
         The step number (the integer in its marker).
     rank
-        The rank; by default the rank where the step is slowest.
+        The rank; by default the step's straggler (the rank the others waited for longest),
+        else the rank where the step is slowest.
 
     Raises
     ------
@@ -71,6 +73,9 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
         No such step (or rank).
     """
     steps = findings.steps
+    chosen_as_straggler = rank is None and (rank := step_straggler(findings.collectives, step)) is not None
+    if chosen_as_straggler and steps.filter((pl.col("step") == step) & (pl.col("rank") == rank)).is_empty():
+        rank, chosen_as_straggler = None, False
     candidates = steps.filter(pl.col("step") == step)
     if rank is not None:
         candidates = candidates.filter(pl.col("rank") == rank)
@@ -149,4 +154,7 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
         "kernels": _kernel_comparison(findings.gpu, steps, rank, step, normal_steps),
         "cpu_gaps": gap_rows,
         "range_lag": lag,
+        # Multi-rank: who waited for whom at each collective of the step (empty on one rank).
+        "rank_chosen_as": "straggler" if chosen_as_straggler else None,
+        "waits": who_waited_for_whom(findings.collectives, findings.stragglers, findings.imbalance, step),
     }

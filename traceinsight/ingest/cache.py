@@ -24,7 +24,7 @@ import polars as pl
 from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, SAMPLE_SCHEMA, TraceModel
 
 #: Bump when the normalized model or a reader changes what it produces.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: kernel names keep their namespace and template head
 _EDGE = 4 * 2**20
 
 

@@ -64,8 +64,9 @@ Mapping (by ``cat``, never by ``pid``; 2020-2021 names in brackets)
   ``device`` and ``stream`` (null for a context-wide sync) and, as in the nsys reader, take
   the name and thread of that call; ``detail`` is the sync type (``Stream sync``,
   ``Event sync``, ``Context sync``, ``Stream wait sync``).
-- Kernels: ``name`` is the base function name (as nsys ``shortName``: no return type,
-  namespaces, template or call arguments) and ``detail`` the full demangled signature.
+- Kernels: ``name`` is the qualified function name with its template head (no return type,
+  template or call arguments: ``dpsk::ep::internode::combine<...>``) and ``detail`` the full
+  demangled signature.
 - ``detail`` of ops holds ``Input Dims`` (``Input dims`` in 2020) as compact JSON, e.g.
   ``[[2048, 4096], []]``; of memcpys the direction (``HtoD``…).
 - ``record_param_comms`` ops and the NCCL kernels linked to them (2024+) fill the ``comm_*``
@@ -1625,24 +1626,43 @@ def _external_ids(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
 _BRACKET = re.compile(r"[(<\[{)>\]}]")
 
 
-def _short_kernel_name(signature: str) -> str:
-    """Base function name of a demangled kernel signature, as nsys ``shortName`` gives it.
+#: Anonymous namespaces as demanglers spell them (GNU, and nsys's ``<unnamed>``): kept as is.
+_ANONYMOUS = ("(anonymous namespace)", "<unnamed>")
+_ANONYMOUS_MARKS = ("\x01anonymous-namespace\x01", "\x01unnamed\x01")
 
-    ``void at::native::(anonymous namespace)::foo<float, 4>(int, float*)`` -> ``foo``;
-    ``ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)`` -> ``ncclDevKernel_SendRecv``.
-    Names without any of that punctuation come back unchanged.
+
+def _short_kernel_name(signature: str) -> str:
+    """Kernel name of a demangled signature: namespaces and template head kept, the template
+    and call arguments cut, the return type dropped.
+
+    ``void dpsk::ep::internode::combine<bf16, 8>(int4*, ...)`` -> ``dpsk::ep::internode::combine<...>``;
+    ``ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)`` -> ``ncclDevKernel_SendRecv``;
+    ``void at::native::(anonymous namespace)::foo<float, 4>(int)`` ->
+    ``at::native::(anonymous namespace)::foo<...>``. Intranode and internode kernels, and a
+    kernel and an annotation of the same base name, stay apart. Names without any of that
+    punctuation come back unchanged.
     """
     if not any(mark in signature for mark in "(<: "):
         return signature
-    # Keep the text outside any bracket pair; only the brackets are visited in Python.
+    text = signature
+    for spelled, mark in zip(_ANONYMOUS, _ANONYMOUS_MARKS):
+        text = text.replace(spelled, mark)
+    # Keep the text outside any bracket pair up to the call's "(", a template's "<...>" as
+    # such; only the brackets are visited in Python.
     outer: list[str] = []
     depth = 0
     last = 0
-    for match in _BRACKET.finditer(signature):
+    for match in _BRACKET.finditer(text):
         position = match.start()
-        if signature[position] in "(<[{":
+        mark = text[position]
+        if mark in "(<[{":
             if depth == 0:
-                outer.append(signature[last:position])
+                outer.append(text[last:position])
+                if mark == "(":  # the call's arguments: the name ends here
+                    last = None
+                    break
+                if mark == "<":
+                    outer.append("<...>")
             depth += 1
         else:
             depth -= 1
@@ -1650,14 +1670,18 @@ def _short_kernel_name(signature: str) -> str:
                 return signature.split("(", 1)[0].strip() or signature
             if depth == 0:
                 last = position + 1
-    if depth != 0:
-        return signature.split("(", 1)[0].strip() or signature
-    outer.append(signature[last:])
+    if last is not None:
+        if depth != 0:
+            return signature.split("(", 1)[0].strip() or signature
+        outer.append(text[last:])
     words = "".join(outer).split()
     if not words:
         return signature
-    parts = [part for part in words[-1].split("::") if part]
-    return parts[-1] if parts else signature
+    name = words[-1]
+    for spelled, mark in zip(_ANONYMOUS, _ANONYMOUS_MARKS):
+        name = name.replace(mark, spelled)
+    name = name.strip(":")
+    return name or signature
 
 
 # --------------------------------------------------------------------------------------------

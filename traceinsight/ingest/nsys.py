@@ -397,6 +397,35 @@ class _Export:
         return labels
 
 
+#: Signatures longer than this keep the export's shortName (no demangler writes such names;
+#: a damaged or hostile string table might).
+_MAX_SIGNATURE = 10_000
+
+
+def _qualified_names(frame: pl.DataFrame) -> pl.Expr:
+    """The kernel's qualified name with its template head (``dpsk::ep::internode::combine<...>``)
+    from the demangled signature, where it names the same function as ``shortName``; null
+    elsewhere (the caller falls back to ``shortName``)."""
+    from traceinsight.ingest.kineto import _short_kernel_name
+
+    pairs = frame.select("_short", "detail").unique().drop_nulls()
+    mapping = {}
+    for short, signature in pairs.iter_rows():
+        if len(signature) > _MAX_SIGNATURE:
+            continue
+        qualified = _short_kernel_name(signature)
+        base = qualified.rsplit("::", 1)[-1].removesuffix("<...>")
+        if base == short:
+            mapping[(short, signature)] = qualified
+    if not mapping:
+        return pl.lit(None, pl.String)
+    keys = pl.DataFrame({"_short": [k[0] for k in mapping], "detail": [k[1] for k in mapping],
+                         "_qualified": list(mapping.values())}, schema={"_short": pl.String, "detail": pl.String,
+                                                                         "_qualified": pl.String})
+    joined = frame.select("_short", "detail").join(keys, on=["_short", "detail"], how="left", maintain_order="left")
+    return pl.lit(joined.get_column("_qualified"))
+
+
 def _process_columns(global_id: str, *, with_thread: bool) -> list[pl.Expr]:
     """``_proc`` (host and pid: the per-process join key), ``pid`` and optionally ``tid``."""
     ids = pl.col(global_id)
@@ -609,7 +638,7 @@ class _NsysReader:
         return frame.with_columns(
             kind=pl.lit("kernel"),
             # Very old exports may lack shortName; the signature is better than nothing.
-            name=pl.coalesce("_short", "detail"),
+            name=pl.coalesce(_qualified_names(frame), "_short", "detail"),
         ).drop("_short_id", "_demangled_id", "_short")
 
     def _memcpys(self) -> pl.DataFrame | None:

@@ -516,7 +516,7 @@ def _waits(findings, page: _Page) -> str:
     if not waits:
         if n_ranks > 1:
             return ('<section id="waits"><h2>Cross-rank waiting</h2><p class="note">These findings hold no '
-                    "cross-rank wait measurements.</p></section>")
+                    f"cross-rank wait measurements.</p>{_alignment_note(findings)}</section>")
         return ""
     frame = pl.DataFrame(waits, infer_schema_length=None).with_columns(
         pl.col("wait_ms").cast(pl.Float64), pl.col("rank").cast(pl.Int64), pl.col("step").cast(pl.Int64),
@@ -607,12 +607,40 @@ def _alignment_note(findings) -> str:
     if alignment is None or not getattr(alignment, "offsets", None):
         return ""
     offsets = [abs(v) for v in alignment.offsets.values() if v is not None]
+    if getattr(alignment, "method", None) == "none" and not getattr(alignment, "trusted", True):
+        notes = [w for w in getattr(alignment, "notes", []) or []]
+        return f'<p class="note">{esc("Clocks not aligned and no waits reported: " + "; ".join(notes), 600)}</p>'
     text = (f"Clocks aligned by {getattr(alignment, 'method', '?')} from {getattr(alignment, 'matched', 0)} "
             f"matched collectives; largest offset {max(offsets, default=0) / 1e3:,.1f} µs")
     p50, p95 = getattr(alignment, "residual_p50_ns", None), getattr(alignment, "residual_p95_ns", None)
     if p50 is not None and p95 is not None:
         text += f", residual spread p50 {p50 / 1e3:,.1f} µs, p95 {p95 / 1e3:,.1f} µs"
-    return f'<p class="note">{esc(text, 400)}.</p>'
+    pairing = getattr(alignment, "pairing", "none")
+    if pairing and pairing != "none":
+        text += f"; collectives paired by {pairing}"
+    if not getattr(alignment, "trusted", True):
+        text += "; no waits reported (the files are not one job, or their collectives could not be paired)"
+    return f'<p class="note">{esc(text, 400)}.</p>' + _alignment_per_rank(alignment)
+
+
+def _alignment_per_rank(alignment) -> str:
+    """Method, offset and residual of each rank's clock alignment."""
+    per_rank = getattr(alignment, "per_rank", None) or {}
+    if not per_rank:
+        return ""
+    rows = []
+    for rank in sorted(per_rank):
+        info = per_rank[rank]
+        p50, worst = info.get("residual_p50_ns"), info.get("residual_max_ns")
+        rows.append([num_cell(rank, "{:d}"), text_cell(info.get("method")),
+                     num_cell(alignment.offsets.get(rank, 0) / 1e3, "{:,.1f}"),
+                     num_cell(alignment.corrections.get(rank, 0) / 1e3, "{:,.1f}"),
+                     num_cell(info.get("matched"), "{:d}"),
+                     num_cell(None if p50 is None else p50 / 1e3, "{:,.1f}"),
+                     num_cell(None if worst is None else worst / 1e3, "{:,.1f}")])
+    return "<h3>Clock alignment per rank</h3>" + _table(
+        ["rank", "method", "offset µs", "correction µs", "matched collectives", "residual p50 µs",
+         "residual max µs"], rows, numeric={0, 2, 3, 4, 5, 6})
 
 
 def _rank_key(value) -> tuple:
@@ -640,7 +668,7 @@ def _straggler_reasons(findings) -> str:
     note = f"{len(reasons)} in all; the 25 largest shown." if len(reasons) > 25 else ""
     return "<h3>Why the stragglers were late</h3>" + _table(
         ["step", "phase", "collective", "straggler", "max wait ms", "reason", "reason excess ms",
-         "ms before it, per rank", "rows sent, per rank"], rows, numeric={0, 3, 4, 6}, note=note)
+         "ms before it, per rank", "tokens sent in the payload all-to-all, per rank"], rows, numeric={0, 3, 4, 6}, note=note)
 
 
 def _imbalance(findings, page: _Page) -> str:

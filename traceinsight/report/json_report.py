@@ -112,6 +112,12 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
             "residual_p50_us": _us(alignment.residual_p50_ns),
             "residual_p95_us": _us(alignment.residual_p95_ns),
             "residual_max_us": _us(alignment.residual_max_ns),
+            "pairing": alignment.pairing,
+            "waits_trusted": alignment.trusted,
+            "per_rank": {str(k): {"method": v["method"], "matched": v["matched"],
+                                  "residual_p50_us": _us(v["residual_p50_ns"]),
+                                  "residual_max_us": _us(v["residual_max_ns"])}
+                         for k, v in alignment.per_rank.items()},
         },
         "stragglers": findings.stragglers,
         "collectives": collective_summary(findings.collectives),

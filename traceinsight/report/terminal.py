@@ -82,6 +82,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
                 Text(anomaly["evidence"])))
 
     _render_waits(findings, console)
+    _render_imbalance(findings, console)
 
     causes = findings.cpu_gaps
     if causes.height:
@@ -128,14 +129,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
 
 def _render_waits(findings: Findings, console: Console) -> None:
     """Multi-rank: alignment, a rank x step table of waiting, stragglers, worst phases."""
-    alignment = findings.alignment
-    if alignment is not None and alignment.method != "none":
-        residual = (
-            f", collective ends agree within {alignment.residual_p50_ns / 1e3:.1f} µs (median), "
-            f"{alignment.residual_max_ns / 1e3:.1f} µs (max) over {alignment.matched} collectives"
-            if alignment.residual_p50_ns is not None else ""
-        )
-        console.print(Text(f"Clocks aligned by {alignment.method} to rank {alignment.reference_rank}{residual}"))
+    _render_alignment(findings, console)
     if not findings.waits:
         return
     import polars as pl
@@ -177,8 +171,102 @@ def _render_waits(findings: Findings, console: Console) -> None:
             f"step {reason['step']}: rank {reason['straggler']} arrived {reason['max_wait_ms']:.2f} ms late at "
             f"{reason['phase'] or reason['collective']}; before it, its {reason['reason']} exceeded the others' "
             f"by {reason['reason_excess_ms']:.2f} ms"
-            + (f"; rows sent per rank {reason['rows_sent']}" if reason.get("rows_sent") else "")
+            + (f"; tokens sent per rank (payload all-to-all) {reason['rows_sent']}" if reason.get("rows_sent") else "")
         ))
+
+
+MAX_ALIGNMENT_ROWS = 16
+MAX_IMBALANCE_ROWS = 8
+
+
+def _render_imbalance(findings: Findings, console: Console) -> None:
+    """Multi-rank MoE: what balanced load would save, the steps that would save most first,
+    with the phase that would save most and the token payload behind dispatch and combine."""
+    entries = [e for e in findings.imbalance or [] if e.get("modeled_ms") is not None]
+    if not entries:
+        return
+    if all(round(e["saving_ms"], 2) <= 0 for e in entries):
+        console.print(Text(f"Load imbalance: the ranks' MoE phases are balanced; balance would save nothing "
+                           f"measurable in {len(entries)} steps"))
+        return
+    worst = sorted(entries, key=lambda e: (-e["saving_ms"], e["step"]))[:MAX_IMBALANCE_ROWS]
+    table = Table(title="Load imbalance: each step modeled now and with balanced load (ms)", title_justify="left")
+    for column in ("step", "measured", "modeled", "balanced", "saving", "most from"):
+        table.add_column(column, justify="left" if column == "most from" else "right")
+
+    def largest(entry: dict) -> tuple[str, dict]:
+        return max(entry["phases"].items(), key=lambda kv: (kv[1]["max_ms"] - kv[1]["balanced_ms"], kv[0]))
+
+    for entry in sorted(worst, key=lambda e: e["step"]):
+        phase, figures = largest(entry)
+        where = f"{phase} {figures['max_ms']:.2f} -> {figures['balanced_ms']:.2f}"
+        if figures.get("max_rank") is not None:
+            where += f" (rank {figures['max_rank']})"
+        table.add_row(str(entry["step"]), "-" if entry["measured_ms"] is None else f"{entry['measured_ms']:.2f}",
+                      f"{entry['modeled_ms']:.2f}", f"{entry['balanced_ms']:.2f}", f"{entry['saving_ms']:.2f}",
+                      where)
+    total = sum(e["saving_ms"] for e in entries)
+    table.caption = (f"{len(worst)} of {len(entries)} steps shown, most saving first; balance would save "
+                     f"{total:.2f} ms over all {len(entries)} steps (JSON has every phase)")
+    console.print(table)
+    for entry in worst[:3]:
+        phase, figures = largest(entry)
+        token = (entry.get("tokens") or {}).get(phase)
+        if token:
+            measured = "-" if token["measured_ratio"] is None else f"{token['measured_ratio']:.2f}"
+            console.print(Text(
+                f"step {entry['step']} {phase}: rank {token['rank']} {token['direction']} {token['tokens']:,} tokens, "
+                f"balanced {token['balanced_tokens']:,.0f}: expected time ratio {token['expected_ratio']:.2f}, "
+                f"measured ratio {measured} (payload transfer {token['transfer_ms']:.3f} ms)"))
+        elif figures.get("max_rank") is not None:
+            console.print(Text(
+                f"step {entry['step']} {phase}: rank {figures['max_rank']} spends {figures['max_ms']:.2f} ms of GPU time, "
+                f"balanced {figures['balanced_ms']:.2f} ms: ratio {figures['max_ms'] / max(figures['balanced_ms'], 1e-9):.2f}"))
+        for other, token in sorted((entry.get("tokens") or {}).items()):
+            if other != phase and token["expected_ratio"] and token["tokens"] > token["balanced_tokens"] * 1.1:
+                measured = "-" if token["measured_ratio"] is None else f"{token['measured_ratio']:.2f}"
+                console.print(Text(
+                    f"step {entry['step']} {other}: rank {token['rank']} {token['direction']} {token['tokens']:,} "
+                    f"tokens, balanced {token['balanced_tokens']:,.0f}: expected time ratio "
+                    f"{token['expected_ratio']:.2f}, measured ratio {measured}"))
+
+
+def _render_alignment(findings: Findings, console: Console) -> None:
+    """Multi-rank: how each rank was put on the common clock and how well it agrees."""
+    alignment = findings.alignment
+    if alignment is None or len(alignment.offsets) < 2:
+        return
+    if alignment.method == "none" and not alignment.per_rank:
+        return
+    residual = (
+        f", collective ends agree within {alignment.residual_p50_ns / 1e3:.1f} µs (median), "
+        f"{alignment.residual_max_ns / 1e3:.1f} µs (max) over {alignment.matched} collectives"
+        if alignment.residual_p50_ns is not None else ""
+    )
+    pairing = f"; collectives paired by {alignment.pairing}" if alignment.pairing != "none" else ""
+    trust = "" if alignment.trusted else "; waits not reported (see notes)"
+    console.print(Text(f"Clocks aligned by {alignment.method} to rank {alignment.reference_rank}{residual}"
+                       f"{pairing}{trust}"))
+    if not alignment.per_rank:
+        return
+    table = Table(title="Clock alignment per rank", title_justify="left")
+    for column in ("rank", "method", "offset µs", "correction µs", "matched", "residual p50 µs", "residual max µs"):
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    ranks = sorted(alignment.per_rank)
+    # The ranks that agree worst first when not all fit.
+    shown = ranks if len(ranks) <= MAX_ALIGNMENT_ROWS else sorted(
+        sorted(ranks, key=lambda r: -(alignment.per_rank[r]["residual_max_ns"] or 0))[:MAX_ALIGNMENT_ROWS])
+    for rank in shown:
+        info = alignment.per_rank[rank]
+        table.add_row(
+            str(rank), info["method"], f"{alignment.offsets.get(rank, 0) / 1e3:,.1f}",
+            f"{alignment.corrections.get(rank, 0) / 1e3:,.1f}", str(info["matched"]),
+            "-" if info["residual_p50_ns"] is None else f"{info['residual_p50_ns'] / 1e3:,.1f}",
+            "-" if info["residual_max_ns"] is None else f"{info['residual_max_ns'] / 1e3:,.1f}",
+        )
+    if len(shown) < len(ranks):
+        table.caption = f"{len(shown)} of {len(ranks)} ranks shown, worst residual first (JSON has all)"
+    console.print(table)
 
 
 def render_info(descriptions: list[dict], console: Console) -> None:
@@ -216,6 +304,10 @@ def render_postmortem(report: dict, console: Console) -> None:
         f"Step {report['step']} on rank {report['rank']} ({report['label']}): {report['duration_ms']:.1f} ms, "
         f"typical {report['typical_ms']:.1f} ms, excess {report['excess_ms']:+.1f} ms ({flag})", style="bold"))
     console.print(Text(f"where: {report['where']}    cause: {report['cause']}"))
+    if report.get("rank_chosen_as") == "straggler":
+        console.print(Text(f"rank {report['rank']} shown: the others waited for it longest in this step "
+                           "(--rank picks another)"))
+    _render_who_waited(report, console)
     console.print(plain_paragraph(report["narrative"]))
 
     table = Table(title="Breakdown against the typical step (ms)", title_justify="left")
@@ -265,6 +357,33 @@ def render_postmortem(report: dict, console: Console) -> None:
                           plain(f"{row['source']}: {row['evidence']}" if row["evidence"] else row["source"]),
                           plain(row["before"]))
         console.print(table)
+
+
+def _render_who_waited(report: dict, console: Console) -> None:
+    """Multi-rank ``explain``: each collective of the step, who arrived when and who waited."""
+    waits = report.get("waits") or []
+    if not waits:
+        return
+    costly = [w for w in waits if w["max_wait_ms"] > 0]
+    table = Table(title=f"Who waited for whom in step {report['step']} (ms after the first rank arrived)",
+                  title_justify="left")
+    for column in ("phase", "arrivals: rank +ms", "waited: rank ms", "last"):
+        table.add_column(column, justify="right" if column == "last" else "left", no_wrap=column == "phase")
+    shown = sorted(costly, key=lambda w: -w["max_wait_ms"])[:12]
+    for w in (x for x in costly if x in shown):
+        table.add_row(
+            plain(w["phase"] or w["collective"]),
+            ", ".join(f"{a['rank']} +{a['after_first_ms']:.3f}" for a in w["arrivals"][:8]),
+            ", ".join(f"{a['rank']} {a['wait_ms']:.3f}" for a in w["arrivals"][:8] if a["wait_ms"] > 0) or "-",
+            str(w["straggler"]),
+        )
+    table.caption = (f"{len(shown)} of {len(waits)} collectives of the step (largest waits), in the order they ran; "
+                     "JSON has all, with transfer times")
+    console.print(table)
+    for w in [x for x in shown if x["why"]][:6]:
+        console.print(plain_paragraph(
+            f"{w['phase'] or w['collective']} ({w['collective']}): rank {w['straggler']} arrived last, "
+            f"{w['max_wait_ms']:.3f} ms after the first; {w['why']}"))
 
 
 def plain_paragraph(text: str) -> Text:
