@@ -43,6 +43,7 @@ LAUNCH_API = re.compile(
 #: which drained the GPU queue (:mod:`traceinsight.analysis.cpu_gaps`).
 GAP_CAUSES = (
     "garbage_collection",
+    "module_loading",
     "cuda_allocator",
     "memory_allocation",
     "io",
@@ -65,6 +66,14 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
             # tp_traverse callbacks and their helpers run only when the collector walks objects
             r"|PyObject_IS_GC|_PyObject_VisitManagedDict|^\w+_traverse$"
             r"|function collect\b|\bgc_collect_main|handle_weakrefs|finalize_garbage"
+        ),
+    ),
+    (
+        # Loading GPU code: CUDA's lazy loading on a kernel's first launch, JIT compilation.
+        "module_loading",
+        re.compile(
+            r"(?i)^cu(?:Library(?:Load\w*|GetKernel|GetModule)|Module(?:Load\w*|GetFunction))(?:_v\d+)?$"
+            r"|^__cudaRegisterFatBinary|cudaGetFuncBySymbol|nvrtc\w+|nvJitLink|\bptxas\b|fatbinary|libnvrtc"
         ),
     ),
     (
@@ -132,7 +141,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         "launch_overhead",
         re.compile(
-            r"(?i)^cu(?:da)?Launch|^cuLaunch|libcudart|libcuda\.so|^cuKernel|^cudaGetFuncBySymbol"
+            r"(?i)^cu(?:da)?Launch|^cuLaunch|libcudart|libcuda\.so|^cuKernel"
             r"|c10::Dispatcher|at::_ops::|c10::impl::|^aten::(?:split|split_with_sizes|chunk|cat"
             r"|view|narrow|slice|select|as_strided|unbind|stack|reshape|expand|t|transpose|contiguous"
             r"|copy_|to|_to_copy|mm|matmul|linear|addmm|bmm|index|index_select|unsqueeze|squeeze"

@@ -34,11 +34,12 @@ MIN_SHARE = 0.1
 SYNC_FOLLOW_NS = 50_000
 #: The longest gap after a sync that is taken as the sync's refill cost.
 SYNC_REFILL_NS = 1_000_000
-#: CUDA API calls that cost host time without launching work: the device allocator and
-#: synchronizing calls.
+#: CUDA API calls that cost host time without launching work: the device allocator, loading
+#: GPU code (lazy loading on a kernel's first launch) and synchronizing calls.
 _COSTLY_CUDA_API = (
     r"^(?:cu(?:da)?(?:Malloc\w*|Free\w*|MemAlloc\w*|MemFree\w*|MemCreate|MemRelease|MemMap|MemUnmap"
-    r"|HostAlloc|MallocHost|FreeHost|HostRegister|HostUnregister|MemHostAlloc\w*|MemFreeHost)(?:_v\d+)?$)"
+    r"|HostAlloc|MallocHost|FreeHost|HostRegister|HostUnregister|MemHostAlloc\w*|MemFreeHost"
+    r"|LibraryLoad\w*|ModuleLoad\w*)(?:_v\d+)?$)"
     r"|" + HOST_SYNC_API.pattern
 )
 
