@@ -333,9 +333,10 @@ class Places:
     def _key_column(self, nodes: np.ndarray) -> pl.Series:
         if self.tree is None:
             return pl.Series([""] * nodes.size, dtype=pl.String)
-        unique = np.unique(nodes[nodes >= 0])
-        paths = dict(zip(unique.tolist(), self.tree.keys(unique).to_list()))
-        return pl.Series([paths.get(int(n), "") for n in nodes], dtype=pl.String)
+        nodes = np.asarray(nodes, dtype=np.int64)
+        unique, index = np.unique(np.where(nodes >= 0, nodes, -1), return_inverse=True)
+        paths = self.tree.keys(unique)  # "" for -1
+        return paths.gather(index.astype(np.int64))
 
     def _cpu_keys(self, cpu: pl.DataFrame) -> list[pl.Series]:
         if cpu.is_empty() or self.tree is None:
@@ -346,17 +347,22 @@ class Places:
         node = self.tree.innermost(cpu, time_column="_mid")
         at_end = self.tree.innermost(cpu, time_column="end_ns")
         on_main, main_node = self._on_main_thread(cpu, "_mid")
-        keys = self._key_column(node).to_list()
-        main_keys = self._key_column(main_node).to_list()
-        tids = cpu.get_column("tid").to_list()
-        for i in np.flatnonzero(node < 0):
-            outer = self.tree.outermost(int(at_end[i])) if at_end[i] >= 0 else -1
-            keys[i] = f"before {self.tree.names[outer]}" if outer >= 0 else "outside any range"
-            if not on_main[i] and main_node[i] >= 0:
+        outer = self.tree.outermost_many(at_end)
+        names = self.tree.frame.get_column("name")
+        outer_name = names.gather(np.where(outer >= 0, outer, 0))
+        key = (
+            pl.select(
+                pl.when(pl.Series(node) >= 0).then(self._key_column(node))
                 # A thread without ranges of its own (autograd's backward thread) works for
                 # the loop thread, which sits in its own range meanwhile.
-                keys[i] = f"{main_keys[i]} (thread {tids[i]})"
-        return [pl.Series("key", keys, dtype=pl.String), pl.Series("node", node, dtype=pl.Int64)]
+                .when(~pl.Series(on_main) & (pl.Series(main_node) >= 0))
+                .then(pl.format("{} (thread {})", self._key_column(main_node), cpu.get_column("tid")))
+                .when(pl.Series(outer) >= 0).then(pl.format("before {}", outer_name))
+                .otherwise(pl.lit("outside any range"))
+                .alias("key")
+            ).to_series()
+        )
+        return [key, pl.Series("node", node, dtype=pl.Int64)]
 
     def _on_main_thread(self, frame: pl.DataFrame, time_column: str) -> tuple[np.ndarray, np.ndarray]:
         """Whether each row's thread is its rank's loop thread, and the innermost range of

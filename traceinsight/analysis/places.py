@@ -114,6 +114,18 @@ class RangeTree:
             node = int(self.parent[node])
         return node
 
+    def outermost_many(self, nodes: np.ndarray) -> np.ndarray:
+        """:meth:`outermost` of every node (``-1`` stays ``-1``), one nesting level at a time."""
+        nodes = np.asarray(nodes, dtype=np.int64).copy()
+        for _ in range(self.max_depth + 1):
+            has = nodes >= 0
+            parent = np.where(has, self.parent[np.where(has, nodes, 0)], -1)
+            up = parent >= 0
+            if not up.any():
+                break
+            nodes = np.where(up, parent, nodes)
+        return nodes
+
     def keys(self, nodes: np.ndarray) -> pl.Series:
         """A path string per node (``""`` for -1), built one nesting level at a time."""
         nodes = np.asarray(nodes, dtype=np.int64)
