@@ -275,10 +275,44 @@ def _weights_from_intervals(
     if deepest_only:
         hits = hits.filter(_deepest_covering(hits, gaps))
     hits = hits.with_columns(pl.col("name").cast(pl.String))
-    names = hits.get_column("name").unique().to_list()
-    cause_by_name = {name: cause_of_name(name) or default_cause for name in names}
+    # Each distinct name is classified once, by the rules of cause_of_name run as polars
+    # regexes over all of them at once (an emit_nvtx trace has a distinct name per range:
+    # 100k Python regex searches took seconds). Names whose match could differ between
+    # Python's and polars' regex engines (non-ASCII, a newline: `$`, case folding) and
+    # rules polars cannot compile go through cause_of_name itself.
+    import re
+
+    from traceinsight.analysis import classify
+
+    names = hits.select(pl.col("name").unique().drop_nulls()).to_series()
+    plain = names.str.contains(r"^[\x20-\x7e\t]*$")
+    by_rules, rest = names.filter(plain).to_frame(), names.filter(~plain)
+    try:
+        rule_cause = pl.lit(None, pl.String)
+        for cause, rule in reversed(classify._CAUSE_RULES):
+            if rule.flags & (re.VERBOSE | re.ASCII | re.LOCALE) or not isinstance(rule.pattern, str):
+                raise pl.exceptions.ComputeError("a rule only Python's re can run")
+            flags = "".join(letter for flag, letter in ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"))
+                            if rule.flags & flag)
+            pattern = f"(?{flags}){rule.pattern}" if flags else rule.pattern
+            rule_cause = pl.when(pl.col("name").str.contains(pattern)).then(pl.lit(cause)).otherwise(rule_cause)
+        by_rules = by_rules.with_columns(cause=rule_cause.fill_null(pl.lit(default_cause, pl.String)))
+    except pl.exceptions.PolarsError:
+        by_rules, rest = pl.DataFrame(schema={"name": pl.String, "cause": pl.String}), names
+    rest = rest.to_list()
+    cause_of = pl.concat([
+        by_rules,
+        pl.DataFrame({"name": rest, "cause": [cause_of_name(name) or default_cause for name in rest]},
+                     schema={"name": pl.String, "cause": pl.String}),
+    ])
+    # cause_of_name of an empty or null name is None: both take the default.
+    cause_of = cause_of.with_columns(
+        cause=pl.when(pl.col("name") == "").then(pl.lit(default_cause, pl.String)).otherwise("cause")
+    )
     return (
-        hits.with_columns(cause=pl.col("name").replace_strict(cause_by_name, default=None))
+        hits.join(cause_of, on="name", how="left", maintain_order="left")
+        .with_columns(cause=pl.when(pl.col("name").is_null()).then(pl.lit(default_cause, pl.String))
+                      .otherwise("cause"))
         .filter(pl.col("cause").is_not_null())
         .group_by("gap_id", "cause", pl.col("name").alias("label"))
         .agg(weight_ns=pl.col("overlap_ns").sum())
