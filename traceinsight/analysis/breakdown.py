@@ -135,7 +135,9 @@ def gpu_activities(
         & (pl.col("_comm_name").fill_null(False) | pl.col("comm_op").is_not_null())
     ).drop("_comm_name")
     launches = (
-        intervals.filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
+        intervals.lazy()
+        .filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
+        .select("rank", "pid", "correlation", "start_ns", "end_ns", "tid", "name")
         .with_columns(launch_pid=pl.col("pid"))
         .group_by("rank", "pid", "correlation")
         .agg(
@@ -145,6 +147,7 @@ def gpu_activities(
             launch_tid=pl.col("tid").first(),
             launch_name=pl.col("name").first(),
         )
+        .collect()
     )
     joined = gpu.join(launches, on=["rank", "pid", "correlation"], how="left")
     # Kineto GPU rows carry the device as pid; the launch's pid is the CPU process. Fall back
@@ -352,7 +355,8 @@ def _gap_pieces(
     frames = []
     act_pid = activity.get_column("launch_pid").fill_null(-1).to_numpy() if activity.height else np.zeros(0, np.int64)
     act_tid = activity.get_column("launch_tid").fill_null(-1).to_numpy() if activity.height else act_pid
-    act_name = activity.get_column("name").to_numpy() if activity.height else act_pid
+    # Names stay a polars column, gathered by index: no Python string per activity or piece.
+    act_name = activity.get_column("name").cast(pl.String)
     for category, (starts, ends) in sets.items():
         if starts.size == 0:
             continue
@@ -376,12 +380,11 @@ def _gap_pieces(
                     "step": step_numbers[window].astype(np.int64),
                     "start_ns": left,
                     "end_ns": right,
-                    "category": [category] * left.size,
+                    "category": pl.repeat(category, left.size, dtype=pl.String, eager=True),
                     "pid": np.where(has_next, act_pid[safe] if act_pid.size else 0, -1),
                     "tid": np.where(has_next, act_tid[safe] if act_tid.size else 0, -1),
-                    "next_name": pl.Series(
-                        act_name[safe] if act_name.size else [""] * left.size, dtype=pl.String
-                    ),
+                    "next_name": act_name.gather(safe) if act_name.len()
+                    else pl.repeat("", left.size, dtype=pl.String, eager=True),
                     "_has_next": has_next,
                 }
             ).with_columns(next_name=pl.when("_has_next").then("next_name")).drop("_has_next")
