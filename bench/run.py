@@ -243,10 +243,11 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
 def _fill_cache(argv: list[str], cache: str) -> None:
     """Make sure the model cache holds the input, and no findings are cached."""
     if not os.path.isdir(cache) or not any(not n.startswith(".") for n in os.listdir(cache)):
+        # The first run parses and caches the model (and its findings, removed below).
         subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for root, folders, _ in os.walk(cache):
         for folder in folders:
-            if folder == "findings":
+            if folder.startswith("findings-"):
                 shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
 
 

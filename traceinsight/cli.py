@@ -139,24 +139,24 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
     from traceinsight.analysis.timeline import timelines_for_report
     from traceinsight.ingest import expand_paths
 
-    cache_dir, key = _loading["cache_dir"], None
+    cache_dir, entry = _loading["cache_dir"], None
     if cache_dir:
         try:
-            key = findings_cache.entry_key(expand_paths(paths), options, salvage=salvage)
+            entry = findings_cache.entry_path(cache_dir, expand_paths(paths), options, salvage=salvage)
         except (OSError, TraceInputError):
-            key = None  # a missing or unreadable file: _load says what is wrong with it
-        hit = findings_cache.load(cache_dir, key, with_timelines=with_timelines) if key else None
+            entry = None  # a missing or unreadable file: _load says what is wrong with it
+        hit = findings_cache.load(entry, with_timelines=with_timelines) if entry else None
         if hit is not None:
             findings, timelines = hit
             if with_timelines and timelines is None:
                 timelines = timelines_for_report(_load(paths, salvage=salvage), findings)
-                findings_cache.store_timelines(cache_dir, key, timelines)
+                findings_cache.store_timelines(entry, timelines)
             return findings, timelines
     model = _load(paths, salvage=salvage)
     findings = analyze_model(model, options)
-    timelines = timelines_for_report(model, findings) if with_timelines or key else None
-    if key:
-        findings_cache.store(cache_dir, key, findings, timelines)
+    timelines = timelines_for_report(model, findings) if with_timelines or entry else None
+    if entry:
+        findings_cache.store(entry, findings, timelines)
     return findings, timelines
 
 

@@ -12,12 +12,13 @@ An entry is keyed by
 - the package version and a hash of the package's source files other than the renderers,
   so that any change to the code that computes findings invalidates every entry.
 
-An entry is a folder ``<cache dir>/findings/<key>/``: every polars frame of the findings as
-an Arrow IPC file (types and values exactly as they were), and ``findings.json`` with the
-rest, in a tagged JSON that keeps tuples, non-string dict keys and dataclasses apart. An entry
-is written to a staging folder and renamed into place whole, and it is written only if it
-reads back equal (values and types) to what was analyzed: what cannot be stored exactly is
-not cached. A damaged entry is dropped and the analysis runs again.
+An entry is a folder ``findings-<key>`` inside the model cache entry of the first input file
+(so it goes when that entry goes): every polars frame of the findings as an Arrow IPC file
+(types and values exactly as they were), and ``findings.json`` with the rest, in a tagged
+JSON that keeps tuples, non-string dict keys and dataclasses apart. An entry is written to a
+staging folder and renamed into place whole, and only if it reads back equal (values and
+types) to what was analyzed: what cannot be stored exactly is not cached. A damaged entry is
+dropped and the analysis runs again.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ import polars as pl
 
 #: Bump when the layout of an entry changes.
 FORMAT = 1
-_FOLDER = "findings"
 _TIMELINES = "timelines.json"
 
 
@@ -58,16 +58,18 @@ def code_fingerprint() -> str:
     return digest.hexdigest()
 
 
-def entry_key(paths: list[str], options, *, salvage: bool = False) -> str:
-    """The entry name for the analysis of ``paths`` (already expanded) with ``options``."""
+def entry_path(cache_dir: str, paths: list[str], options, *, salvage: bool = False) -> str:
+    """Where the analysis of ``paths`` (already expanded) with ``options`` is kept: a
+    ``findings-<key>`` folder inside the model cache entry of the first file."""
     from traceinsight.ingest.cache import cache_key
 
+    models = [cache_key(path, salvage=salvage) for path in paths]
     digest = hashlib.blake2b(digest_size=16)
     digest.update(code_fingerprint().encode())
     digest.update(repr(options).encode())
-    for path in paths:
-        digest.update(cache_key(path, salvage=salvage).encode())
-    return digest.hexdigest()
+    for key in models:
+        digest.update(key.encode())
+    return os.path.join(cache_dir, models[0], f"findings-{digest.hexdigest()}")
 
 
 # -- tagged JSON -------------------------------------------------------------------------------
@@ -180,16 +182,11 @@ def _read(folder: str, name: str):
 # -- entries -----------------------------------------------------------------------------------
 
 
-def _entry(cache_dir: str, key: str) -> str:
-    return os.path.join(cache_dir, _FOLDER, key)
-
-
-def load(cache_dir: str, key: str, *, with_timelines: bool = False):
-    """``(findings, timelines)`` of the entry ``key``; ``timelines`` is ``None`` unless
-    asked for and present. ``None`` when there is no valid entry."""
+def load(entry: str, *, with_timelines: bool = False):
+    """``(findings, timelines)`` kept in ``entry`` (see :func:`entry_path`); ``timelines``
+    is ``None`` unless asked for and present. ``None`` when there is no valid entry."""
     from traceinsight.analysis.pipeline import Findings
 
-    entry = _entry(cache_dir, key)
     if not os.path.exists(os.path.join(entry, "findings.json")):
         return None
     try:
@@ -204,16 +201,19 @@ def load(cache_dir: str, key: str, *, with_timelines: bool = False):
     return findings, timelines
 
 
-def store(cache_dir: str, key: str, findings, timelines: dict | None = None) -> bool:
-    """Write the entry ``key``; ``False`` (and nothing written) when the findings cannot be
-    stored exactly or the folder cannot be written. Never fails the run."""
+def store(entry: str, findings, timelines: dict | None = None) -> bool:
+    """Write ``entry``; ``False`` (and nothing written) when the model entry it belongs in
+    is missing, the findings cannot be stored exactly or the folder cannot be written.
+    Never fails the run."""
     fields = {f.name: getattr(findings, f.name) for f in dataclasses.fields(findings)}
+    model_entry = os.path.dirname(entry)
+    if not os.path.exists(os.path.join(model_entry, "meta.json")):
+        return False  # never create a model entry's folder: the model cache would trust it
     try:
-        os.makedirs(os.path.join(cache_dir, _FOLDER), exist_ok=True)
-        final = _entry(cache_dir, key)
+        final = entry
         if os.path.exists(final):
             return True
-        staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.join(cache_dir, _FOLDER))
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=model_entry)
         try:
             _write(staging, "findings.json", fields)
             if not _same(_read(staging, "findings.json"), fields):
@@ -231,9 +231,8 @@ def store(cache_dir: str, key: str, findings, timelines: dict | None = None) -> 
     return True
 
 
-def store_timelines(cache_dir: str, key: str, timelines: dict) -> bool:
-    """Add the HTML report's timelines to the existing entry ``key``."""
-    entry = _entry(cache_dir, key)
+def store_timelines(entry: str, timelines: dict) -> bool:
+    """Add the HTML report's timelines to the existing ``entry``."""
     if not os.path.isdir(entry):
         return False
     try:
