@@ -237,7 +237,28 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
     # this case measures the analysis itself.
     cases.append(Case("traceinsight analyze, cached model", cached,
                       lambda: _fill_cache(cached, cache)))
+    # A second question after that analyze: answered from the findings it cached.
+    findings_json = os.path.join(out_dir, "findings.json")
+    explain = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "explain", path, "--step", "0",
+               "--json", os.path.join(out_dir, "explain.json")]
+    cases.append(Case("then explain --step N (cached findings)", explain,
+                      lambda: explain.__setitem__(explain.index("--step") + 1, _some_step(findings_json))))
+    cases.append(Case("then analyze --html (cached findings)",
+                      [python, "-m", "traceinsight.cli", "--cache-dir", cache, "analyze", path, "--quiet",
+                       "--html", os.path.join(out_dir, "report.html")]))
+    cases.append(Case("then diff (cached findings)",
+                      [python, "-m", "traceinsight.cli", "--cache-dir", cache, "diff", path, "--against", path,
+                       "--quiet", "--json", os.path.join(out_dir, "diff.json")]))
     return cases
+
+
+def _some_step(findings_json: str) -> str:
+    """The slowest step of the findings (a step ``explain`` will accept)."""
+    import json
+
+    with open(findings_json, encoding="utf-8") as handle:
+        steps = json.load(handle).get("steps") or [{}]
+    return str(max(steps, key=lambda s: s.get("duration_ms", 0)).get("step", 0))
 
 
 def _fill_cache(argv: list[str], cache: str) -> None:

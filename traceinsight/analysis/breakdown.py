@@ -95,7 +95,11 @@ class Breakdown:
 def window_breakdown(sets: dict[int, dict[str, iv.IntervalSet]], windows: pl.DataFrame) -> pl.DataFrame:
     """The categories inside each window; ``idle`` is the rest of the window."""
     frames = []
-    for (rank,), part in windows.group_by(["rank"], maintain_order=True):
+    ranks = windows.get_column("rank").unique() if "rank" in windows.columns else None
+    # A rank's worker sees its own windows only: no split into per-rank frames and back.
+    groups = ([((ranks[0],), windows)] if ranks is not None and ranks.len() == 1 and ranks[0] is not None
+              else windows.group_by(["rank"], maintain_order=True))
+    for (rank,), part in groups:
         rank_sets = sets.get(rank, {})
         starts = part.get_column("start_ns").to_numpy()
         ends = part.get_column("end_ns").to_numpy()
@@ -204,7 +208,7 @@ def step_breakdown(
     """
     if gpu is None:
         gpu = gpu_activities(model, comm_patterns=comm_patterns)
-    sync_rows = model.intervals.filter(host_sync_expr())
+    sync_rows = model.intervals.lazy().filter(host_sync_expr()).select("rank", "start_ns", "end_ns").collect()
     step_frames: list[pl.DataFrame] = []
     gap_frames: list[pl.DataFrame] = []
     all_sets: dict[int, dict[str, iv.IntervalSet]] = {}
@@ -287,7 +291,7 @@ def _partition_rank(
     gap_starts, gap_ends = iv.complement(busy, lo, hi)
 
     # The activity that ends each gap: the first one starting at the gap's end.
-    activity = gpu.sort("start_ns")
+    activity = gpu.select("start_ns", "launch_start_ns", "launch_pid", "launch_tid", "name").sort("start_ns")
     act_start = activity.get_column("start_ns").to_numpy()
     launch_start = activity.get_column("launch_start_ns").fill_null(np.iinfo(np.int64).min).to_numpy()
     has_launch = activity.get_column("launch_start_ns").is_not_null().to_numpy()
