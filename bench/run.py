@@ -2,19 +2,36 @@
 
 Every case runs as its own process, one after the other, in the same invocation (this machine
 is noisy: compare ratios from one run, not figures from different runs). Wall time and the
-peak resident memory of that process alone (``os.wait4``) are recorded.
+peak resident memory of that process alone (``os.wait4``) are recorded; with ``--repeat N``
+the cases run N times interleaved and the median time (and the largest peak) is reported.
 
 Cases, per input:
 
 - **floor** (Kineto): gzip decompression + ``orjson.loads`` of the same bytes, nothing else.
-- **floor** (nsys): a plain ``sqlite3`` scan of the kernel, runtime, NVTX, OS-runtime and
-  sampling tables (every row fetched).
+- **floor** (nsys): a plain ``sqlite3`` ``fetchall`` of every table traceinsight reads
+  (kernels, copies, memsets, syncs, runtime, NVTX, OS runtime and its callchains, CPU samples
+  and their callchains, strings).
 - **hta**: Holistic Trace Analysis parsing the trace (``TraceAnalysis``), when installed.
-- **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``.
+- **nsys-ai** (nsys, ``--nsys-ai EXE``): ``nsys-ai analyze --format json`` as users run it,
+  on a private copy of the file: *cold* (first run: it builds its Parquet cache beside the
+  copy) and *warm* (the same copy again, cache present); ``--nsys-ai-direct`` adds its
+  no-cache mode (``NSYS_AI_CACHE_MODE=direct``, another fresh copy). nsys-ai reads the file
+  through DuckDB's sqlite extension, which DuckDB downloads at run time; offline it is
+  found from the ``duckdb-ext-sqlite`` package in nsys-ai's environment (a private HOME whose
+  ``.duckdb/extensions`` points at it). Without it nsys-ai falls back to plain sqlite3 and
+  says so on stderr; the table then marks its rows ``(no DuckDB)``.
+- **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``
+  (``--no-cache``), and ``analyze`` again with a warm cache of the parsed model.
 
 ``--growth`` also measures the floor and ``analyze`` on the trace repeated 1x, 2x and 4x
 (copies shifted in time, step numbers and correlation ids renumbered, written as compact
 JSON) to show time and memory grow linearly. An input may be a folder of rank files.
+
+``--nvtx-flood EXPORT`` adds the emit_nvtx case: a copy of the nsys export with some 400k
+distinct-named NVTX ranges around its CUDA calls (``bench/make_nvtx_flood.py``, written to
+the temporary folder and removed afterwards), measured like an nsys input; with ``--growth``
+at 1x, 2x and 4x the ranges (the 2x and 4x copies: the floor and ``analyze`` only). The ratio
+reported is ``analyze`` to the bare fetch.
 
 Usage::
 
@@ -22,6 +39,8 @@ Usage::
     python bench/run.py ../shared/traces/device/h200_single_torch/trace.json.gz --growth
     python bench/run.py ../shared/traces/device/h200_2rank_torch      # a folder: every rank
     python bench/run.py ../shared/traces/device/h200_single_nsys/trace.sqlite --markdown bench/RESULTS.md
+    python bench/run.py --nvtx-flood ../shared/traces/device/h200_single_nsys/trace.sqlite --growth \\
+        --nsys-ai /tmp/nsysaivenv/bin/nsys-ai --repeat 3
 """
 
 from __future__ import annotations
@@ -53,8 +72,9 @@ import sqlite3, sys
 db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
 rows = 0
-for t in ("CUPTI_ACTIVITY_KIND_KERNEL", "CUPTI_ACTIVITY_KIND_RUNTIME", "NVTX_EVENTS", "OSRT_API",
-          "COMPOSITE_EVENTS", "SAMPLING_CALLCHAINS", "StringIds"):
+for t in ("CUPTI_ACTIVITY_KIND_KERNEL", "CUPTI_ACTIVITY_KIND_MEMCPY", "CUPTI_ACTIVITY_KIND_MEMSET",
+          "CUPTI_ACTIVITY_KIND_SYNCHRONIZATION", "CUPTI_ACTIVITY_KIND_RUNTIME", "NVTX_EVENTS", "OSRT_API",
+          "OSRT_CALLCHAINS", "COMPOSITE_EVENTS", "SAMPLING_CALLCHAINS", "StringIds"):
     if t in tables:
         rows += len(db.execute(f"SELECT * FROM {t}").fetchall())
 print(rows)
@@ -80,23 +100,25 @@ class Result:
     note: str = ""
 
 
-def run_case(case: str, argv: list[str], *, timeout: float = 1800) -> Result:
+def run_case(case: str, argv: list[str], *, timeout: float = 1800, env: dict | None = None) -> Result:
     """Run ``argv`` as a child process; wall time and its own peak RSS."""
-    start = time.perf_counter()
-    with open(os.devnull, "wb") as devnull:
-        proc = subprocess.Popen(argv, stdout=devnull, stderr=subprocess.PIPE)
-    deadline = start + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.perf_counter() > deadline:
-            proc.kill()
-            _, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.01)
-    seconds = time.perf_counter() - start
-    stderr = proc.stderr.read().decode(errors="replace").strip().splitlines() if proc.stderr else []
+    # stderr to a file, not a pipe: a chatty child would block on a full pipe.
+    with tempfile.TemporaryFile() as errors, open(os.devnull, "wb") as devnull:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=devnull, stderr=errors, env=env)
+        deadline = start + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                _, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.01)
+        seconds = time.perf_counter() - start
+        errors.seek(0)
+        stderr = errors.read().decode(errors="replace").strip().splitlines()
     ok = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     # ru_maxrss is in KiB on Linux.
     return Result(case, seconds, usage.ru_maxrss / 1024, ok, "" if ok else (stderr[-1] if stderr else "failed"))
@@ -138,31 +160,137 @@ def hta_available(python: str) -> bool:
     return probe.returncode == 0
 
 
+@dataclass
+class Case:
+    """One measured command; ``setup`` runs (unmeasured) before every run of it."""
+
+    name: str
+    argv: list[str]
+    setup: object = None
+    env: dict | None = None
+
+
+def nsys_ai_home(nsys_ai: str, out_dir: str) -> str | None:
+    """A private HOME whose DuckDB extension folder is the ``duckdb-ext-sqlite`` package's
+    in nsys-ai's environment (DuckDB would download its sqlite extension otherwise)."""
+    python = os.path.join(os.path.dirname(os.path.abspath(nsys_ai)), "python")
+    probe = subprocess.run(
+        [python, "-c", "import importlib.util, os; spec = importlib.util.find_spec('duckdb_ext'); "
+         "print(os.path.join(list(spec.submodule_search_locations)[0], 'extensions') if spec else '')"],
+        capture_output=True, text=True)
+    extensions = probe.stdout.strip() if probe.returncode == 0 else ""
+    if not extensions or not os.path.isdir(extensions):
+        return None
+    home = os.path.join(out_dir, "nsys-ai-home")
+    os.makedirs(os.path.join(home, ".duckdb"), exist_ok=True)
+    link = os.path.join(home, ".duckdb", "extensions")
+    if not os.path.lexists(link):
+        os.symlink(extensions, link)
+    return home
+
+
+def nsys_ai_cases(path: str, out_dir: str, nsys_ai: str, *, direct: bool) -> list[Case]:
+    """nsys-ai as users run it: on a private copy (it writes its cache beside the file),
+    cold (no cache yet), then warm (the same copy again); optionally its no-cache mode."""
+    home = nsys_ai_home(nsys_ai, out_dir)
+    env = {**os.environ, "HOME": home} if home else None
+    label = "" if home else " (no DuckDB)"
+    folder = os.path.join(out_dir, "nsys-ai")
+    copy = os.path.join(folder, "profile.sqlite")
+
+    def fresh_copy() -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        os.makedirs(folder)
+        shutil.copyfile(path, copy)
+
+    command = [nsys_ai, "analyze", "--format", "json", "-o", os.path.join(out_dir, "nsys-ai.json"), copy]
+    cases = [Case(f"nsys-ai analyze, cold cache{label}", command, fresh_copy, env),
+             Case(f"nsys-ai analyze, warm cache{label}", command, None, env)]
+    if direct:
+        cases.append(Case(f"nsys-ai analyze, direct (no cache){label}", command, fresh_copy,
+                          {**(env or os.environ), "NSYS_AI_CACHE_MODE": "direct"}))
+    return cases
+
+
 def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.executable,
-              nsys_ai: str | None = None) -> list[tuple[str, list[str]]]:
+              nsys_ai: str | None = None, nsys_ai_direct: bool = False,
+              with_info: bool = True, growth_only: bool = False) -> list[Case]:
     python = sys.executable
     # --no-cache: measure parsing, not the cache; the cached case is measured on its own below.
     traceinsight = [python, "-m", "traceinsight.cli", "--no-cache"]
-    cases: list[tuple[str, list[str]]] = []
+    cases: list[Case] = []
     if is_sqlite(path):
-        cases.append(("floor: sqlite3 scan", [python, "-c", FLOOR_NSYS, path]))
-        if nsys_ai:
-            # nsys-ai writes indexes into the profile it reads: give it a private copy.
-            copy = os.path.join(out_dir, "nsys-ai-copy.sqlite")
-            shutil.copy(path, copy)
-            cases.append(("nsys-ai analyze --format json", [nsys_ai, "analyze", "--format", "json", copy]))
+        cases.append(Case("floor: sqlite3 fetch", [python, "-c", FLOOR_NSYS, path]))
+        if nsys_ai and not growth_only:
+            cases += nsys_ai_cases(path, out_dir, nsys_ai, direct=nsys_ai_direct)
     else:
-        cases.append(("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, *trace_files(path)]))
+        cases.append(Case("floor: gunzip + orjson.loads", [python, "-c", FLOOR_KINETO, *trace_files(path)]))
         if with_hta:
-            cases.append(("HTA TraceAnalysis parse", [hta_python, "-c", HTA, *trace_files(path)]))
-    cases.append(("traceinsight info --json", [*traceinsight, "info", "--json", path]))
-    cases.append(("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
-                                                  "--json", os.path.join(out_dir, "findings.json")]))
-    cached = [python, "-m", "traceinsight.cli", "--cache-dir", os.path.join(out_dir, "cache"), "analyze", path,
+            cases.append(Case("HTA TraceAnalysis parse", [hta_python, "-c", HTA, *trace_files(path)]))
+    if with_info:
+        cases.append(Case("traceinsight info --json", [*traceinsight, "info", "--json", path]))
+    cases.append(Case("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
+                                                      "--json", os.path.join(out_dir, "findings.json")]))
+    if growth_only:  # the larger copies of a growth series: the floor and analyze suffice
+        return cases
+    cache = os.path.join(out_dir, "cache")
+    cached = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "analyze", path,
               "--quiet", "--json", os.path.join(out_dir, "findings.json")]
-    cases.append(("(fill the cache)", cached))
-    cases.append(("traceinsight analyze, cached", cached))
+    # The parsed model is cached; the findings cache (if any) is emptied before each run, so
+    # this case measures the analysis itself.
+    cases.append(Case("traceinsight analyze, cached model", cached,
+                      lambda: _fill_cache(cached, cache)))
+    # A second question after that analyze: answered from the findings it cached.
+    findings_json = os.path.join(out_dir, "findings.json")
+    explain = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "explain", path, "--step", "0",
+               "--json", os.path.join(out_dir, "explain.json")]
+    cases.append(Case("then explain --step N (cached findings)", explain,
+                      lambda: explain.__setitem__(explain.index("--step") + 1, _some_step(findings_json))))
+    cases.append(Case("then analyze --html (cached findings)",
+                      [python, "-m", "traceinsight.cli", "--cache-dir", cache, "analyze", path, "--quiet",
+                       "--html", os.path.join(out_dir, "report.html")]))
+    cases.append(Case("then diff (cached findings)",
+                      [python, "-m", "traceinsight.cli", "--cache-dir", cache, "diff", path, "--against", path,
+                       "--quiet", "--json", os.path.join(out_dir, "diff.json")]))
     return cases
+
+
+def _some_step(findings_json: str) -> str:
+    """The slowest step of the findings (a step ``explain`` will accept)."""
+    import json
+
+    with open(findings_json, encoding="utf-8") as handle:
+        steps = json.load(handle).get("steps") or [{}]
+    return str(max(steps, key=lambda s: s.get("duration_ms", 0)).get("step", 0))
+
+
+def _fill_cache(argv: list[str], cache: str) -> None:
+    """Make sure the model cache holds the input, and no findings are cached."""
+    if not os.path.isdir(cache) or not any(not n.startswith(".") for n in os.listdir(cache)):
+        # The first run parses and caches the model (and its findings, removed below).
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for root, folders, _ in os.walk(cache):
+        for folder in folders:
+            if folder.startswith("findings-"):
+                shutil.rmtree(os.path.join(root, folder), ignore_errors=True)
+
+
+def measure(cases: list[Case], repeat: int) -> list[Result]:
+    """Run the cases ``repeat`` times, interleaved; median time and largest peak per case."""
+    runs: dict[str, list[Result]] = {case.name: [] for case in cases}
+    for _ in range(repeat):
+        for case in cases:
+            if callable(case.setup):
+                case.setup()
+            result = run_case(case.name, case.argv, env=case.env)
+            runs[case.name].append(result)
+    out = []
+    for case in cases:
+        results = sorted(runs[case.name], key=lambda r: r.seconds)
+        middle = results[len(results) // 2]
+        out.append(Result(case.name, middle.seconds, max(r.peak_mb for r in results),
+                          all(r.ok for r in results), next((r.note for r in results if not r.ok), "")))
+    return out
 
 
 def repeat_trace(path: str, copies: int, out_path: str) -> None:
@@ -216,20 +344,55 @@ def markdown(rows: list[tuple[str, Result]], ratios: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {r}" for r in ratios]) + "\n"
 
 
+def report(name: str, results: list[Result], rows: list, ratios: list[str], *, json_size: float | None) -> None:
+    """Print and record one input's results and its ratios."""
+    by_case = {}
+    for result in results:
+        rows.append((name, result))
+        by_case[result.case.split(":")[0] if result.case.startswith("floor") else result.case] = result
+        print(f"  {result.case:44s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB"
+              f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
+    floor = by_case.get("floor")
+    analyze = by_case.get("traceinsight analyze --json")
+    cached = by_case.get("traceinsight analyze, cached model")
+    if floor and analyze and floor.seconds > 0:
+        ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
+                      f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory"
+                      + (f"; with the model cached {cached.seconds / floor.seconds:.2f}x time" if cached else ""))
+    if json_size and analyze:
+        ratios.append(f"{name}: analyze peak RSS / JSON size = {analyze.peak_mb:,.0f} / {json_size:,.0f} MiB "
+                      f"= {analyze.peak_mb / json_size:.2f}")
+    for case, result in by_case.items():
+        if case.startswith("nsys-ai") and analyze and result.ok:
+            ratios.append(f"{name}: {case} / traceinsight analyze = {result.seconds / analyze.seconds:.2f}x time")
+    hta = by_case.get("HTA TraceAnalysis parse")
+    if hta and analyze and hta.ok:
+        ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("traces", nargs="+")
-    parser.add_argument("--growth", action="store_true", help="also run analyze on 1x, 2x, 4x copies (Kineto)")
+    parser.add_argument("traces", nargs="*")
+    parser.add_argument("--growth", action="store_true",
+                        help="also run analyze on 1x, 2x, 4x copies (Kineto) or 1x, 2x, 4x ranges (--nvtx-flood)")
     parser.add_argument("--no-hta", action="store_true", help="skip Holistic Trace Analysis even if installed")
     parser.add_argument("--hta-python", default=sys.executable,
                         help="python that has HolisticTraceAnalysis installed (e.g. of its own venv)")
     parser.add_argument("--nsys-ai", metavar="EXE", help="nsys-ai executable to compare with on nsys inputs")
+    parser.add_argument("--nsys-ai-direct", action="store_true", help="also run nsys-ai's no-cache direct mode")
+    parser.add_argument("--nvtx-flood", metavar="EXPORT",
+                        help="add the emit_nvtx case made from this nsys export (bench/make_nvtx_flood.py)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each case, interleaved (median reported)")
     parser.add_argument("--markdown", metavar="FILE", help="append the results table to FILE")
     args = parser.parse_args()
+    if not args.traces and not args.nvtx_flood:
+        parser.error("give trace paths, --nvtx-flood EXPORT, or both")
     with_hta = not args.no_hta and hta_available(args.hta_python)
     out_dir = tempfile.mkdtemp(prefix="traceinsight-bench-")
     rows: list[tuple[str, Result]] = []
     ratios: list[str] = []
+    options = dict(with_hta=with_hta, hta_python=args.hta_python, nsys_ai=args.nsys_ai,
+                   nsys_ai_direct=args.nsys_ai_direct)
     try:
         for path in args.traces:
             name = os.path.relpath(path)
@@ -237,28 +400,9 @@ def main() -> int:
             json_size = json_mib(path)
             holding = f", {json_size:,.0f} MiB of JSON" if json_size else ""
             print(f"== {name} ({size_mb:.1f} MiB on disk{holding})", flush=True)
-            results = {}
-            for case, argv in cases_for(path, out_dir, with_hta=with_hta, hta_python=args.hta_python,
-                                        nsys_ai=args.nsys_ai):
-                result = run_case(case, argv)
-                results[case.split(":")[0].split(" ")[0] if case.startswith("floor") else case] = result
-                rows.append((name, result))
-                print(f"  {case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB"
-                      f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
-            floor = results.get("floor")
-            analyze = results.get("traceinsight analyze --json")
-            if floor and analyze and floor.seconds > 0:
-                ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
-                              f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory")
-            if json_size and analyze:
-                ratios.append(f"{name}: analyze peak RSS / JSON size = {analyze.peak_mb:,.0f} / {json_size:,.0f} MiB "
-                              f"= {analyze.peak_mb / json_size:.2f}")
-            peer = next((r for c, r in results.items() if c.startswith("nsys-ai")), None)
-            if peer and analyze and peer.ok:
-                ratios.append(f"{name}: nsys-ai / traceinsight analyze = {peer.seconds / analyze.seconds:.1f}x time")
-            hta = results.get("HTA TraceAnalysis parse")
-            if hta and analyze and hta.ok:
-                ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
+            case_dir = tempfile.mkdtemp(dir=out_dir)
+            report(name, measure(cases_for(path, case_dir, **options), args.repeat), rows, ratios,
+                   json_size=json_size)
             if args.growth and not is_sqlite(path) and not os.path.isdir(path):
                 for copies in (1, 2, 4):
                     grown = os.path.join(out_dir, f"x{copies}.json.gz")
@@ -270,16 +414,29 @@ def main() -> int:
                     grown_json = json_mib(grown)
                     floor = run_case(f"floor {copies}x", [sys.executable, "-c", FLOOR_KINETO, grown])
                     rows.append((name, floor))
-                    print(f"  {floor.case:32s} {floor.seconds:8.2f} s {floor.peak_mb:9,.0f} MiB", flush=True)
+                    print(f"  {floor.case:44s} {floor.seconds:8.2f} s {floor.peak_mb:9,.0f} MiB", flush=True)
                     result = run_case(f"analyze {copies}x ({grown_json:,.0f} MiB of JSON)",
                                       [sys.executable, "-m", "traceinsight.cli", "--no-cache", "analyze",
                                        grown, "--quiet", "--json", os.path.join(out_dir, "g.json")])
                     rows.append((name, result))
-                    print(f"  {result.case:32s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB "
+                    print(f"  {result.case:44s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB "
                           f"({result.peak_mb / grown_json:.2f}x the JSON)", flush=True)
                     ratios.append(f"{name} {copies}x: analyze / floor = {result.seconds / floor.seconds:.2f}x time; "
                                   f"peak RSS / JSON size = {result.peak_mb / grown_json:.2f}")
                     os.unlink(grown)
+        if args.nvtx_flood:
+            for factor in (1, 2, 4) if args.growth else (1,):
+                flood = os.path.join(out_dir, f"nvtx_flood_x{factor}.sqlite")
+                made = subprocess.run(
+                    [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_nvtx_flood.py"),
+                     args.nvtx_flood, flood, "--factor", str(factor)],
+                    check=True, capture_output=True, text=True).stdout.strip()
+                name = f"emit_nvtx flood {factor}x ranges"
+                print(f"== {name} ({os.path.getsize(flood) / 2**20:.1f} MiB: {made})", flush=True)
+                case_dir = tempfile.mkdtemp(dir=out_dir)
+                cases = cases_for(flood, case_dir, **options, growth_only=factor > 1)
+                report(name, measure(cases, args.repeat), rows, ratios, json_size=None)
+                os.unlink(flood)
         for line in ratios:
             print(line)
         if args.markdown:

@@ -129,6 +129,37 @@ def _load(paths, *, salvage: bool = False):
         return load(files, on_done=lambda _: progress.advance(task), **options)
 
 
+def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = False):
+    """``(findings, timelines)`` of ``paths``: from the findings cache when it holds this
+    analysis (see :mod:`traceinsight.analysis.findings_cache`), else analyzed and stored.
+    ``timelines`` (the HTML report's) are computed and stored with the findings whenever the
+    model is at hand, so that a later ``--html`` needs no model either."""
+    from traceinsight.analysis import findings_cache
+    from traceinsight.analysis.engine import analyze_model
+    from traceinsight.analysis.timeline import timelines_for_report
+    from traceinsight.ingest import expand_paths
+
+    cache_dir, entry = _loading["cache_dir"], None
+    if cache_dir:
+        try:
+            entry = findings_cache.entry_path(cache_dir, expand_paths(paths), options, salvage=salvage)
+        except (OSError, TraceInputError):
+            entry = None  # a missing or unreadable file: _load says what is wrong with it
+        hit = findings_cache.load(entry, with_timelines=with_timelines) if entry else None
+        if hit is not None:
+            findings, timelines = hit
+            if with_timelines and timelines is None:
+                timelines = timelines_for_report(_load(paths, salvage=salvage), findings)
+                findings_cache.store_timelines(entry, timelines)
+            return findings, timelines
+    model = _load(paths, salvage=salvage)
+    findings = analyze_model(model, options)
+    timelines = timelines_for_report(model, findings) if with_timelines or entry else None
+    if entry:
+        findings_cache.store(entry, findings, timelines)
+    return findings, timelines
+
+
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object instead of text.")
@@ -176,29 +207,27 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
             html_path):
     """Steps, where their time went, CPU-gap causes, ranges and kernels."""
     from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-    from traceinsight.analysis.engine import Options, analyze_model
+    from traceinsight.analysis.engine import Options
 
     options = Options(step_pattern=step_marker, comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
     if engine == "ray":
         from traceinsight.engines.ray_engine import analyze_with_ray
 
-        model = None  # the events stay with the Ray actors
         findings = analyze_with_ray(paths, options=options, address=ray_address, salvage=salvage,
                                     cache_dir=_loading["cache_dir"])
     else:
-        model = _load(paths, salvage=salvage)
-        findings = analyze_model(model, options)
+        findings, timelines = _findings(paths, options, salvage=salvage, with_timelines=bool(html_path))
     outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
         from traceinsight.report.json_report import render_json
 
         quiet |= _queue_output(json_path, render_json(findings, show_host=show_host), outputs)
     if html_path:
-        from traceinsight.analysis.timeline import timelines_for_report
         from traceinsight.report.html import render_html
 
         _check_html_path(html_path, "report")
-        timelines = timelines_for_report(model, findings) if model is not None else {}
+        if engine == "ray":
+            timelines = {}
         outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
     if not quiet:
         from traceinsight.report.terminal import render_findings
@@ -224,10 +253,10 @@ def explain(paths, step, rank, json_path, step_marker, salvage):
     """Post-mortem of one step: where it differs from the typical step, and why."""
     import msgspec
 
-    from traceinsight.analysis.pipeline import analyze as run_analysis
+    from traceinsight.analysis.engine import Options
     from traceinsight.analysis.postmortem import step_postmortem
 
-    findings = run_analysis(_load(paths, salvage=salvage), step_pattern=step_marker)
+    findings, _ = _findings(paths, Options(step_pattern=step_marker), salvage=salvage)
     report = step_postmortem(findings, step=step, rank=rank)
     if json_path:
         data = msgspec.json.format(msgspec.json.encode(report), indent=1)
@@ -429,15 +458,16 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     3 with --fail-if-slower when the median step got slower by more than PCT percent.
     """
     from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
-    from traceinsight.analysis.pipeline import analyze as run_analysis
+    from traceinsight.analysis.engine import Options
 
     if html_path:
         _check_html_path(html_path, "page")
-    before_findings = run_analysis(_load(before, salvage=salvage), step_pattern=step_marker)
+    options = Options(step_pattern=step_marker)
+    before_findings, _ = _findings(before, options, salvage=salvage)
     if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
         after_findings = before_findings  # the same run: analyze it once
     else:
-        after_findings = run_analysis(_load(after, salvage=salvage), step_pattern=step_marker)
+        after_findings, _ = _findings(after, options, salvage=salvage)
     result = diff_findings(before_findings, after_findings, steps_before=steps_before, steps_after=steps_after,
                            options=DiffOptions(by_rank=by_rank))
     outputs = []  # rendered in full before the first is written: a failure leaves none

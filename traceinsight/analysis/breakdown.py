@@ -95,7 +95,11 @@ class Breakdown:
 def window_breakdown(sets: dict[int, dict[str, iv.IntervalSet]], windows: pl.DataFrame) -> pl.DataFrame:
     """The categories inside each window; ``idle`` is the rest of the window."""
     frames = []
-    for (rank,), part in windows.group_by(["rank"], maintain_order=True):
+    ranks = windows.get_column("rank").unique() if "rank" in windows.columns else None
+    # A rank's worker sees its own windows only: no split into per-rank frames and back.
+    groups = ([((ranks[0],), windows)] if ranks is not None and ranks.len() == 1 and ranks[0] is not None
+              else windows.group_by(["rank"], maintain_order=True))
+    for (rank,), part in groups:
         rank_sets = sets.get(rank, {})
         starts = part.get_column("start_ns").to_numpy()
         ends = part.get_column("end_ns").to_numpy()
@@ -135,7 +139,9 @@ def gpu_activities(
         & (pl.col("_comm_name").fill_null(False) | pl.col("comm_op").is_not_null())
     ).drop("_comm_name")
     launches = (
-        intervals.filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
+        intervals.lazy()
+        .filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
+        .select("rank", "pid", "correlation", "start_ns", "end_ns", "tid", "name")
         .with_columns(launch_pid=pl.col("pid"))
         .group_by("rank", "pid", "correlation")
         .agg(
@@ -145,6 +151,7 @@ def gpu_activities(
             launch_tid=pl.col("tid").first(),
             launch_name=pl.col("name").first(),
         )
+        .collect()
     )
     joined = gpu.join(launches, on=["rank", "pid", "correlation"], how="left")
     # Kineto GPU rows carry the device as pid; the launch's pid is the CPU process. Fall back
@@ -201,7 +208,7 @@ def step_breakdown(
     """
     if gpu is None:
         gpu = gpu_activities(model, comm_patterns=comm_patterns)
-    sync_rows = model.intervals.filter(host_sync_expr())
+    sync_rows = model.intervals.lazy().filter(host_sync_expr()).select("rank", "start_ns", "end_ns").collect()
     step_frames: list[pl.DataFrame] = []
     gap_frames: list[pl.DataFrame] = []
     all_sets: dict[int, dict[str, iv.IntervalSet]] = {}
@@ -284,7 +291,7 @@ def _partition_rank(
     gap_starts, gap_ends = iv.complement(busy, lo, hi)
 
     # The activity that ends each gap: the first one starting at the gap's end.
-    activity = gpu.sort("start_ns")
+    activity = gpu.select("start_ns", "launch_start_ns", "launch_pid", "launch_tid", "name").sort("start_ns")
     act_start = activity.get_column("start_ns").to_numpy()
     launch_start = activity.get_column("launch_start_ns").fill_null(np.iinfo(np.int64).min).to_numpy()
     has_launch = activity.get_column("launch_start_ns").is_not_null().to_numpy()
@@ -352,7 +359,8 @@ def _gap_pieces(
     frames = []
     act_pid = activity.get_column("launch_pid").fill_null(-1).to_numpy() if activity.height else np.zeros(0, np.int64)
     act_tid = activity.get_column("launch_tid").fill_null(-1).to_numpy() if activity.height else act_pid
-    act_name = activity.get_column("name").to_numpy() if activity.height else act_pid
+    # Names stay a polars column, gathered by index: no Python string per activity or piece.
+    act_name = activity.get_column("name").cast(pl.String)
     for category, (starts, ends) in sets.items():
         if starts.size == 0:
             continue
@@ -376,12 +384,11 @@ def _gap_pieces(
                     "step": step_numbers[window].astype(np.int64),
                     "start_ns": left,
                     "end_ns": right,
-                    "category": [category] * left.size,
+                    "category": pl.repeat(category, left.size, dtype=pl.String, eager=True),
                     "pid": np.where(has_next, act_pid[safe] if act_pid.size else 0, -1),
                     "tid": np.where(has_next, act_tid[safe] if act_tid.size else 0, -1),
-                    "next_name": pl.Series(
-                        act_name[safe] if act_name.size else [""] * left.size, dtype=pl.String
-                    ),
+                    "next_name": act_name.gather(safe) if act_name.len()
+                    else pl.repeat("", left.size, dtype=pl.String, eager=True),
                     "_has_next": has_next,
                 }
             ).with_columns(next_name=pl.when("_has_next").then("next_name")).drop("_has_next")

@@ -174,6 +174,40 @@ def cause_of_name(name: str | None) -> str | None:
     return None
 
 
+def causes_of_names(names: pl.Series, default: str | None = None) -> pl.DataFrame:
+    """``name, cause``: :func:`cause_of_name` of every distinct name (or ``default``), all at once.
+
+    The rules run as polars regexes over the names together (an emit_nvtx trace has a
+    distinct name per range: 100k Python regex searches take seconds). Names whose match
+    could differ between Python's and polars' regex engines (non-ASCII, a newline: ``$``,
+    case folding) and rules polars cannot compile go through :func:`cause_of_name` itself.
+    """
+    names = names.unique().drop_nulls()
+    plain = names.str.contains(r"^[\x20-\x7e\t]*$")
+    by_rules, rest = names.filter(plain).to_frame("name"), names.filter(~plain)
+    try:
+        rule_cause = pl.lit(None, pl.String)
+        for cause, rule in reversed(_CAUSE_RULES):
+            if rule.flags & (re.VERBOSE | re.ASCII | re.LOCALE) or not isinstance(rule.pattern, str):
+                raise pl.exceptions.ComputeError("a rule only Python's re can run")
+            flags = "".join(letter for flag, letter in ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"))
+                            if rule.flags & flag)
+            pattern = f"(?{flags}){rule.pattern}" if flags else rule.pattern
+            rule_cause = pl.when(pl.col("name").str.contains(pattern)).then(pl.lit(cause)).otherwise(rule_cause)
+        by_rules = by_rules.with_columns(cause=rule_cause.fill_null(pl.lit(default, pl.String)))
+    except pl.exceptions.PolarsError:
+        by_rules, rest = pl.DataFrame(schema={"name": pl.String, "cause": pl.String}), names
+    rest = rest.to_list()
+    table = pl.concat([
+        by_rules,
+        pl.DataFrame({"name": rest, "cause": [cause_of_name(name) or default for name in rest]},
+                     schema={"name": pl.String, "cause": pl.String}),
+    ])
+    # cause_of_name of an empty name is None: it takes the default.
+    return table.with_columns(
+        cause=pl.when(pl.col("name") == "").then(pl.lit(default, pl.String)).otherwise("cause"))
+
+
 _HEX_ADDRESS = re.compile(r"^(?:0x)?[0-9a-fA-F]{6,}$")
 
 

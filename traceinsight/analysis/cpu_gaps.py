@@ -20,7 +20,13 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.classify import HOST_SYNC_API, cause_of_name, cause_of_stack, launch_expr
+from traceinsight.analysis.classify import (
+    HOST_SYNC_API,
+    cause_of_name,
+    cause_of_stack,
+    causes_of_names,
+    launch_expr,
+)
 from traceinsight.model import TraceModel
 
 GAP_KEYS = ["rank", "pid", "tid"]
@@ -294,10 +300,17 @@ def _weights_from_intervals(
     if deepest_only:
         hits = hits.filter(_deepest_covering(hits, gaps))
     hits = hits.with_columns(pl.col("name").cast(pl.String))
-    names = hits.get_column("name").unique().to_list()
-    cause_by_name = {name: cause_of(name) or default_cause for name in names}
+    names = hits.select(pl.col("name").unique().drop_nulls()).to_series()
+    if cause_of is cause_of_name:
+        cause_table = causes_of_names(names, default_cause)
+    else:  # a special rule over a few distinct names (CUDA calls)
+        cause_table = pl.DataFrame(
+            {"name": names, "cause": [cause_of(name) or default_cause for name in names.to_list()]},
+            schema={"name": pl.String, "cause": pl.String})
     return (
-        hits.with_columns(cause=pl.col("name").replace_strict(cause_by_name, default=None))
+        hits.join(cause_table, on="name", how="left", maintain_order="left")
+        .with_columns(cause=pl.when(pl.col("name").is_null()).then(pl.lit(default_cause, pl.String))
+                      .otherwise("cause"))
         .filter(pl.col("cause").is_not_null())
         .group_by("gap_id", "cause", pl.col("name").alias("label"))
         .agg(weight_ns=pl.col("overlap_ns").sum(), _calls=pl.len())

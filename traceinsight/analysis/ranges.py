@@ -150,8 +150,13 @@ def range_statistics(instances: pl.DataFrame) -> pl.DataFrame:
         lag_max_ms, gpu_ms_mean, launches_mean``, sorted by total time.
     """
     ms = 1e-6
-    return (
-        instances.group_by("rank", "name")
+    frame = instances.select("rank", "name", "duration_ns", "first_gpu_lag_ns", "gpu_ns", "launches")
+    # emit_nvtx names every range apart (`seq = N, op_id = M`): most names then have one
+    # instance, whose statistics are its own values. Only names seen more than once go
+    # through the group-by's percentiles (the same values either way).
+    single = frame.select((pl.len().over("rank", "name") == 1).alias("single")).to_series()
+    many = (
+        frame.filter(~single).group_by("rank", "name")
         .agg(
             count=pl.len(),
             total_ms=pl.col("duration_ns").sum() * ms,
@@ -165,5 +170,17 @@ def range_statistics(instances: pl.DataFrame) -> pl.DataFrame:
             gpu_ms_mean=pl.col("gpu_ns").mean() * ms,
             launches_mean=pl.col("launches").mean(),
         )
+    )
+    duration = pl.col("duration_ns").cast(pl.Float64) * ms
+    lag = pl.col("first_gpu_lag_ns").cast(pl.Float64) * ms
+    one = frame.filter(single).select(
+        "rank", "name", count=pl.lit(1, pl.UInt32),
+        total_ms=pl.col("duration_ns") * ms, mean_ms=duration, p50_ms=duration, p90_ms=duration,
+        p99_ms=duration, max_ms=pl.col("duration_ns") * ms, lag_p50_ms=lag,
+        lag_max_ms=pl.col("first_gpu_lag_ns") * ms, gpu_ms_mean=pl.col("gpu_ns").cast(pl.Float64) * ms,
+        launches_mean=pl.col("launches").cast(pl.Float64),
+    )
+    return (
+        pl.concat([many, one.cast(many.schema)])
         .sort(["total_ms", "rank", "name"], descending=[True, False, False])
     )

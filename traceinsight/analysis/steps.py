@@ -72,8 +72,16 @@ class StepTable:
     def marker_names(self, intervals: pl.DataFrame) -> list[str]:
         """Every annotation name that is a step marker (``ProfilerStep#3`` and ``step 3``
         may both mark one step); ranges analyses leave them out."""
-        names = intervals.select(pl.col("name").filter(pl.col("kind") == "annotation").unique()).to_series()
-        return names.filter(names.str.contains(self.pattern)).to_list()
+        # The regex first, then the few matches made unique: an emit_nvtx trace has
+        # hundreds of thousands of distinct annotation names.
+        return (
+            intervals.lazy()
+            .filter(pl.col("kind") == "annotation")
+            .select(pl.col("name").filter(pl.col("name").str.contains(self.pattern)).unique())
+            .collect()
+            .to_series()
+            .to_list()
+        )
 
 
 def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:

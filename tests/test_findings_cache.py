@@ -1,0 +1,115 @@
+"""The findings cache gives back exactly what the analysis found, and misses when it must."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+
+import polars as pl
+from click.testing import CliRunner
+
+from conftest import SAMPLE_TRACES
+from traceinsight.analysis import findings_cache
+from traceinsight.analysis.engine import Options, analyze_model
+from traceinsight.cli import main
+from traceinsight.ingest import load
+
+TWO_RANKS = str(SAMPLE_TRACES / "moe_2rank")
+NSYS = str(SAMPLE_TRACES / "moe_single_nsys.sqlite")
+
+
+def _run(*args) -> bytes:
+    result = CliRunner().invoke(main, list(args))
+    assert result.exit_code == 0, result.output
+    return result.output.encode()
+
+
+def _entries(cache_dir) -> list[str]:
+    return [os.path.join(root, name) for root, folders, _ in os.walk(cache_dir)
+            for name in folders if name.startswith("findings-")]
+
+
+def test_round_trip_is_exact_for_two_ranks(tmp_path):
+    # Two ranks: the alignment's offsets are int-keyed dicts, steps and waits are frames.
+    paths = [os.path.join(TWO_RANKS, name) for name in ("rank0.json.gz", "rank1.json.gz")]
+    model = load(paths, cache_dir=str(tmp_path))
+    findings = analyze_model(model, Options())
+    entry = findings_cache.entry_path(str(tmp_path), paths, Options())
+    assert findings_cache.store(entry, findings)
+    back, timelines = findings_cache.load(entry)
+    assert timelines is None
+    for field in dataclasses.fields(findings):
+        mine, theirs = getattr(findings, field.name), getattr(back, field.name)
+        assert findings_cache._same(mine, theirs), field.name
+    assert isinstance(next(iter(back.alignment.offsets)), int)
+
+
+def test_cli_answers_from_the_cache_with_identical_output(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    fresh_json = _run("--no-cache", "analyze", TWO_RANKS, "--json", "-")
+    fresh_explain = _run("--no-cache", "explain", TWO_RANKS, "--step", "5", "--json", "-")
+    fresh_html, cached_html = tmp_path / "fresh.html", tmp_path / "cached.html"
+    _run("--no-cache", "analyze", TWO_RANKS, "--html", str(fresh_html), "-q")
+
+    assert _run("--cache-dir", cache_dir, "analyze", TWO_RANKS, "--json", "-") == fresh_json
+    assert len(_entries(cache_dir)) == 1
+    assert len([n for n in os.listdir(cache_dir) if not n.startswith(".")]) == 2  # one per file
+    assert _run("--cache-dir", cache_dir, "analyze", TWO_RANKS, "--json", "-") == fresh_json
+    assert _run("--cache-dir", cache_dir, "explain", TWO_RANKS, "--step", "5", "--json", "-") == fresh_explain
+    _run("--cache-dir", cache_dir, "analyze", TWO_RANKS, "--html", str(cached_html), "-q")
+    assert cached_html.read_bytes() == fresh_html.read_bytes()
+    assert len(_entries(cache_dir)) == 1  # the same analysis every time
+
+
+def test_other_options_files_or_code_miss(tmp_path, monkeypatch):
+    trace = tmp_path / "t.sqlite"
+    shutil.copy(NSYS, trace)
+    cache_dir = str(tmp_path / "cache")
+    base = findings_cache.entry_path(cache_dir, [str(trace)], Options())
+    assert findings_cache.entry_path(cache_dir, [str(trace)], Options()) == base
+    assert findings_cache.entry_path(cache_dir, [str(trace)], Options(step_pattern=r"step (\d+)")) != base
+    assert findings_cache.entry_path(cache_dir, [str(trace)], Options(comm_patterns=("x",))) != base
+    os.utime(trace, ns=(1, 1))
+    assert findings_cache.entry_path(cache_dir, [str(trace)], Options()) != base
+    touched = findings_cache.entry_path(cache_dir, [str(trace)], Options())
+    findings_cache.code_fingerprint.cache_clear()
+    monkeypatch.setattr("traceinsight.__version__", "0.0.0-other")
+    try:
+        assert findings_cache.entry_path(cache_dir, [str(trace)], Options()) != touched
+    finally:
+        findings_cache.code_fingerprint.cache_clear()
+
+
+def test_a_damaged_entry_is_dropped_and_analyzed_again(tmp_path):
+    cache_dir = str(tmp_path / "cache")
+    first = _run("--cache-dir", cache_dir, "analyze", NSYS, "--json", "-")
+    (entry,) = _entries(cache_dir)
+    with open(os.path.join(entry, "findings.json"), "w") as handle:
+        handle.write("{not json")
+    assert findings_cache.load(entry) is None
+    assert not os.path.exists(entry)
+    assert _run("--cache-dir", cache_dir, "analyze", NSYS, "--json", "-") == first
+    assert len(_entries(cache_dir)) == 1
+
+
+def test_what_cannot_be_stored_exactly_is_not_stored(tmp_path):
+    model = load(NSYS, cache_dir=str(tmp_path))
+    findings = analyze_model(model, Options())
+    entry = findings_cache.entry_path(str(tmp_path), [NSYS], Options())
+    findings.anomalies = [{"value": object()}]
+    assert not findings_cache.store(entry, findings)
+    findings.anomalies = [{"value": pl.Series([1])}]
+    assert not findings_cache.store(entry, findings)
+    assert not _entries(tmp_path)
+    # Never a folder for a model that is not cached: the model cache would trust it.
+    assert not findings_cache.store(os.path.join(str(tmp_path), "absent", "findings-x"), analyze_model(model, Options()))
+    assert not os.path.exists(os.path.join(str(tmp_path), "absent"))
+
+
+def test_tagged_json_keeps_types():
+    frames: dict = {"prefix": "t"}
+    value = {"a": (1, 2.5, None), 3: [float("nan"), float("inf")], "__x": "y", "s": {"k": [True]}}
+    back = findings_cache._decode(findings_cache._encode(value, frames), frames)
+    assert findings_cache._same(value, back)
+    assert type(back["a"]) is tuple and 3 in back

@@ -1,0 +1,84 @@
+"""The whole-frame versions of per-name and per-group work give what the plain versions gave."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from traceinsight.analysis.classify import cause_of_name
+from traceinsight.analysis.cpu_gaps import _weights_from_intervals
+from traceinsight.analysis.ranges import range_statistics
+
+NAMES = [
+    "malloc", "MALLOC", "free", "_int_malloc", "mmap64", "futex", "pthread_mutex_lock", "nanosleep",
+    "cudaLaunchKernel", "cuLaunchKernelEx", "aten::view", "aten::mm, seq = 12, op_id = 40, sizes = [[2, 3]]",
+    "aten::mm", "aten::empty", "aten::zeros", "gc_collect_main", "dict_traverse", "x_traverse_y",
+    "PyEval_EvalFrame", "train.py(12): step", "layer0 attention", "step 3", "", "read", "reads",
+    "malloc\n", "free\n", "ſelect", "ſleep", "K\u212aelvin", "aten::t", "aten::T", "cudaMalloc",
+    "cudaMallocAsync", "python3.11", "threading.py(300): wait", "__memset_avx2", "\tfutex",
+]
+
+
+def _hits(names: list[str]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """One gap per name, overlapped by one item of that name on the same thread."""
+    n = len(names)
+    starts = np.arange(n, dtype=np.int64) * 1_000
+    gaps = pl.DataFrame({
+        "rank": [0] * n, "pid": [1] * n, "tid": [1] * n, "start_ns": starts, "end_ns": starts + 500,
+    }).with_row_index("gap_id").with_columns(duration_ns=pl.lit(500, pl.Int64))
+    items = pl.DataFrame({
+        "rank": pl.Series([0] * n, dtype=pl.Int32), "pid": [1] * n, "tid": [1] * n,
+        "start_ns": starts + 100, "end_ns": starts + 400, "name": pl.Series(names, dtype=pl.String),
+        "kind": ["cpu_op"] * n, "depth": pl.Series([0] * n, dtype=pl.Int32),
+    })
+    return gaps, items
+
+
+def test_names_get_the_cause_cause_of_name_gives():
+    for default in (None, "unknown", "python"):
+        names = NAMES + [None]
+        gaps, items = _hits(names)
+        weights = _weights_from_intervals(gaps, items, source="ops", deepest_only=False, default_cause=default)
+        got = dict(weights.select("gap_id", "cause").iter_rows())
+        for gap_id, name in enumerate(names):
+            expected = cause_of_name(name) or default
+            assert got.get(gap_id) == expected, (name, default)
+
+
+def _plain_statistics(instances: pl.DataFrame) -> pl.DataFrame:
+    ms = 1e-6
+    return (
+        instances.group_by("rank", "name")
+        .agg(
+            count=pl.len(),
+            total_ms=pl.col("duration_ns").sum() * ms,
+            mean_ms=pl.col("duration_ns").mean() * ms,
+            p50_ms=pl.col("duration_ns").quantile(0.5, interpolation="linear") * ms,
+            p90_ms=pl.col("duration_ns").quantile(0.9, interpolation="linear") * ms,
+            p99_ms=pl.col("duration_ns").quantile(0.99, interpolation="linear") * ms,
+            max_ms=pl.col("duration_ns").max() * ms,
+            lag_p50_ms=pl.col("first_gpu_lag_ns").quantile(0.5, interpolation="linear") * ms,
+            lag_max_ms=pl.col("first_gpu_lag_ns").max() * ms,
+            gpu_ms_mean=pl.col("gpu_ns").mean() * ms,
+            launches_mean=pl.col("launches").mean(),
+        )
+        .sort(["total_ms", "rank", "name"], descending=[True, False, False])
+    )
+
+
+def test_range_statistics_equal_the_group_by():
+    rng = np.random.default_rng(3)
+    n = 5_000
+    names = [f"op {i}" for i in rng.integers(0, 3_000, n)]  # many once, some many times
+    lag = rng.integers(0, 10**7, n)
+    instances = pl.DataFrame({
+        "rank": pl.Series(rng.integers(0, 2, n), dtype=pl.Int32),
+        "name": names,
+        "duration_ns": rng.integers(1, 10**9, n),
+        "first_gpu_lag_ns": pl.Series([None if v % 3 == 0 else int(v) for v in lag], dtype=pl.Int64),
+        "gpu_ns": rng.integers(0, 10**8, n),
+        "launches": rng.integers(0, 9, n),
+        "extra": ["x"] * n,
+    })
+    assert range_statistics(instances).equals(_plain_statistics(instances))
+    assert range_statistics(instances.head(0)).schema == _plain_statistics(instances.head(0)).schema

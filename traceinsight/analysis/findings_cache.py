@@ -1,0 +1,250 @@
+"""Findings kept beside the parsed-model cache, so a second question needs no analysis.
+
+``traceinsight analyze`` stores what it found; a later ``analyze`` (say with ``--html``),
+``explain`` or ``diff`` of the same files with the same options reads it back instead of
+analyzing again (and without loading the model, unless the HTML timelines are missing).
+
+An entry is keyed by
+
+- the model cache key of every input file, in order (:func:`traceinsight.ingest.cache.cache_key`:
+  size, mtime and a hash of the file's first and last 4 MiB, the version, ``--salvage``);
+- the analysis options (:class:`~traceinsight.analysis.engine.Options`, by its ``repr``);
+- the package version and a hash of the package's source files other than the renderers,
+  so that any change to the code that computes findings invalidates every entry.
+
+An entry is a folder ``findings-<key>`` inside the model cache entry of the first input file
+(so it goes when that entry goes): every polars frame of the findings as an Arrow IPC file
+(types and values exactly as they were), and ``findings.json`` with the rest, in a tagged
+JSON that keeps tuples, non-string dict keys and dataclasses apart. An entry is written to a
+staging folder and renamed into place whole, and only if it reads back equal (values and
+types) to what was analyzed: what cannot be stored exactly is not cached. A damaged entry is
+dropped and the analysis runs again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import polars as pl
+
+#: Bump when the layout of an entry changes.
+FORMAT = 1
+_TIMELINES = "timelines.json"
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """The package version and a hash of the source files that compute findings."""
+    import traceinsight
+
+    root = os.path.dirname(os.path.abspath(traceinsight.__file__))
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(f"{traceinsight.__version__}:{FORMAT}".encode())
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(d for d in subfolders if d not in ("report", "__pycache__"))
+        for name in sorted(files):
+            if name.endswith(".py"):
+                path = os.path.join(folder, name)
+                digest.update(os.path.relpath(path, root).encode())
+                with open(path, "rb") as handle:
+                    digest.update(handle.read())
+    return digest.hexdigest()
+
+
+def entry_path(cache_dir: str, paths: list[str], options, *, salvage: bool = False) -> str:
+    """Where the analysis of ``paths`` (already expanded) with ``options`` is kept: a
+    ``findings-<key>`` folder inside the model cache entry of the first file."""
+    from traceinsight.ingest.cache import cache_key
+
+    models = [cache_key(path, salvage=salvage) for path in paths]
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(code_fingerprint().encode())
+    digest.update(repr(options).encode())
+    for key in models:
+        digest.update(key.encode())
+    return os.path.join(cache_dir, models[0], f"findings-{digest.hexdigest()}")
+
+
+# -- tagged JSON -------------------------------------------------------------------------------
+
+
+class _Unstorable(Exception):
+    """A value the entry cannot hold exactly."""
+
+
+def _dataclass_types() -> dict[str, type]:
+    from traceinsight.analysis.multirank import Alignment
+
+    return {"Alignment": Alignment}
+
+
+def _encode(value, frames: dict[str, pl.DataFrame]):
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if type(value) is int:
+        return value
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        return {"__float__": repr(value)}  # nan, inf: JSON has no literal for them
+    if isinstance(value, pl.DataFrame):
+        name = f"{frames['prefix']}-{len(frames)}.arrow"
+        frames[name] = value
+        return {"__frame__": name}
+    if type(value) is list:
+        return [_encode(item, frames) for item in value]
+    if type(value) is tuple:
+        return {"__tuple__": [_encode(item, frames) for item in value]}
+    if type(value) is dict:
+        if all(type(key) is str and not key.startswith("__") for key in value):
+            return {key: _encode(item, frames) for key, item in value.items()}
+        return {"__dict__": [[_encode(key, frames), _encode(item, frames)] for key, item in value.items()]}
+    if dataclasses.is_dataclass(value) and _dataclass_types().get(type(value).__name__) is type(value):
+        return {"__dataclass__": type(value).__name__,
+                "fields": {f.name: _encode(getattr(value, f.name), frames) for f in dataclasses.fields(value)}}
+    raise _Unstorable(type(value).__name__)
+
+
+def _decode(value, frames: dict[str, pl.DataFrame]):
+    if type(value) is list:
+        return [_decode(item, frames) for item in value]
+    if type(value) is not dict:
+        return value
+    if "__frame__" in value:
+        return frames[value["__frame__"]]
+    if "__float__" in value:
+        return float(value["__float__"])
+    if "__tuple__" in value:
+        return tuple(_decode(item, frames) for item in value["__tuple__"])
+    if "__dict__" in value:
+        return {_decode(key, frames): _decode(item, frames) for key, item in value["__dict__"]}
+    if "__dataclass__" in value:
+        cls = _dataclass_types()[value["__dataclass__"]]
+        return cls(**{name: _decode(item, frames) for name, item in value["fields"].items()})
+    return {key: _decode(item, frames) for key, item in value.items()}
+
+
+def _same(a, b) -> bool:
+    """Equal values of identical types, all the way down (frames: schema and values)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, pl.DataFrame):
+        return a.schema == b.schema and a.equals(b, null_equal=True)
+    if isinstance(a, float):
+        return a == b or (math.isnan(a) and math.isnan(b))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(_same(k, j) and _same(a[k], b[j]) for k, j in zip(a, b))
+    if dataclasses.is_dataclass(a):
+        return all(_same(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    return a == b
+
+
+def _write(folder: str, name: str, value) -> None:
+    """``value`` as ``name`` (tagged JSON) and its frames as Arrow IPC files in ``folder``;
+    the JSON last, so that it never names a frame not yet written."""
+    frames: dict = {"prefix": os.path.splitext(name)[0]}
+    text = json.dumps(_encode(value, frames), allow_nan=False)
+    for frame_name, frame in frames.items():
+        if frame_name != "prefix":
+            frame.write_ipc(os.path.join(folder, frame_name), compression="lz4")
+    with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
+        handle.write(text)
+
+
+def _read(folder: str, name: str):
+    with open(os.path.join(folder, name), encoding="utf-8") as handle:
+        document = json.load(handle)
+    frames: dict[str, pl.DataFrame] = {}
+
+    def collect(node) -> None:
+        if type(node) is list:
+            for item in node:
+                collect(item)
+        elif type(node) is dict:
+            if "__frame__" in node and node["__frame__"] not in frames:
+                frames[node["__frame__"]] = pl.read_ipc(os.path.join(folder, node["__frame__"]))
+            for item in node.values():
+                collect(item)
+
+    collect(document)
+    return _decode(document, frames)
+
+
+# -- entries -----------------------------------------------------------------------------------
+
+
+def load(entry: str, *, with_timelines: bool = False):
+    """``(findings, timelines)`` kept in ``entry`` (see :func:`entry_path`); ``timelines``
+    is ``None`` unless asked for and present. ``None`` when there is no valid entry."""
+    from traceinsight.analysis.pipeline import Findings
+
+    if not os.path.exists(os.path.join(entry, "findings.json")):
+        return None
+    try:
+        fields = _read(entry, "findings.json")
+        findings = Findings(**fields)
+        timelines = None
+        if with_timelines and os.path.exists(os.path.join(entry, _TIMELINES)):
+            timelines = _read(entry, _TIMELINES)
+    except (OSError, ValueError, KeyError, TypeError, pl.exceptions.PolarsError):
+        shutil.rmtree(entry, ignore_errors=True)  # damaged: dropped, and analyzed again
+        return None
+    return findings, timelines
+
+
+def store(entry: str, findings, timelines: dict | None = None) -> bool:
+    """Write ``entry``; ``False`` (and nothing written) when the model entry it belongs in
+    is missing, the findings cannot be stored exactly or the folder cannot be written.
+    Never fails the run."""
+    fields = {f.name: getattr(findings, f.name) for f in dataclasses.fields(findings)}
+    model_entry = os.path.dirname(entry)
+    if not os.path.exists(os.path.join(model_entry, "meta.json")):
+        return False  # never create a model entry's folder: the model cache would trust it
+    try:
+        final = entry
+        if os.path.exists(final):
+            return True
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=model_entry)
+        try:
+            _write(staging, "findings.json", fields)
+            if not _same(_read(staging, "findings.json"), fields):
+                raise _Unstorable("findings do not read back equal")
+            if timelines is not None:
+                _write(staging, _TIMELINES, timelines)
+                if not _same(_read(staging, _TIMELINES), timelines):
+                    raise _Unstorable("timelines do not read back equal")
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    except (OSError, _Unstorable, ValueError, TypeError, pl.exceptions.PolarsError):
+        return False
+    return True
+
+
+def store_timelines(entry: str, timelines: dict) -> bool:
+    """Add the HTML report's timelines to the existing ``entry``."""
+    if not os.path.isdir(entry):
+        return False
+    try:
+        staging = tempfile.mkdtemp(prefix=".staging-", dir=entry)
+        try:
+            _write(staging, _TIMELINES, timelines)
+            if not _same(_read(staging, _TIMELINES), timelines):
+                raise _Unstorable("timelines do not read back equal")
+            for name in sorted(os.listdir(staging), key=lambda n: n == _TIMELINES):
+                os.replace(os.path.join(staging, name), os.path.join(entry, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except (OSError, _Unstorable, ValueError, TypeError, pl.exceptions.PolarsError):
+        return False
+    return True
