@@ -188,12 +188,13 @@ def _gzip_header() -> bytes:
     return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
 
 
-def gzip_bomb_member(prefix: bytes, filler: int, suffix: bytes, *, block: int = 1 << 20) -> bytes:
+def gzip_bomb_member(prefix: bytes, filler: int, suffix: bytes, *, block: int = 1 << 20, crc: bool = False) -> bytes:
     """One gzip member of ``prefix`` + ``filler`` spaces + ``suffix``, built without ever
     holding or compressing the spaces whole: one block of spaces is deflated once after a
     full flush (so its compressed form is byte-identical each time) and repeated. 10 GiB of
-    spaces take about 10 MB. The trailer's CRC is not computed (that would mean hashing the
-    gigabytes): a reader must give up long before it reaches it."""
+    spaces take about 10 MB. The trailer's CRC is computed only with ``crc`` (hashing
+    gigabytes takes a while): without it a reader that does not give up early ends in a
+    checksum error, after inflating everything."""
     import zlib
 
     def deflated(data: bytes, compressor) -> bytes:
@@ -207,7 +208,14 @@ def gzip_bomb_member(prefix: bytes, filler: int, suffix: bytes, *, block: int = 
     blocks, rest = divmod(filler, block)
     middle = repeat * blocks + (deflated(b" " * rest, zlib.compressobj(9, zlib.DEFLATED, -15)) if rest else b"")
     size = (len(prefix) + filler + len(suffix)) % 2**32
-    return _gzip_header() + start + middle + end + (0).to_bytes(4, "little") + size.to_bytes(4, "little")
+    checksum = 0
+    if crc:
+        checksum = zlib.crc32(prefix)
+        spaces = b" " * block
+        for _ in range(blocks):
+            checksum = zlib.crc32(spaces, checksum)
+        checksum = zlib.crc32(suffix, zlib.crc32(b" " * rest, checksum))
+    return _gzip_header() + start + middle + end + checksum.to_bytes(4, "little") + size.to_bytes(4, "little")
 
 
 def gzip_whitespace_bomb(target: Path, *, gib: float = 10) -> Path:
