@@ -39,6 +39,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The checkout this file belongs to, not whichever traceinsight is installed.
+sys.path.insert(0, str(ROOT))
 SAMPLES = ROOT / "sample_traces"
 DEFAULT_CORPUS = ROOT / "fuzz" / "corpus"
 DEFAULT_CRASHES = ROOT / "fuzz" / "crashes"
