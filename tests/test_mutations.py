@@ -852,3 +852,26 @@ def test_rank_lists_that_cannot_be_held_are_refused_quickly(tmp_path, ranks, rea
     assert "MemoryError" not in result.stderr
     assert reason in " ".join(result.stderr.split())
     assert os.listdir(tmp_path) == []
+
+
+def test_a_wal_database_that_cannot_be_copied_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    from traceinsight.ingest import nsys
+
+    path = wal_database(SINGLE, tmp_path / "trace.sqlite", f"UPDATE {KERNEL} SET start = start + 1")
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+
+    def full(source, target, length=0):
+        target.write(source.read(1000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nsys.shutil, "copyfileobj", full)
+    line = _one_error(_cli("analyze", path))
+    assert line.startswith(f"traceinsight: error: {path}: has a wal file beside it, so it is read from a private "
+                           f"copy, and copying it to {private}/traceinsight-sqlite-")
+    assert line.endswith(" failed (No space left on device); free space there (or set TMPDIR), or let the "
+                         "program that writes the database finish")
+    assert os.listdir(private) == []  # the partial copy is gone
