@@ -13,6 +13,9 @@ exist; other libFuzzer flags work too (``-max_total_time=600``, ``-jobs=2``...).
 Without atheris (or with ``--plain``): seeded random mutations of the same seeds::
 
     python fuzz/fuzz_ingest.py --iterations 2000 [--seed 1] [--no-analyze]
+    nice python fuzz/fuzz_ingest.py --seconds 600     # as many inputs as 10 minutes allow
+
+An input that takes longer than ``--slow`` seconds (30) counts as a crash (a hang).
 
 Inputs that crash are written to ``fuzz/crashes/`` (``--crash-dir``); reproduce one with
 ``python fuzz/fuzz_ingest.py --replay fuzz/crashes/FILE``. The exit status is 1 when a
@@ -36,6 +39,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The checkout this file belongs to, not whichever traceinsight is installed.
+sys.path.insert(0, str(ROOT))
 SAMPLES = ROOT / "sample_traces"
 DEFAULT_CORPUS = ROOT / "fuzz" / "corpus"
 DEFAULT_CRASHES = ROOT / "fuzz" / "crashes"
@@ -95,7 +100,21 @@ def check_input(data: bytes, *, salvage: bool = False) -> str:
         except TraceInputError:
             return "refused"  # e.g. a file without any event: nothing to analyze
         render_json(findings)
+        _check_terminal(findings)
     return "model"
+
+
+def _check_terminal(findings) -> None:
+    """The terminal summary prints and no trace string starts a line of its own."""
+    from rich.console import Console
+
+    from traceinsight.report.terminal import render_findings
+
+    out = io.StringIO()
+    render_findings(findings, Console(file=out, width=160, color_system=None))
+    for line in out.getvalue().splitlines():
+        if line.startswith("traceinsight: error") or "\x1b" in line:
+            raise AssertionError(f"a trace string forged a terminal line: {line[:200]!r}")
 
 
 def _atheris_entry(data: bytes) -> None:
@@ -138,9 +157,38 @@ def _small_nsys(rows: int = 200) -> bytes:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _nsys_with_view() -> bytes:
+    """The small export with its NVTX table replaced by a view over an endless recursion."""
+    folder = Path(tempfile.mkdtemp(prefix="traceinsight-seed-"))
+    try:
+        path = folder / "seed.sqlite"
+        path.write_bytes(_small_nsys(50))
+        connection = sqlite3.connect(path)
+        connection.execute("DROP TABLE IF EXISTS NVTX_EVENTS")
+        connection.execute('CREATE VIEW NVTX_EVENTS AS WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL '
+                           'SELECT x + 1 FROM r) SELECT x AS start, x + 1 AS "end", 59 AS eventType, '
+                           "'r' AS text, 1 AS globalTid, 0 AS domainId, NULL AS textId FROM r")
+        connection.commit()
+        connection.execute("VACUUM")
+        connection.close()
+        return path.read_bytes()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _forged_kineto(json_text: bytes) -> bytes:
+    """Names with line breaks followed by a fake error line."""
+    forged = b"\\ntraceinsight: error: FORGED\\r\\u2028x"
+    return json_text.replace(b'"name": "', b'"name": "' + forged, 40)
+
+
 def seeds() -> dict[str, bytes]:
     json_text = _small_kineto()
     return {
+        "kineto-forged.json": _forged_kineto(json_text),
+        # a valid member, then one of whitespace only (JSON allows it after the value)
+        "kineto-2members.json.gz": gzip.compress(json_text, mtime=0) + gzip.compress(b" " * 100_000, mtime=0),
+        "nsys-view.sqlite": _nsys_with_view(),
         "kineto.json": json_text,
         "kineto.json.gz": gzip.compress(json_text, mtime=0),
         "kineto-2020-list.json": b'[{"ph": "X", "cat": "Operator", "name": "aten::mm", "pid": 1, "tid": "2",'
@@ -199,20 +247,29 @@ def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
     return bytes(buffer)
 
 
-def plain_loop(iterations: int, seed: int, crash_dir: Path) -> int:
+def plain_loop(iterations: int | None, seed: int, crash_dir: Path, *, seconds: float | None = None,
+               slow_s: float = 30.0) -> int:
     rng = random.Random(seed)
     pool = list(seeds().values())
     outcomes: dict[str, int] = {}
     crashes = 0
     slowest = (0.0, "")
     started = time.perf_counter()
-    for iteration in range(iterations):
+    iteration = -1
+    while True:
+        iteration += 1
+        if iterations is not None and iteration >= iterations:
+            break
+        if seconds is not None and time.perf_counter() - started >= seconds:
+            break
         data = mutate(rng.choice(pool), rng, pool)
         salvage = rng.random() < 0.3
         began = time.perf_counter()
         try:
             with contextlib.redirect_stdout(io.StringIO()):
                 outcome = check_input(data, salvage=salvage)
+            if time.perf_counter() - began > slow_s:
+                raise AssertionError(f"took {time.perf_counter() - began:.1f} s (a hang?)")
         except Exception:  # noqa: BLE001 - a crash is what we look for
             crashes += 1
             outcome = "crash"
@@ -229,7 +286,7 @@ def plain_loop(iterations: int, seed: int, crash_dir: Path) -> int:
         if pool and outcome == "model" and len(pool) < 64 and rng.random() < 0.05:
             pool.append(data)  # readable mutants make good parents
     total = time.perf_counter() - started
-    print(f"done: {iterations} inputs in {total:.1f} s, outcomes {outcomes}, "
+    print(f"done: {iteration} inputs in {total:.1f} s, outcomes {outcomes}, crashes {crashes}, "
           f"slowest {slowest[0]:.2f} s ({slowest[1]})")
     return 1 if crashes else 0
 
@@ -246,6 +303,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--plain", action="store_true", help="the random-mutation loop even with atheris")
     parser.add_argument("--iterations", type=int, help="inputs for the plain loop (implies --plain)")
+    parser.add_argument("--seconds", type=float, help="run the plain loop this long (implies --plain)")
+    parser.add_argument("--slow", type=float, default=30.0, help="seconds after which an input counts as a hang")
     parser.add_argument("--seed", type=int, default=1, help="random seed of the plain loop")
     parser.add_argument("--no-analyze", action="store_true", help="only the readers, not the analyses")
     parser.add_argument("--crash-dir", type=Path, default=DEFAULT_CRASHES)
@@ -255,10 +314,13 @@ def main(argv: list[str]) -> int:
     try:
         if options.replay:
             return replay(options.replay)
-        if atheris is None or options.plain or options.iterations is not None:
-            if atheris is None and options.iterations is None:
+        if atheris is None or options.plain or options.iterations is not None or options.seconds is not None:
+            if atheris is None and options.iterations is None and options.seconds is None:
                 print("atheris is not installed: running the plain mutation loop", file=sys.stderr)
-            return plain_loop(options.iterations or 1000, options.seed, options.crash_dir)
+            iterations = options.iterations if options.iterations is not None else (
+                None if options.seconds is not None else 1000)
+            return plain_loop(iterations, options.seed, options.crash_dir, seconds=options.seconds,
+                              slow_s=options.slow)
         corpus = [arg for arg in rest if not arg.startswith("-")]
         if not corpus:
             write_corpus(DEFAULT_CORPUS) if not DEFAULT_CORPUS.exists() else None

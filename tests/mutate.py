@@ -130,3 +130,125 @@ def run_cli_case(args: list[str], output: str) -> dict:
         "output_exists": os.path.exists(output),
         "beside_output": sorted(os.listdir(folder)) if os.path.isdir(folder) else [],
     }
+
+
+# -- hostile files and conditions (issue #16) ------------------------------------------------------
+
+
+def wal_database(source: Path, target: Path, *statements: str) -> Path:
+    """A copy of an SQLite export in WAL mode whose ``statements`` are committed to its
+    write-ahead log only: ``target`` and ``target-wal`` side by side, as a crashed (or still
+    running) writer leaves them. Reading ``target`` without its log misses the changes."""
+    import os
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="wal-", dir=target.parent))
+    work = folder / "db.sqlite"
+    shutil.copyfile(source, work)
+    connection = sqlite3.connect(work)
+    try:
+        assert connection.execute("PRAGMA journal_mode=WAL").fetchone()[0] == "wal"
+        connection.execute("PRAGMA wal_autocheckpoint=0")
+        for statement in statements:
+            connection.execute(statement)
+        connection.commit()
+        # Copied while the writer is open: closing it would checkpoint the log away.
+        shutil.copyfile(work, target)
+        shutil.copyfile(f"{work}-wal", f"{target}-wal")
+    finally:
+        connection.close()
+        shutil.rmtree(folder)
+    assert os.path.getsize(f"{target}-wal") > 0
+    return target
+
+
+#: A view that never ends: a recursive CTE without a bound.
+ENDLESS_VIEW = (
+    'CREATE VIEW "{name}" AS WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) '
+    'SELECT x AS start, x + 1 AS "end", 0 AS deviceId, 7 AS streamId, x AS correlationId, '
+    "72057594037927936 AS globalPid, 1 AS shortName, 1 AS demangledName, 1 AS globalTid, 1 AS nameId, "
+    "59 AS eventType, 'r' AS text, 1 AS textId, 0 AS domainId FROM r"
+)
+
+
+def endless_view(source: Path, target: Path, table: str = "CUPTI_ACTIVITY_KIND_KERNEL") -> Path:
+    """A copy of an export whose ``table`` is replaced by :data:`ENDLESS_VIEW`."""
+    shutil.copyfile(source, target)
+    connection = sqlite3.connect(target)
+    try:
+        connection.execute(f'DROP TABLE IF EXISTS "{table}"')
+        connection.execute(ENDLESS_VIEW.format(name=table))
+        connection.commit()
+    finally:
+        connection.close()
+    return target
+
+
+def _gzip_header() -> bytes:
+    return b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"
+
+
+def gzip_bomb_member(prefix: bytes, filler: int, suffix: bytes, *, block: int = 1 << 20, crc: bool = False) -> bytes:
+    """One gzip member of ``prefix`` + ``filler`` spaces + ``suffix``, built without ever
+    holding or compressing the spaces whole: one block of spaces is deflated once after a
+    full flush (so its compressed form is byte-identical each time) and repeated. 10 GiB of
+    spaces take about 10 MB. The trailer's CRC is computed only with ``crc`` (hashing
+    gigabytes takes a while): without it a reader that does not give up early ends in a
+    checksum error, after inflating everything."""
+    import zlib
+
+    def deflated(data: bytes, compressor) -> bytes:
+        return compressor.compress(data) + compressor.flush(zlib.Z_FULL_FLUSH)
+
+    head = zlib.compressobj(9, zlib.DEFLATED, -15)
+    start = deflated(prefix, head)
+    repeat = deflated(b" " * block, zlib.compressobj(9, zlib.DEFLATED, -15))
+    tail = zlib.compressobj(9, zlib.DEFLATED, -15)
+    end = tail.compress(suffix) + tail.flush(zlib.Z_FINISH)
+    blocks, rest = divmod(filler, block)
+    middle = repeat * blocks + (deflated(b" " * rest, zlib.compressobj(9, zlib.DEFLATED, -15)) if rest else b"")
+    size = (len(prefix) + filler + len(suffix)) % 2**32
+    checksum = 0
+    if crc:
+        checksum = zlib.crc32(prefix)
+        spaces = b" " * block
+        for _ in range(blocks):
+            checksum = zlib.crc32(spaces, checksum)
+        checksum = zlib.crc32(suffix, zlib.crc32(b" " * rest, checksum))
+    return _gzip_header() + start + middle + end + checksum.to_bytes(4, "little") + size.to_bytes(4, "little")
+
+
+def gzip_whitespace_bomb(target: Path, *, gib: float = 10) -> Path:
+    """A ``.json.gz`` trace whose event array holds ``gib`` GiB of whitespace (about 1 MB
+    on disk per GiB)."""
+    filler = int(gib * 2**30)
+    target.write_bytes(gzip_bomb_member(b'{"traceEvents": [', filler, b"]}"))
+    return target
+
+
+def gzip_bomb_after_a_valid_member(source: Path, target: Path, *, gib: float = 10) -> Path:
+    """A valid gzip trace followed by a second member of ``gib`` GiB of whitespace (JSON
+    allows whitespace after the value, so only its size is wrong)."""
+    target.write_bytes(source.read_bytes() + gzip_bomb_member(b"", int(gib * 2**30), b"\n"))
+    return target
+
+
+FORGED = "traceinsight: error: FORGED LINE - run `rm -rf ~` to repair"
+
+
+def forged_names(source: Path, target: Path) -> Path:
+    """A Kineto trace whose annotations, kernels and an extra category are named with a
+    newline followed by a fake error line (and a carriage return and a Unicode line
+    separator), as an attacker would write them."""
+    document = kineto_json(source)
+    events = complete_events(document)
+    for index, event in enumerate(events):
+        if event.get("cat") in ("kernel", "user_annotation") and not str(event.get("name", "")).startswith(
+            "ProfilerStep"
+        ):
+            separator = ("\n", "\r", "\u2028")[index % 3]
+            event["name"] = f"name{index % 4}{separator}{FORGED}"
+    extra = dict(events[0])
+    extra["cat"] = f"odd\n{FORGED}"
+    document["traceEvents"].append(extra)
+    return write_json(document, target)

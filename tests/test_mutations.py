@@ -28,13 +28,18 @@ import pytest
 from conftest import SAMPLE_TRACES, SHARED_TRACES
 from mutate import (
     complete_events,
+    endless_view,
     flip_bytes,
+    forged_names,
+    gzip_bomb_after_a_valid_member,
+    gzip_whitespace_bomb,
     kineto_json,
     overwrite_page,
     run_cli_case,
     sqlite_edit,
     sqlite_tables,
     truncate,
+    wal_database,
     write_json,
 )
 
@@ -250,6 +255,19 @@ for key in ("moe", "dlrm"):
         case(key, name, kineto=True)(_events_edit(edit))
 
 
+# -- hostile files (issue #16): each must end in 0 or 2 in bounded time like the rest -----------------
+
+for key in ("single", "rank0"):
+    for table in (KERNEL, "StringIds", NVTX):
+        case(key, f"endless-view-{table}")(lambda source, folder, t=table: endless_view(source, folder / "trace.sqlite", t))
+    case(key, "wal")(lambda source, folder: wal_database(
+        source, folder / "trace.sqlite", f"UPDATE {KERNEL} SET start = start + 1", "DELETE FROM StringIds WHERE id % 2 = 0"))
+case("moe", "gzip-bomb-10gib", kineto=True)(lambda source, folder: gzip_whitespace_bomb(folder / "trace.json.gz"))
+case("moe", "gzip-bomb-member", kineto=True)(
+    lambda source, folder: gzip_bomb_after_a_valid_member(source, folder / "trace.json.gz"))
+case("moe", "forged-names", kineto=True)(lambda source, folder: forged_names(source, folder / "trace.json"))
+
+
 # -- running the corpus ------------------------------------------------------------------------------
 
 
@@ -361,3 +379,499 @@ def test_real_process_answers(tmp_path, case_id):
         assert not output.exists()
     else:
         assert DOCUMENTED_KEYS <= set(json.loads(output.read_text()))
+
+
+# == Hostile input and conditions (issue #16): what each case must do, exactly ======================
+
+import errno  # noqa: E402
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sqlite3  # noqa: E402
+import time  # noqa: E402
+
+from click.testing import CliRunner  # noqa: E402
+
+from mutate import ENDLESS_VIEW, FORGED  # noqa: E402
+from traceinsight.cli import main  # noqa: E402
+
+SINGLE = SAMPLE_TRACES / "moe_single_nsys.sqlite"
+RANK0 = SAMPLE_TRACES / "moe_2rank" / "rank0.json.gz"
+RANK1 = SAMPLE_TRACES / "moe_2rank" / "rank1.json.gz"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args, env=None):
+    return CliRunner().invoke(main, ["--no-cache", *map(str, args)], env=env)
+
+
+def _one_error(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output, result.stderr)
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("traceinsight: error: "), lines
+    return lines[0]
+
+
+def _fingerprints(folder: Path) -> dict:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _process(args, *, timeout=60, env=None, preexec_fn=None, driver: str | None = None):
+    """The CLI in a real process (or ``driver`` code that patches it first, then runs it)."""
+    code = (driver or "") + "\nfrom traceinsight.cli import main\nmain()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}, preexec_fn=preexec_fn)
+
+
+# -- an output path that is one of the inputs: refused before anything is read ----------------------
+
+
+def _copy(source: Path, target: Path) -> Path:
+    target.write_bytes(source.read_bytes())
+    return target
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink", "relative", "in-folder"])
+@pytest.mark.parametrize("command", ["analyze-json", "analyze-html", "merge", "explain", "diff-json", "diff-after"])
+def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch, command, how):
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    trace = _copy(RANK0, folder / "rank0.json.gz")
+    other = _copy(RANK1, folder / "rank1.json.gz")
+    monkeypatch.chdir(tmp_path)
+    output = {"same": trace, "symlink": tmp_path / "link.json", "hardlink": tmp_path / "hard.json",
+              "relative": Path("traces/../traces/rank0.json.gz"), "in-folder": trace}[how]
+    if how == "symlink":
+        output.symlink_to(trace)
+    if how == "hardlink":
+        os.link(trace, output)
+    given = folder if how == "in-folder" else trace
+    missing = tmp_path / "not-read-yet.json"  # would fail the run if anything were read first
+    args = {
+        "analyze-json": ["analyze", given, missing, "--json", output],
+        "analyze-html": ["analyze", given, missing, "--html", output],
+        "merge": ["merge", given, missing, "-o", output],
+        "explain": ["explain", given, missing, "--step", "3", "--json", output],
+        "diff-json": ["diff", given, "--against", other, missing, "--json", output],
+        "diff-after": ["diff", other, missing, "--against", given, "--json", output],
+    }[command]
+    before = _fingerprints(folder)
+    line = _one_error(_cli(*args))
+    option = {"analyze-html": "--html", "merge": "-o"}.get(command, "--json")
+    if how == "in-folder":
+        assert line == (f"traceinsight: error: {option} {output} is a file in the input folder {folder}; writing it "
+                        "would destroy a trace; choose another output path")
+    else:
+        assert line == (f"traceinsight: error: {option} {output} is one of the input traces ({given}); writing it "
+                        "would destroy the trace; choose another output path")
+    assert _fingerprints(folder) == before
+
+
+def test_two_outputs_that_are_one_file_are_refused(tmp_path):
+    out = tmp_path / "report.html"
+    assert _one_error(_cli("analyze", RANK0, "--json", out, "--html", out)) == (
+        f"traceinsight: error: --json and --html name the same file ({out}); give each output its own path")
+
+
+# -- SQLite: nothing in or beside the input changes; its SQL is never run ----------------------------
+
+
+def test_a_wal_database_is_read_whole_and_left_untouched(tmp_path):
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    path = wal_database(SINGLE, folder / "trace.sqlite",
+                        f"UPDATE StringIds SET value = 'ONLY_IN_THE_WAL' WHERE id = (SELECT shortName FROM {KERNEL} "
+                        'GROUP BY shortName ORDER BY sum("end" - start) DESC LIMIT 1)')
+    before = _fingerprints(folder)
+    assert set(before) == {"trace.sqlite", "trace.sqlite-wal"}
+    out = tmp_path / "out.json"
+    result = _cli("analyze", path, "--json", out, "-q")
+    assert result.exit_code == 0, result.stderr
+    findings = json.loads(out.read_text())
+    assert findings["top_kernels"][0]["name"] == "ONLY_IN_THE_WAL"  # the log's content was read
+    assert any("read from a private copy" in w for w in findings["warnings"])
+    assert _fingerprints(folder) == before  # no checkpoint, no -shm, nothing else beside it
+    info = _cli("info", path)
+    assert info.exit_code == 0 and _fingerprints(folder) == before
+
+
+def test_a_plain_database_is_opened_without_creating_anything_beside_it(tmp_path):
+    folder = tmp_path / "traces"
+    folder.mkdir()
+    path = _copy(SINGLE, folder / "trace.sqlite")
+    connection = sqlite3.connect(path)
+    connection.execute("PRAGMA journal_mode=WAL")  # a WAL-mode header, no log beside it
+    connection.close()
+    before = _fingerprints(folder)
+    assert _cli("analyze", path, "-q").exit_code == 0
+    assert _fingerprints(folder) == before
+
+
+@pytest.mark.parametrize("command", ["analyze", "info"])
+def test_an_endless_view_in_place_of_a_table_is_ignored_not_run(tmp_path, command):
+    path = endless_view(SINGLE, tmp_path / "view.sqlite", KERNEL)
+    started = time.perf_counter()
+    result = _cli(command, path, *(["--json", tmp_path / "out.json", "-q"] if command == "analyze" else []))
+    assert time.perf_counter() - started < 30
+    assert result.exit_code == 0, result.stderr
+    text = (tmp_path / "out.json").read_text() if command == "analyze" else result.output
+    assert f"1 view(s) or virtual table(s) ignored ({KERNEL})" in text
+    assert "only tables are read, the SQL of an untrusted file is not run" in " ".join(text.split())
+
+
+def test_every_nsys_query_has_a_deadline(tmp_path, monkeypatch):
+    from traceinsight.ingest import nsys
+
+    monkeypatch.setattr(nsys, "SQLITE_DEADLINE_S", 0.0)  # past as soon as a query runs a while
+    monkeypatch.setattr(nsys, "SQLITE_DEADLINE_S_PER_MIB", 0.0)
+    assert _one_error(_cli("analyze", SINGLE)) == (
+        f"traceinsight: error: {SINGLE}: reading the SQLite file did not finish within 0 s (a query "
+        "over it does not end); it is damaged or built to hang; export it again (nsys export --type sqlite)")
+
+
+def test_sigint_stops_a_query_that_never_ends():
+    import threading
+
+    from traceinsight.ingest.nsys import _interruptible
+
+    connection = sqlite3.connect(":memory:")
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    started = time.perf_counter()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        with _interruptible(connection, ":memory:"):
+            connection.execute("WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) "
+                               "SELECT count(*) FROM r").fetchall()
+    assert time.perf_counter() - started < 10
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_sigint_ends_a_real_process_stuck_in_sqlite(tmp_path):
+    # The reader's table query is replaced by one that never ends (a view is no longer read):
+    # Ctrl-C must still end the process, quietly.
+    driver = ("from traceinsight.ingest import nsys\n"
+              "nsys._Export.rows = lambda self, sql, parameters=(): self.connection.execute("
+              "'WITH RECURSIVE r(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM r) SELECT count(*) FROM r').fetchall()")
+    code = driver + "\nfrom traceinsight.cli import main\nmain()"
+    process = subprocess.Popen([sys.executable, "-c", code, "--no-cache", "analyze", str(SINGLE)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(4)
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=20)
+    assert process.returncode == 1 and "Traceback" not in stderr and stderr.strip() == "Aborted!", stderr
+
+
+# -- inputs that are not regular files -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["analyze", "info", "merge"])
+def test_a_fifo_is_refused_not_waited_on(tmp_path, command):
+    fifo = tmp_path / "rank0.json"
+    os.mkfifo(fifo)
+    extra = ["-o", tmp_path / "m.json"] if command == "merge" else []
+    started = time.perf_counter()
+    run = _process(["--no-cache", command, fifo, *extra], timeout=60)
+    assert time.perf_counter() - started < 60
+    assert run.returncode == 2 and run.stderr == (
+        f"traceinsight: error: {fifo}: is a FIFO (named pipe), not a trace file; reading it could block forever; "
+        "save the trace to a file and pass that\n")
+
+
+def test_a_device_is_refused_and_the_readers_refuse_it_too(tmp_path):
+    from traceinsight.errors import TraceInputError
+    from traceinsight.ingest.kineto import read_kineto
+    from traceinsight.ingest.nsys import read_nsys
+
+    assert _one_error(_cli("info", "/dev/zero")) == (
+        "traceinsight: error: /dev/zero: is a character device, not a trace file; reading it could block forever; "
+        "save the trace to a file and pass that")
+    fifo = tmp_path / "trace.sqlite"
+    os.mkfifo(fifo)
+    for reader in (read_kineto, read_nsys):
+        with pytest.raises(TraceInputError, match="is a FIFO"):
+            reader(str(fifo))
+
+
+# -- a full disk, SIGTERM: one line, and nothing half-written left ---------------------------------------
+
+
+@pytest.mark.parametrize("command", ["analyze-json", "analyze-html", "merge", "explain", "diff"])
+def test_no_space_left_while_writing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, command):
+    import traceinsight.report.output as output
+
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])  # some bytes reach the disk, then it is full
+            raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as write(2) gives
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+    monkeypatch.setattr(output.os, "fdopen", lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    name = {"analyze-html": "r.html"}.get(command, "r.json")
+    out = out_dir / name
+    args = {
+        "analyze-json": ["analyze", RANK0, "--json", out, "-q"],
+        "analyze-html": ["analyze", RANK0, "--html", out, "-q"],
+        "merge": ["merge", RANK0, RANK1, "-o", out],
+        "explain": ["explain", RANK0, "--step", "3", "--json", out],
+        "diff": ["diff", RANK0, "--against", RANK1, "--json", out, "-q"],
+    }[command]
+    assert _one_error(_cli(*args)) == f"traceinsight: error: {out}: No space left on device"
+    assert os.listdir(out_dir) == []
+
+
+def test_a_real_write_failure_is_one_line_and_leaves_nothing(tmp_path):
+    # A real refusal of the kernel mid-write: the file size limit (EFBIG) of a process.
+    import resource
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "merged.json"
+    run = _process(["--no-cache", "merge", RANK0, RANK1, "-o", out], preexec_fn=small_files, timeout=120)
+    assert run.returncode == 2 and run.stderr == f"traceinsight: error: {out}: File too large\n", run.stderr
+    assert os.listdir(out_dir) == []
+
+
+_SIGTERM_WHILE_WRITING = """
+import os, signal
+from traceinsight.report import output
+real = output.os.fsync
+def fsync(descriptor):
+    os.kill(os.getpid(), signal.SIGTERM)  # while the temporary file is complete but not renamed
+    real(descriptor)
+output.os.fsync = fsync
+"""
+
+_SIGTERM_WHILE_CACHING = """
+import os, signal, json
+from traceinsight.ingest import cache
+real = cache.json.dump
+def dump(*args, **kwargs):
+    real(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)  # the entry is written, not yet renamed into place
+cache.json.dump = dump
+"""
+
+
+@pytest.mark.parametrize("command", ["analyze", "merge", "cache"])
+def test_sigterm_while_writing_leaves_no_temporary_file(tmp_path, command):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    cache_dir = tmp_path / "cache"
+    args = {
+        "analyze": ["--no-cache", "analyze", RANK0, "--json", out_dir / "f.json", "--html", out_dir / "r.html", "-q"],
+        "merge": ["--no-cache", "merge", RANK0, RANK1, "-o", out_dir / "m.json.gz"],
+        "cache": ["--cache-dir", cache_dir, "analyze", RANK0, "--json", out_dir / "f.json", "-q"],
+    }[command]
+    driver = _SIGTERM_WHILE_CACHING if command == "cache" else _SIGTERM_WHILE_WRITING
+    run = _process(args, driver=driver, timeout=120)
+    assert run.returncode == 128 + signal.SIGTERM, (run.returncode, run.stderr)
+    assert "Traceback" not in run.stderr
+    assert os.listdir(out_dir) == []
+    if command == "cache":
+        assert os.listdir(cache_dir) == []  # no staging folder, no entry
+        again = _process(args, timeout=120)  # a later run reads the trace, stores, and trusts that
+        assert again.returncode == 0, again.stderr
+        assert len(os.listdir(cache_dir)) == 1 and not os.listdir(cache_dir)[0].startswith(".")
+
+
+def test_a_half_written_cache_entry_is_never_trusted(tmp_path):
+    from traceinsight.ingest import cache
+
+    cache_dir = tmp_path / "cache"
+    first = CliRunner().invoke(main, ["--cache-dir", str(cache_dir), "analyze", str(RANK0), "--json",
+                                      str(tmp_path / "a.json"), "-q"])
+    assert first.exit_code == 0, first.stderr
+    (entry,) = cache_dir.iterdir()
+    # The crash of a machine after the rename but before the data reached the disk: a file of
+    # the entry holds other bytes (here those of another part) than meta.json says.
+    (entry / "samples.parquet").write_bytes((entry / "ranks.parquet").read_bytes())
+    assert cache.load_cached(str(RANK0), str(cache_dir)) is None
+    assert not entry.exists()  # dropped
+    second = CliRunner().invoke(main, ["--cache-dir", str(cache_dir), "analyze", str(RANK0), "--json",
+                                       str(tmp_path / "b.json"), "-q"])
+    assert second.exit_code == 0
+    assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
+    # A staging folder left by a killed run is never read, and is removed once stale.
+    stale = cache_dir / ".staging-killed"
+    stale.mkdir()
+    (stale / "meta.json").write_text("{")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    cache.store(str(RANK1), cache.load_cached(str(RANK0), str(cache_dir)), str(cache_dir))
+    assert not stale.exists()
+
+
+# -- gzip bombs: give up early, from what the stream really inflates to --------------------------------
+
+
+#: Prints the process's peak memory when it exits (``peak MiB N`` on stdout).
+_REPORT_PEAK = """
+import atexit, resource
+atexit.register(lambda: print("peak MiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))
+"""
+
+
+def _peak_mib(run) -> int:
+    return int(run.stdout.rsplit("peak MiB", 1)[1])
+
+
+@pytest.mark.parametrize("kind", ["whitespace-10gib", "valid-member-then-bomb"])
+def test_gzip_bombs_give_up_early(tmp_path, kind):
+    path = (gzip_whitespace_bomb(tmp_path / "bomb.json.gz") if kind == "whitespace-10gib"
+            else gzip_bomb_after_a_valid_member(RANK0, tmp_path / "bomb.json.gz"))
+    assert path.stat().st_size < 12 * 2**20  # small on disk
+    started = time.perf_counter()
+    run = _process(["--no-cache", "analyze", path, "--json", tmp_path / "out.json"], timeout=120,
+                   driver=_REPORT_PEAK)
+    assert time.perf_counter() - started < 60
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.startswith(f"traceinsight: error: {path}: decompresses to more than ")
+    assert run.stderr.endswith("of gzip data (over 200 times; profiler traces compress 10-30 times): a gzip bomb, "
+                               "not a trace; set TRACEINSIGHT_NO_MEMORY_CHECK=1 to try anyway\n")
+    assert run.stderr.count("\n") == 1 and not (tmp_path / "out.json").exists()
+    assert _peak_mib(run) < 1024  # it stopped after about 64-100 MiB of text
+
+
+def test_a_merged_trace_that_is_a_gzip_bomb_gives_up_early(tmp_path):
+    from mutate import gzip_bomb_member
+
+    from traceinsight.errors import TraceTooLargeError
+    from traceinsight.ingest import read_file
+
+    head = b'{"traceinsight": {"format": "traceinsight-merged"}, "traceEvents": ['
+    path = tmp_path / "merged.json.gz"
+    path.write_bytes(gzip_bomb_member(head, 4 * 2**30, b"]}"))
+    with pytest.raises(TraceTooLargeError, match="a gzip bomb"):
+        read_file(str(path))
+
+
+def test_whitespace_between_events_is_scanned_once(tmp_path):
+    # With the checks off, 2 x 192 MiB of whitespace after an event's '}' (and then inside
+    # the array) are read as a stream in linear time: each byte is searched for an event
+    # boundary once (the search used to restart at the chunk's start on every 4 MiB read).
+    from mutate import gzip_bomb_member
+
+    event = b'{"ph": "X", "cat": "cpu_op", "name": "a", "pid": 1, "tid": 1, "ts": %d, "dur": 1}'
+    data = (gzip_bomb_member(b'{"traceEvents": [' + event % 1, 192 * 2**20, b",", crc=True)
+            + gzip_bomb_member(event % 5, 192 * 2**20, b"]}", crc=True))
+    path = tmp_path / "spaces.json.gz"
+    path.write_bytes(data)
+    from traceinsight.ingest import kineto
+
+    calls = []
+    real = kineto._EVENT_END.search
+
+    class Counting:
+        def search(self, buffer, start=0):
+            calls.append(len(buffer) - start)
+            return real(buffer, start)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TRACEINSIGHT_NO_MEMORY_CHECK", "1")
+        patch.setattr(kineto, "_EVENT_END", Counting())
+        model = kineto.read_kineto(str(path))
+    assert model.intervals.height == 2
+    assert sum(calls) < 1.1 * 384 * 2**20  # bytes searched: about each byte once
+
+
+# -- forged lines: names with line breaks stay on their line -----------------------------------------------
+
+
+def _no_forged_line(text: str) -> None:
+    for line in text.splitlines():
+        assert not line.lstrip(" │|").startswith("traceinsight: error: FORGED"), line
+    assert FORGED not in text or "\ufffd" + FORGED in text or "\ufffd" in text
+
+
+@pytest.mark.parametrize("command", ["analyze", "info", "merge", "explain"])
+def test_names_with_line_breaks_cannot_forge_lines(tmp_path, command):
+    path = forged_names(RANK0, tmp_path / "forged.json")
+    args = {
+        "analyze": ["analyze", path],
+        "info": ["info", path],
+        "merge": ["merge", path, "-o", tmp_path / "m.json"],
+        "explain": ["explain", path, "--step", "3"],
+    }[command]
+    result = CliRunner().invoke(main, ["--no-cache", *map(str, args)], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.stderr
+    everything = result.output + result.stderr
+    _no_forged_line(everything)
+    assert "\ufffd" + FORGED[:30] in everything or command == "explain"
+    if command in ("analyze", "merge"):  # the note naming the odd category, on one line
+        assert "odd\ufffdtraceinsight: error: FORGED" in everything
+
+
+# -- option values -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["merge", RANK0, "-o", "m.json", "--min-cpu-us", "nan"],
+     "traceinsight: error: --min-cpu-us nan is not a finite number; give a number like 50"),
+    (["diff", RANK0, "--against", RANK1, "--fail-if-slower", "nan"],
+     "traceinsight: error: --fail-if-slower nan is not a finite number; give a number like 5 (percent)"),
+    (["diff", RANK0, "--against", RANK1, "--fail-if-slower", "inf"],
+     "traceinsight: error: --fail-if-slower inf is not a finite number; give a number like 5 (percent)"),
+])
+def test_numbers_that_are_not_finite_are_refused(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert _one_error(_cli(*args)) == message
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("ranks", "reason"), [
+    ("0-20000000000", "'0-20000000000': rank 20,000,000,000 is beyond the largest rank number (2,147,483,647)"),
+    ("0-1999999", "'0-1999999' names more than 1,000,000 ranks; list fewer"),
+    ("0-600000,700000-1200000", "'0-600000,700000-1200000' names more than 1,000,000 ranks; list fewer"),
+])
+def test_rank_lists_that_cannot_be_held_are_refused_quickly(tmp_path, ranks, reason):
+    started = time.perf_counter()
+    result = _cli("merge", RANK0, "-o", tmp_path / "m.json", "--ranks", ranks)
+    assert time.perf_counter() - started < 5
+    assert result.exit_code == 2 and "Traceback" not in result.output + result.stderr
+    assert "MemoryError" not in result.stderr
+    assert reason in " ".join(result.stderr.split())
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_wal_database_that_cannot_be_copied_is_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import tempfile
+
+    from traceinsight.ingest import nsys
+
+    path = wal_database(SINGLE, tmp_path / "trace.sqlite", f"UPDATE {KERNEL} SET start = start + 1")
+    private = tmp_path / "private"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+
+    def full(source, target, length=0):
+        target.write(source.read(1000))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nsys.shutil, "copyfileobj", full)
+    line = _one_error(_cli("analyze", path))
+    assert line.startswith(f"traceinsight: error: {path}: has a wal file beside it, so it is read from a private "
+                           f"copy, and copying it to {private}/traceinsight-sqlite-")
+    assert line.endswith(" failed (No space left on device); free space there (or set TMPDIR), or let the "
+                         "program that writes the database finish")
+    assert os.listdir(private) == []  # the partial copy is gone

@@ -472,3 +472,118 @@ def test_nsys_reader_reads_what_was_written(scratch, database):
     )
     assert sorted(read.select("start_ns", "end_ns", "name").iter_rows()) == expected
     assert_analyzable(model)
+
+
+# -- every renderer accepts every value the JSON contract allows (issue #16) ----------------------
+
+from dataclasses import replace  # noqa: E402
+from io import StringIO  # noqa: E402
+
+from traceinsight.errors import check_finite, check_rank_bounds, printable  # noqa: E402
+
+HOSTILE_TEXT = st.lists(st.sampled_from(list("ab [/]\n\r\t\x1b\x07\u2028\u0085é") + ["traceinsight: error: "]),
+                        max_size=12).map("".join)
+
+
+@pytest.fixture(scope="module")
+def two_rank_analysis():
+    from conftest import SAMPLE_TRACES
+
+    from traceinsight.analysis.pipeline import analyze
+    from traceinsight.ingest import load
+
+    model = load(sorted((SAMPLE_TRACES / "moe_2rank_nsys").glob("rank*.sqlite")))
+    return model, analyze(model)
+
+
+#: Trace text as it reaches findings: the readers replace ESC, CR and the other controls,
+#: but keep newlines and tabs (and Unicode separators).
+READ_TEXT = st.lists(st.sampled_from(list("ab [/]\n\t\u2028é") + ["traceinsight: error: "]), max_size=12).map("".join)
+
+#: A ``waits`` entry as the JSON contract allows it: ``step`` is null for a collective outside
+#: every step window; ``phase`` and ``collective`` may be null; names are untrusted text.
+wait_entry = st.fixed_dictionaries({
+    "step": st.one_of(st.none(), st.integers(0, 40)),
+    "rank": st.integers(0, 1),
+    "waiting_for_rank": st.integers(0, 1),
+    "phase": st.one_of(st.none(), READ_TEXT),
+    "collective": st.one_of(st.none(), READ_TEXT),
+    "wait_ms": st.floats(0, 1e4),
+    "transfer_ms": st.floats(0, 1e3),
+    "key": st.one_of(st.none(), st.integers(0, 10**6)),
+    "start_ns": st.one_of(st.none(), st.integers(0, 2**60)),
+})
+
+
+@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(waits=st.lists(wait_entry, max_size=12), null_steps_only=st.booleans())
+def test_every_renderer_accepts_waits_the_contract_allows(two_rank_analysis, waits, null_steps_only):
+    from rich.console import Console
+
+    from traceinsight.report.html import render_html
+    from traceinsight.report.json_report import render_json
+    from traceinsight.report.terminal import render_findings
+
+    model, findings = two_rank_analysis
+    if null_steps_only:
+        waits = [{**wait, "step": None} for wait in waits]
+    changed = replace(findings, waits=waits)
+    html = render_html(changed, {})
+    assert '<section id="waits"' in html or not waits
+    assert json.loads(render_json(changed))["waits"] == json.loads(json.dumps(waits))
+    out = StringIO()
+    render_findings(changed, Console(file=out, width=200, color_system=None))
+    for line in out.getvalue().splitlines():  # a name may show the text in a cell, never start a line with it
+        assert not line.startswith("traceinsight: error: ")
+        assert "\x1b" not in line and "\x07" not in line
+
+
+def test_html_of_a_real_pair_with_waits_outside_every_step(two_rank_analysis):
+    # The users' case: like moe_2rank_nsys, with 36 of the waits outside every step window.
+    from traceinsight.report.html import render_html
+
+    model, findings = two_rank_analysis
+    assert len(findings.waits) > 36
+    waits = [{**wait, "step": None} if index % 8 == 0 else wait for index, wait in enumerate(findings.waits)]
+    html = render_html(replace(findings, waits=waits), {})
+    assert 'id="waits"' in html
+
+
+@FAST
+@given(st.text(max_size=40) | HOSTILE_TEXT)
+def test_printable_text_is_one_line_without_controls(text):
+    from rich.console import Console
+
+    from traceinsight.report.terminal import plain, plain_paragraph
+
+    shown = printable(text)
+    assert len(shown.splitlines()) <= 1 and "\x1b" not in shown and "\t" not in shown
+    assert len(shown) == len(text)  # replaced one for one, nothing hidden
+    for cell in (plain(text), plain_paragraph(text)):
+        out = StringIO()
+        Console(file=out, width=500, color_system=None).print(cell)
+        assert out.getvalue().count("\n") == 1
+
+
+@FAST
+@given(st.floats(allow_nan=True, allow_infinity=True))
+def test_number_options_accept_exactly_the_finite_numbers(value):
+    import math
+
+    if math.isfinite(value):
+        check_finite(value, option="--x", example="1")
+    else:
+        with pytest.raises(TraceInputError, match="is not a finite number"):
+            check_finite(value, option="--x", example="1")
+
+
+@FAST
+@given(st.integers(0, 2**40), st.integers(0, 2**40), st.integers(0, 10**6))
+def test_rank_bounds_are_checked_before_any_list_is_built(first, length, already):
+    last = first + length
+    ok = last <= 2**31 - 1 and already + last - first + 1 <= 1_000_000
+    if ok:
+        check_rank_bounds(first, last, text="x", already=already)
+    else:
+        with pytest.raises(TraceInputError):
+            check_rank_bounds(first, last, text="x", already=already)

@@ -70,13 +70,30 @@ def _check_options(options: dict) -> None:
     work and an output path that cannot be written."""
     from traceinsight.errors import check_pattern
 
+    from traceinsight.report.output import refuse_inputs_as_outputs
+
     for key in ("json_path", "html_path", "output"):
         if options.get(key) and options[key] != "-":
             _check_writable(options[key])
+    refuse_inputs_as_outputs(
+        [(flag, options.get(key)) for key, flag in _OUTPUT_OPTIONS.items()],
+        [*options.get("paths", ()), *options.get("before", ()), *options.get("after", ())],
+    )
+    _check_numbers(options)
     if options.get("step_marker"):
         check_pattern(options["step_marker"], option="--step-marker", groups=1)
     for pattern in options.get("comm_patterns") or ():
         check_pattern(pattern, option="--comm-pattern")
+
+
+_OUTPUT_OPTIONS = {"json_path": "--json", "html_path": "--html", "output": "-o"}
+
+
+def _check_numbers(options: dict) -> None:
+    from traceinsight.errors import check_finite
+
+    check_finite(options.get("min_cpu_us"), option="--min-cpu-us", example="50")
+    check_finite(options.get("fail_if_slower"), option="--fail-if-slower", example="5 (percent)")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -96,6 +113,9 @@ def main(debug: bool, cache_dir: str | None, no_cache: bool, jobs: int) -> None:
     """
     global _debug
     _debug = debug
+    from traceinsight.report.output import exit_cleanly_on_sigterm
+
+    exit_cleanly_on_sigterm()  # SIGTERM removes temporary files as SIGINT does
     _loading.update(cache_dir=None if no_cache else (cache_dir or _default_cache_dir()), jobs=jobs)
 
 
@@ -351,6 +371,12 @@ def _rank_list(ctx, param, value):
         bounds = _step_range(ctx, param, part) if part else None
         if bounds is None:
             raise click.BadParameter(f"{value!r} is not a rank list like 0,3 or 0-3", ctx=ctx, param=param)
+        from traceinsight.errors import OptionError, check_rank_bounds
+
+        try:
+            check_rank_bounds(*bounds, text=value, already=len(ranks))
+        except OptionError as exc:
+            raise click.BadParameter(exc.message, ctx=ctx, param=param) from None
         ranks.update(range(bounds[0], bounds[1] + 1))
     return sorted(ranks)
 
@@ -387,8 +413,10 @@ def merge(paths, output, steps, ranks, min_cpu_us, step_marker, show_host, salva
     findings = run_analysis(model, step_pattern=step_marker)
     result = write_merged(output, model, findings, steps=steps, ranks=ranks, min_cpu_us=min_cpu_us,
                           show_host=show_host)
+    from traceinsight.errors import printable
+
     for note in dict.fromkeys(findings.warnings + result.notes):
-        click.echo(f"note: {note}", err=True)
+        click.echo(f"note: {printable(note)}", err=True)  # notes quote trace strings
     counts = result.counts
     trace_counts = ", ".join(f"{cat} {n:,}" for cat, n in sorted(counts.items(), key=lambda kv: -kv[1])
                              if not cat.startswith("traceinsight") and cat not in ("flows", "metadata") and n)

@@ -107,3 +107,42 @@ def check_pattern(pattern: str, *, option: str, groups: int | None = None) -> No
             f"{option} '{pattern}' cannot be used: {reason or 'the regex engine rejects it'} "
             "in polars' regex engine (no look-around, no back-references)"
         ) from None
+
+
+# Line breaks and other characters that move the cursor or end a line in a terminal: C0
+# controls (newline and tab included), DEL, the C1 controls (NEL U+0085, CSI U+009B) and
+# Unicode's line and paragraph separators.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text) -> str:
+    """Untrusted text for one terminal line: every control character (line breaks, tabs,
+    escapes) becomes U+FFFD, so a name cannot start a line of its own (``traceinsight:
+    error: ...``) or drive the terminal. ``None`` is the empty string."""
+    return "" if text is None else _UNPRINTABLE.sub("\ufffd", str(text))
+
+
+#: The largest rank number a trace can hold (ranks are 32-bit), and the most ranks an
+#: option may name.
+MAX_RANK = 2**31 - 1
+MAX_RANKS_LISTED = 1_000_000
+
+
+def check_finite(value: float | None, *, option: str, example: str) -> None:
+    """Raise :class:`OptionError` for a number option given ``nan`` or ``inf``."""
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise OptionError(f"{option} {value} is not a finite number; give a number like {example}")
+
+
+def check_rank_bounds(first: int, last: int, *, text: str, option: str = "--ranks", already: int = 0) -> None:
+    """Raise :class:`OptionError` for a rank range that no trace can hold, before a list of
+    its ranks is built (``0-20000000000`` would exhaust memory); ``already``: ranks listed
+    before this range."""
+    if last > MAX_RANK:
+        raise OptionError(f"{option} '{one_line(text, limit=60)}': rank {last:,} is beyond the largest "
+                          f"rank number ({MAX_RANK:,})")
+    if already + last - first + 1 > MAX_RANKS_LISTED:
+        raise OptionError(f"{option} '{one_line(text, limit=60)}' names more than {MAX_RANKS_LISTED:,} "
+                          "ranks; list fewer")

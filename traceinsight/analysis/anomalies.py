@@ -117,6 +117,8 @@ def judged_durations(steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFr
     and ``judged_ns``: the step's duration, except for the last step of each rank, which is
     judged on the longer of its marker and its launched GPU work (never more than its window).
     """
+    if "duration_ns" not in steps.columns:  # no breakdown (nothing to break down)
+        steps = steps.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"))
     steps = steps.with_columns(launched_gpu_ns=pl.lit(0, pl.Int64))
     if gpu is not None and gpu.height and steps.height:
         launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select(

@@ -186,7 +186,11 @@ def read_files(
 
     # fork would copy whatever the parent holds; spawn starts clean workers.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+    from traceinsight.report.output import exit_cleanly_on_sigterm
+
+    # Workers end on SIGTERM as the parent does: a cache entry being written is removed.
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,
+                                                initializer=exit_cleanly_on_sigterm) as pool:
         futures = {pool.submit(_read_one, path, salvage, cache_dir): index for index, path in enumerate(paths)}
         results: list[TraceModel | None] = [None] * len(paths)
         for future in concurrent.futures.as_completed(futures):

@@ -12,6 +12,7 @@ import os
 import zlib
 
 from traceinsight.errors import TraceFormatError, TraceInputError, one_line
+from traceinsight.ingest import guard
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 GZIP_MAGIC = b"\x1f\x8b"
@@ -65,7 +66,7 @@ def detect_format(path: str) -> str:
     if os.path.isdir(path):
         raise TraceInputError("is a directory; pass the trace files in it", path=path)
     try:
-        with open(path, "rb") as handle:
+        with guard.open_regular(path) as handle:  # a FIFO or a device is refused, not waited on
             head = handle.read(64)
     except OSError as exc:
         raise TraceInputError(f"cannot read: {exc.strerror}", path=path) from None

@@ -60,6 +60,65 @@ _REPLACEMENT = "\ufffd"
 _THREAD_KINDS = ("cuda_api", "annotation", "cpu_op", "python", "osrt")
 
 
+# -- what may be read -----------------------------------------------------------------------
+
+
+def _kind_of(mode: int) -> str:
+    import stat
+
+    for test, what in ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def not_regular_error(path: str, mode: int):
+    from traceinsight.errors import TraceInputError
+
+    return TraceInputError(
+        f"is {_kind_of(mode)}, not a trace file; reading it could block forever; save the trace "
+        "to a file and pass that", path=path,
+    )
+
+
+def open_regular(path: str):
+    """Open ``path`` for reading (binary) only if it is a regular file.
+
+    A FIFO, a device or a socket is refused (:class:`~traceinsight.errors.TraceInputError`)
+    instead of blocking forever: the file is opened without blocking, checked with
+    ``fstat`` (no race with a file swapped after a check) and only then read normally.
+    Missing files and other refusals raise ``OSError`` as ``open`` does.
+    """
+    import stat
+
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(21, "Is a directory", path)
+        if not stat.S_ISREG(mode):
+            raise not_regular_error(path, mode)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(descriptor, True)
+        return os.fdopen(descriptor, "rb")
+    except BaseException:
+        os.close(descriptor)
+        raise
+
+
+def check_regular(path: str) -> None:
+    """Refuse (without opening it) a path that exists but is not a regular file or folder."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # the reader says what is wrong
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise not_regular_error(path, mode)
+
+
 # -- memory ---------------------------------------------------------------------------------
 
 
@@ -194,8 +253,8 @@ def check_kineto_memory(path: str) -> int | None:
     if budget is None:
         return None
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as handle:
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
             gzipped = handle.read(2) == b"\x1f\x8b"
             isize = None
             if gzipped and size >= 18:
@@ -211,6 +270,34 @@ def check_kineto_memory(path: str) -> int | None:
         what = f"{human_bytes(size)} of JSON"
     check_memory(path, json_bytes * KINETO_BYTES_PER_JSON_BYTE, what=what)
     return budget
+
+
+#: A gzip stream that inflates to more than this many times the compressed bytes it has
+#: consumed is not a profiler trace (they compress 10-30x; deflate's limit is 1032x, which
+#: only long runs of one byte reach): a gzip bomb. Checked once the output passes
+#: :data:`INFLATE_RATIO_FLOOR`, on the running totals of the whole file (all members).
+MAX_TRACE_COMPRESSION = 200
+INFLATE_RATIO_FLOOR = 64 * 2**20
+
+
+def bomb_check_on() -> bool:
+    """False when ``TRACEINSIGHT_NO_MEMORY_CHECK`` turns the checks off."""
+    return os.environ.get(NO_MEMORY_CHECK_ENV, "").strip().lower() in ("", "0", "false", "no")
+
+
+def check_inflation(path: str, inflated: int, consumed: int) -> None:
+    """Raise :class:`TraceTooLargeError` when ``inflated`` bytes came out of only
+    ``consumed`` compressed bytes: a ratio no trace has (see :data:`MAX_TRACE_COMPRESSION`).
+    This looks at what the stream really inflates to, so neither a lying size trailer nor
+    a bomb member after a valid one gets past it, and it stops after about 64 MiB of
+    output instead of the gigabytes a bomb holds."""
+    if inflated > INFLATE_RATIO_FLOOR and inflated > MAX_TRACE_COMPRESSION * max(consumed, 1) and bomb_check_on():
+        raise TraceTooLargeError(
+            f"decompresses to more than {human_bytes(inflated)} of JSON from only {human_bytes(consumed)} "
+            f"of gzip data (over {MAX_TRACE_COMPRESSION} times; profiler traces compress 10-30 times): "
+            f"a gzip bomb, not a trace; set {NO_MEMORY_CHECK_ENV}=1 to try anyway",
+            path=path,
+        )
 
 
 def inflate_limit_error(path: str, limit: int) -> TraceTooLargeError:

@@ -377,7 +377,7 @@ def read_kineto(path: str | os.PathLike, *, salvage: bool = False) -> TraceModel
 
 def _read_file(path: str) -> bytes:
     try:
-        with open(path, "rb") as handle:
+        with guard.open_regular(path) as handle:
             raw = handle.read()
     except FileNotFoundError:
         raise TraceInputError("no such file", path=path) from None
@@ -419,6 +419,7 @@ def _gunzip(
                     end = written + len(chunk)
                     if limit is not None and end > limit:
                         raise guard.inflate_limit_error(path, limit)
+                    guard.check_inflation(path, end, position - len(inflater.unconsumed_tail))
                     if end > len(out):  # grow geometrically: each growth may copy the buffer
                         out.extend(bytes(max(end - len(out), len(out) // 2)))
                     out[written:end] = chunk
@@ -517,7 +518,7 @@ def _decode(data: bytes | bytearray, *, path: str, salvage: bool, warnings: list
     is_list = first == b"["
     try:
         return _decode_json(data, is_list=is_list, path=path, salvage=salvage, warnings=warnings)
-    except UnicodeDecodeError:
+    except (UnicodeDecodeError, _NotUTF8):
         # A string holding bytes that are not UTF-8 (a name written by a buggy tool, or
         # damage): replace them, say so, and decode again.
         data = bytes(data).decode("utf-8", "replace").encode("utf-8")
@@ -534,6 +535,11 @@ def _decode_json(
         trace, lenient = _decode_typed(data, is_list=is_list, path=path)
         return _Decoded(trace, lenient, is_list, data)
     except msgspec.DecodeError as exc:  # malformed JSON (type errors were raised as ours)
+        # msgspec < 0.23 raised UnicodeDecodeError for a string that is not UTF-8; 0.23
+        # raises a DecodeError ("Invalid UTF-8 encoded string", at varying offsets): check
+        # the bytes themselves, whatever the version says.
+        if not _is_utf8(data):
+            raise _NotUTF8 from None
         offset = _error_offset(exc, len(data))
         if not salvage:
             raise TraceFormatError(
@@ -542,6 +548,24 @@ def _decode_json(
                 path=path,
             ) from None
     return _salvage(data, offset, is_list=is_list, path=path, warnings=warnings)
+
+
+class _NotUTF8(Exception):
+    """The JSON text holds bytes that are not UTF-8 (decoded again with replacements)."""
+
+
+def _is_utf8(data: bytes | bytearray, block: int = 1 << 24) -> bool:
+    """Whether ``data`` is valid UTF-8, checked a block at a time (no copy of the whole)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for start in range(0, len(view), block):
+            decoder.decode(view[start : start + block], final=False)
+    except UnicodeDecodeError:  # (a character cut by the end of a truncated file is not bad)
+        return False
+    return True
 
 
 def _first_json_byte(data: bytes | bytearray) -> bytes:
@@ -840,7 +864,7 @@ def _text_blocks(path: str, limit: int | None) -> Iterator[bytes]:
     the same error as the whole-file path.
     """
     try:
-        handle = open(path, "rb")
+        handle = guard.open_regular(path)
     except OSError:
         raise _NotStreamable from None
     with handle:
@@ -867,6 +891,7 @@ def _text_blocks(path: str, limit: int | None) -> Iterator[bytes]:
                 written += len(block)
                 if limit is not None and written > limit:
                     raise guard.inflate_limit_error(path, limit)
+                guard.check_inflation(path, written, handle.tell() - len(pending))
                 if block:
                     yield block
             pending = inflater.unused_data
@@ -1009,10 +1034,10 @@ def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] 
     cut = position + _CHUNK_BYTES
     tries = 0
     while True:
-        while (found := _EVENT_END.search(buffer, cut) if cut < len(buffer) else None) is None:
-            if not read_more():
-                return None, b"", position
-        close, resume = found.start() + 1, found.end()
+        found = _event_boundary(buffer, cut, read_more)
+        if found is None:
+            return None, b"", position
+        close, resume = found
         chunk = bytearray(b"[")
         chunk += memoryview(buffer)[position:close]
         chunk += b"]"
@@ -1025,6 +1050,44 @@ def _next_chunk(buffer: bytearray, position: int, read_more) -> tuple[list[Any] 
             if tries >= _CHUNK_TRIES:
                 raise _NotStreamable from None
             cut = close  # that '}' closed something inside an event: try the next one
+
+
+_NOT_WHITESPACE = re.compile(rb"[^ \t\r\n]")
+
+
+def _event_boundary(buffer: bytearray, start: int, read_more) -> tuple[int, int] | None:
+    """The first ``}`` + whitespace + ``,`` at or after ``start`` (reading more text as
+    needed): the offset just past the ``}`` and just past the ``,``; ``None`` when the text
+    ends first.
+
+    Every byte is scanned about once, however long the run of text without a boundary
+    (one huge event, or gigabytes of whitespace): after a failed search only the text read
+    since is searched, and a ``}`` followed by whitespace up to the end of what was read is
+    remembered rather than searched again.
+    """
+    scan = start
+    while True:
+        if scan < len(buffer):
+            found = _EVENT_END.search(buffer, scan)
+            if found is not None:
+                return found.start() + 1, found.end()
+            brace = buffer.rfind(b"}", scan)
+            scan = len(buffer)
+            if brace >= 0 and _NOT_WHITESPACE.search(buffer, brace + 1) is None:
+                while True:  # only whitespace after that '}' so far: what comes next?
+                    if not read_more():
+                        return None
+                    other = _NOT_WHITESPACE.search(buffer, scan)
+                    if other is None:
+                        scan = len(buffer)
+                        continue
+                    if buffer[other.start()] == ord(","):
+                        return brace + 1, other.end()
+                    scan = other.start()
+                    break
+                continue
+        if not read_more():
+            return None
 
 
 def _kept_events(events: list[Any]) -> list[Any]:

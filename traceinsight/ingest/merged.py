@@ -8,7 +8,6 @@ steps, waits and offsets of the merged file are those of the inputs.
 
 from __future__ import annotations
 
-import gzip
 import os
 import tempfile
 
@@ -44,7 +43,15 @@ def _read_bytes(path: str) -> bytes:
             raw = handle.read()
     except OSError as exc:
         raise TraceInputError(f"cannot read: {exc.strerror or exc}", path=str(path)) from None
-    return gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    # Inflated as the Kineto reader does: a damaged stream is one line, a gzip bomb stops early.
+    from traceinsight.ingest import guard
+    from traceinsight.ingest.kineto import _gunzip
+
+    budget = guard.memory_budget()
+    limit = None if budget is None else budget // guard.KINETO_WHOLE_FILE_BYTES_PER_JSON_BYTE
+    return bytes(_gunzip(raw, path=str(path), salvage=False, warnings=[], limit=limit))
 
 
 def split_merged(path: str | os.PathLike) -> dict[int, bytes]:

@@ -46,10 +46,17 @@ Times stay as the file gives them: integer nanoseconds since the capture session
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import signal
 import sqlite3
+import tempfile
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
@@ -202,23 +209,22 @@ def read_nsys(path: str) -> TraceModel:
         raise TraceInputError("no such file", path=path)
     if os.path.isdir(path):
         raise TraceInputError("is a directory, expected an nsys SQLite export", path=path)
+    guard.check_regular(path)  # a FIFO or a device would block the open
     truncated = _truncation(path)
     if truncated:
         raise TraceFormatError(truncated, path=path)
+    copy_folder = None
     try:
-        # A URI built by pathlib escapes '?', '#' and '%' in the path; mode=ro makes SQLite
-        # refuse any write, so reading can never alter the user's file.
-        uri = Path(path).resolve().as_uri() + "?mode=ro"
-        connection = sqlite3.connect(uri, uri=True)
-    except sqlite3.Error as exc:
-        raise TraceFormatError(
-            f"cannot open as SQLite database ({one_line(str(exc), limit=160)})", path=path
-        ) from None
-    try:
-        # Some exports hold strings that are not valid UTF-8 (TARGET_INFO_SYSTEM_ENV values):
-        # decode leniently instead of failing the whole read.
-        connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
-        return _NsysReader(_Export(connection, path)).read()
+        connection, copy_folder = _open_untouched(path)
+        notes = (
+            ["the export has a write-ahead log or rollback journal beside it (an export still being "
+             "written, or a crash): it was read from a private copy, so neither file changed"]
+            if copy_folder else []
+        )
+        with _interruptible(connection, path):
+            reader = _NsysReader(_Export(connection, path))
+            reader.warnings.extend(notes)
+            return reader.read()
     except sqlite3.DatabaseError as exc:
         raise TraceFormatError(_database_error_message(exc), path=path) from None
     except UnicodeDecodeError:
@@ -227,7 +233,121 @@ def read_nsys(path: str) -> TraceModel:
             _database_error_message(sqlite3.DatabaseError("malformed database schema")), path=path
         ) from None
     finally:
-        connection.close()
+        if "connection" in locals():
+            connection.close()
+        if copy_folder is not None:
+            shutil.rmtree(copy_folder, ignore_errors=True)
+
+
+#: Files SQLite keeps beside a database while it is written: a write-ahead log, or the
+#: rollback journal of an interrupted transaction.
+_SIDECARS = ("-wal", "-journal")
+#: Seconds a read of one export may take: a base plus one second per MiB of file (reading
+#: runs at tens of MiB per second). Only a database built to hang gets there.
+SQLITE_DEADLINE_S = 120.0
+SQLITE_DEADLINE_S_PER_MIB = 1.0
+
+
+def _open_untouched(path: str) -> tuple[sqlite3.Connection, str | None]:
+    """A connection to ``path`` that can change nothing in or beside it, and the private
+    folder to remove afterwards (``None`` when there is none).
+
+    A database alone is opened ``immutable`` (read-only, no locks, no ``-shm`` created).
+    A database with a write-ahead log (``-wal``) or a rollback journal beside it holds its
+    true content only with that file: opening it in place, even read-only, creates or
+    writes ``-shm`` and may checkpoint or roll back, and ``immutable`` would ignore the
+    log (and miss tables). Such a database and its log are copied to a private folder and
+    the copy is opened, so the user's files stay as they are.
+    """
+    sidecars = [suffix for suffix in _SIDECARS if os.path.isfile(path + suffix) and os.path.getsize(path + suffix)]
+    if not sidecars:
+        # A URI built by pathlib escapes '?', '#' and '%' in the path.
+        uri = Path(path).resolve().as_uri() + "?mode=ro&immutable=1"
+        try:
+            return sqlite3.connect(uri, uri=True), None
+        except sqlite3.Error as exc:
+            raise TraceFormatError(
+                f"cannot open as SQLite database ({one_line(str(exc), limit=160)})", path=path
+            ) from None
+    folder = tempfile.mkdtemp(prefix="traceinsight-sqlite-")
+    try:
+        copy = os.path.join(folder, "export.sqlite")
+        try:
+            with guard.open_regular(path) as source, open(copy, "wb") as target:
+                shutil.copyfileobj(source, target, 1 << 20)
+            for suffix in sidecars:
+                shutil.copyfile(path + suffix, copy + suffix)
+        except OSError as exc:
+            raise TraceInputError(
+                f"has a {' and a '.join(s.lstrip('-') for s in sidecars)} file beside it, so it is read from a "
+                f"private copy, and copying it to {folder} failed ({exc.strerror or exc}); free space there "
+                "(or set TMPDIR), or let the program that writes the database finish",
+                path=path,
+            ) from None
+        try:
+            connection = sqlite3.connect(Path(copy).as_uri() + "?mode=rw", uri=True)
+        except sqlite3.Error as exc:
+            raise TraceFormatError(
+                f"cannot open as SQLite database ({one_line(str(exc), limit=160)})", path=path
+            ) from None
+        return connection, folder
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def _interruptible(connection: sqlite3.Connection, path: str):
+    """Read ``connection`` untrusted: its schema's functions are not run (``trusted_schema``
+    off), nothing can be written (``query_only``), and every query stops at SIGINT/SIGTERM
+    or past a deadline (a progress handler; SQLite would otherwise not return to Python,
+    and the signal's exception would be lost inside the handler)."""
+    connection.execute("PRAGMA trusted_schema = OFF")
+    connection.execute("PRAGMA query_only = ON")
+    # Decode leniently: some exports hold strings that are not valid UTF-8
+    # (TARGET_INFO_SYSTEM_ENV values).
+    connection.text_factory = lambda raw: raw.decode("utf-8", "replace")
+    try:
+        size_mib = os.path.getsize(path) / 2**20
+    except OSError:
+        size_mib = 0.0
+    limit_s = SQLITE_DEADLINE_S + SQLITE_DEADLINE_S_PER_MIB * size_mib
+    deadline = time.monotonic() + limit_s
+    caught: list[tuple[int, Any]] = []
+
+    def progress() -> int:
+        return 1 if caught or time.monotonic() > deadline else 0
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(number)
+            if callable(previous):  # a Python handler that raises (KeyboardInterrupt...)
+
+                def handler(signum, frame, previous=previous):
+                    caught.append((signum, previous))
+                    previous(signum, frame)
+
+                handlers[number] = previous
+                signal.signal(number, handler)
+    connection.set_progress_handler(progress, 20_000)
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        if "interrupt" not in str(exc):
+            raise
+        if caught:  # the signal's exception was raised inside the progress handler and lost
+            signum, previous = caught[0]
+            previous(signum, None)
+        raise TraceFormatError(
+            f"reading the SQLite file did not finish within {limit_s:,.0f} s (a query over it does not "
+            "end); it is damaged or built to hang; export it again (nsys export --type sqlite)",
+            path=path,
+        ) from None
+    finally:
+        connection.set_progress_handler(None, 0)
+        for number, previous in handlers.items():
+            signal.signal(number, previous)
 
 
 def _database_error_message(exc: sqlite3.DatabaseError) -> str:
@@ -282,12 +402,17 @@ class _Export:
     def __init__(self, connection: sqlite3.Connection, path: str) -> None:
         self.connection = connection
         self.path = path
-        self.tables = {
-            name
-            for (name,) in connection.execute(
-                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')"
-            )
-        }
+        # Only real tables are read. A view (or a virtual table) would run SQL written by
+        # whoever made the file: a recursive view never ends. nsys writes neither.
+        self.tables: set[str] = set()
+        self.ignored: list[str] = []
+        for name, kind, sql in connection.execute("SELECT name, type, sql FROM sqlite_master"):
+            if not isinstance(name, str) or kind not in ("table", "view"):
+                continue
+            if kind == "table" and not str(sql or "").lstrip().upper().startswith("CREATE VIRTUAL"):
+                self.tables.add(name)
+            else:
+                self.ignored.append(name)
         self._columns: dict[str, set[str]] = {}
 
     def is_nsys_export(self) -> bool:
@@ -519,6 +644,13 @@ class _NsysReader:
                 path=export.path,
             )
         self._check_memory()
+        if export.ignored:
+            names = sorted(guard.scrub_value(one_line(name, limit=80)) for name in export.ignored)
+            self.warnings.append(
+                f"{len(names)} view(s) or virtual table(s) ignored ({', '.join(names[:5])}"
+                f"{', ...' if len(names) > 5 else ''}): only tables are read, the SQL of an untrusted "
+                "file is not run"
+            )
         if export.table(STRING_TABLE) is None:
             self.warnings.append(
                 "the export has no StringIds table: kernel, CUDA API and range names are unknown"

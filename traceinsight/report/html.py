@@ -525,14 +525,18 @@ def _waits(findings, page: _Page) -> str:
     )
     rank_ids = sorted(set(frame.get_column("rank").to_list()) | set(frame.get_column("waiting_for_rank").to_list())
                       | set(findings.steps.get_column("rank").to_list()))
-    step_ids = sorted(set(frame.get_column("step").to_list()) | set(findings.steps.get_column("step").to_list()))
-    per_cell = frame.group_by("rank", "step").agg(ms=pl.col("wait_ms").sum())
+    # A collective outside every step window has no step ("step": null): it counts in the
+    # phase and rank tables, not in the per-step map.
+    in_steps = frame.filter(pl.col("step").is_not_null())
+    step_ids = sorted(set(in_steps.get_column("step").to_list())
+                      | set(findings.steps.get_column("step").drop_nulls().to_list()))
+    per_cell = in_steps.group_by("rank", "step").agg(ms=pl.col("wait_ms").sum())
     row_of = {r: i for i, r in enumerate(rank_ids)}
     col_of = {s: j for j, s in enumerate(step_ids)}
     z = np.zeros((len(rank_ids), len(step_ids)), dtype=np.float32)
     for rank, step, ms in per_cell.iter_rows():
         z[row_of[rank], col_of[step]] = ms
-    stragglers = (frame.group_by("step", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
+    stragglers = (in_steps.group_by("step", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
                   .sort(["step", "ms"], descending=[False, True]).group_by("step", maintain_order=True).first())
     fig = go.Figure()
     fig.add_trace(go.Heatmap(

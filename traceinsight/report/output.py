@@ -1,9 +1,50 @@
-"""Write output files atomically: a temporary file in the same folder, renamed when complete."""
+"""Write output files safely.
+
+- :func:`write_atomic`: a temporary file in the same folder, renamed when complete; a
+  failure (no space left, a signal) removes the temporary file and leaves no partial output.
+- :func:`refuse_inputs_as_outputs`: an output path that is one of the input traces (the same
+  file, also through a symbolic or hard link, or a trace inside an input folder) is refused
+  before anything is read.
+- :func:`exit_cleanly_on_sigterm`: SIGTERM ends the process as SIGINT does, by an exception,
+  so that every ``finally``/``except BaseException`` that removes temporary files runs.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import tempfile
+import threading
+
+from traceinsight.errors import OutputError
+
+#: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports it.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives (a ``SystemExit`` with status 143)."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_TERMINATED)
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - the signal module's signature
+    raise Terminated()
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (where Python runs signal
+    handlers), unless someone else already handles it. Idempotent."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if current in (signal.SIG_DFL, None) or current is _raise_terminated:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        pass
 
 
 def write_atomic(path: str, data: bytes | str) -> None:
@@ -12,11 +53,20 @@ def write_atomic(path: str, data: bytes | str) -> None:
     The bytes go to a temporary file beside ``path`` (same file system, so the rename is
     atomic) and replace ``path`` only after a successful write and flush; on any failure the
     temporary file is removed and nothing is left behind.
+
+    Raises
+    ------
+    OutputError
+        The system refused the write (no space left on device, quota, file too large, I/O
+        error, permissions): one line naming ``path`` and the reason.
     """
     if isinstance(data, str):
         data = data.encode("utf-8")
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".traceinsight-", suffix=".tmp", dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".traceinsight-", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     try:
         # mkstemp makes the file private (0600); give it the mode an ordinary write would:
         # the existing file's, else what the umask allows.
@@ -32,9 +82,58 @@ def write_atomic(path: str, data: bytes | str) -> None:
             out.flush()
             os.fsync(out.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(temporary)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError):
+            raise _output_error(path, exc) from None
         raise
+
+
+def _output_error(path: str, exc: OSError) -> OutputError:
+    reason = exc.strerror or (errno.errorcode.get(exc.errno or 0)) or str(exc) or "write failed"
+    return OutputError(reason, path=path)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): compare where they would be
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_inputs_as_outputs(outputs: list[tuple[str, str]], inputs: list[str]) -> None:
+    """Raise :class:`OutputError` if an output path is one of the inputs, or two outputs
+    are one file.
+
+    ``outputs`` holds ``(option, path)`` pairs (``("--json", "out.json")``; ``-`` for stdout
+    is skipped); ``inputs`` are the trace paths as given, files or folders. Nothing is read:
+    the check compares files (``os.path.samefile``: the same inode, so symbolic and hard
+    links are caught) and, for an input folder, the files in it.
+    """
+    outputs = [(option, path) for option, path in outputs if path and path != "-"]
+    for option, path in outputs:
+        for given in inputs:
+            given = os.fspath(given)
+            if os.path.isdir(given):
+                try:
+                    names = os.listdir(given)
+                except OSError:
+                    names = []
+                if any(_same_file(path, os.path.join(given, name)) for name in names):
+                    raise OutputError(
+                        f"{option} {path} is a file in the input folder {given}; writing it would "
+                        "destroy a trace; choose another output path"
+                    )
+            elif _same_file(path, given):
+                raise OutputError(
+                    f"{option} {path} is one of the input traces ({given}); writing it would destroy "
+                    "the trace; choose another output path"
+                )
+    for index, (option, path) in enumerate(outputs):
+        for other_option, other in outputs[index + 1 :]:
+            if _same_file(path, other):
+                raise OutputError(f"{option} and {other_option} name the same file ({path}); give each "
+                                  "output its own path")

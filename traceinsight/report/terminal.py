@@ -13,13 +13,15 @@ from rich.text import Text
 
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.pipeline import Findings
+from traceinsight.errors import printable
 
 MAX_STEP_ROWS = 60
 
 
 def plain(value) -> Text:
-    """Untrusted text as a rich ``Text`` (never parsed as markup), shortened for a table cell."""
-    text = "" if value is None else str(value)
+    """Untrusted text as a rich ``Text`` (never parsed as markup, control characters and
+    line breaks shown as U+FFFD), shortened for a table cell."""
+    text = printable(value)
     if len(text) > 90:
         text = text[:87] + "..."
     return Text(text)
@@ -79,7 +81,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
         console.print(anomaly_table)
         for anomaly in findings.anomalies[:5]:
             console.print(Text(f"rank {anomaly['rank']} step {anomaly['step']}: ", style="bold").append(
-                Text(anomaly["evidence"])))
+                plain_paragraph(anomaly["evidence"])))
 
     _render_waits(findings, console)
     _render_imbalance(findings, console)
@@ -124,7 +126,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
         console.print(kernel_table)
 
     for warning in findings.warnings:
-        console.print(Text(f"note: {warning}", style="yellow"))
+        console.print(Text(f"note: {printable(warning)}", style="yellow"))
 
 
 def _render_waits(findings: Findings, console: Console) -> None:
@@ -303,7 +305,7 @@ def render_postmortem(report: dict, console: Console) -> None:
     console.print(Text(
         f"Step {report['step']} on rank {report['rank']} ({report['label']}): {report['duration_ms']:.1f} ms, "
         f"typical {report['typical_ms']:.1f} ms, excess {report['excess_ms']:+.1f} ms ({flag})", style="bold"))
-    console.print(Text(f"where: {report['where']}    cause: {report['cause']}"))
+    console.print(Text(f"where: {printable(report['where'])}    cause: {report['cause']}"))
     if report.get("rank_chosen_as") == "straggler":
         console.print(Text(f"rank {report['rank']} shown: the others waited for it longest in this step "
                            "(--rank picks another)"))
@@ -387,5 +389,6 @@ def _render_who_waited(report: dict, console: Console) -> None:
 
 
 def plain_paragraph(text: str) -> Text:
-    """Untrusted text for a paragraph: never markup, never shortened."""
-    return Text(text or "")
+    """Untrusted text for a paragraph: never markup, never shortened, and on one line of its
+    own (line breaks and control characters shown as U+FFFD, so no text can forge a line)."""
+    return Text(printable(text))
