@@ -36,19 +36,33 @@ def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: 
         .agg(typical_count=pl.col("count").sum() / max(len(normal_steps), 1),
              typical_ns=pl.col("total_ns").sum() / max(len(normal_steps), 1))
     )
+    # Step-to-step noise of each kernel's time: 3 robust sigmas (1.4826 MAD) over the normal
+    # steps, a step without the kernel counting 0; a change must also reach 5 % and 20 µs.
+    grid = pl.DataFrame({"step": normal_steps}, schema={"step": per_step.schema["step"]}).join(
+        per_step.select("name").unique(), how="cross")
+    spread = (
+        grid.join(per_step.select("name", "step", "total_ns"), on=["name", "step"], how="left")
+        .with_columns(pl.col("total_ns").fill_null(0))
+        .group_by("name").agg(noise_ns=3 * 1.4826 * (pl.col("total_ns") - pl.col("total_ns").median()).abs().median())
+    )
     table = (
         this.join(typical, on="name", how="full", coalesce=True)
-        .with_columns(pl.col("count", "total_ns", "typical_count", "typical_ns").fill_null(0))
+        .join(spread, on="name", how="left")
+        .with_columns(pl.col("count", "total_ns", "typical_count", "typical_ns", "noise_ns").fill_null(0))
         .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"),
                       new=(pl.col("typical_count") == 0) & (pl.col("count") > 0),
                       missing=(pl.col("count") == 0) & (pl.col("typical_count") >= 1))
-        .sort(pl.col("excess_ns").abs(), descending=True)
+        .with_columns(beyond_noise=(pl.col("excess_ns").abs() > pl.col("noise_ns"))
+                      & (pl.col("excess_ns").abs() >= 0.05 * pl.col("typical_ns"))
+                      & (pl.col("excess_ns").abs() >= 20_000))
+        .sort("beyond_noise", pl.col("excess_ns").abs(), descending=True)
         .head(limit)
     )
     return [
         {"name": r["name"], "count": int(r["count"]), "typical_count": round(float(r["typical_count"]), 1),
          "ms": round(r["total_ns"] / 1e6, 3), "typical_ms": round(r["typical_ns"] / 1e6, 3),
-         "excess_ms": round(r["excess_ns"] / 1e6, 3), "new": bool(r["new"]), "missing": bool(r["missing"])}
+         "excess_ms": round(r["excess_ns"] / 1e6, 3), "new": bool(r["new"]), "missing": bool(r["missing"]),
+         "noise_ms": round(r["noise_ns"] / 1e6, 3), "beyond_noise": bool(r["beyond_noise"])}
         for r in table.iter_rows(named=True)
     ]
 
