@@ -43,7 +43,8 @@ def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: 
     spread = (
         grid.join(per_step.select("name", "step", "total_ns"), on=["name", "step"], how="left")
         .with_columns(pl.col("total_ns").fill_null(0))
-        .group_by("name").agg(noise_ns=3 * 1.4826 * (pl.col("total_ns") - pl.col("total_ns").median()).abs().median())
+        .group_by("name").agg(median_ns=pl.col("total_ns").median(),
+                              noise_ns=3 * 1.4826 * (pl.col("total_ns") - pl.col("total_ns").median()).abs().median())
     )
     table = (
         this.join(typical, on="name", how="full", coalesce=True)
@@ -52,9 +53,11 @@ def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: 
         .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"),
                       new=(pl.col("typical_count") == 0) & (pl.col("count") > 0),
                       missing=(pl.col("count") == 0) & (pl.col("typical_count") >= 1))
-        .with_columns(beyond_noise=(pl.col("excess_ns").abs() > pl.col("noise_ns"))
-                      & (pl.col("excess_ns").abs() >= 0.05 * pl.col("typical_ns"))
-                      & (pl.col("excess_ns").abs() >= 20_000))
+        # against the median step (the mean can sit between two common values)
+        .with_columns(_off=(pl.col("total_ns") - pl.col("median_ns").fill_null(0)).abs())
+        .with_columns(beyond_noise=(pl.col("_off") > pl.col("noise_ns"))
+                      & (pl.col("_off") >= 0.05 * pl.col("median_ns").fill_null(0))
+                      & (pl.col("_off") >= 20_000) & (pl.col("excess_ns").abs() >= 20_000))
         .sort("beyond_noise", pl.col("excess_ns").abs(), descending=True)
         .head(limit)
     )

@@ -132,7 +132,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
     ranks = findings.ranks.sort("rank")
     console.print(Text("traceinsight: " + _steps_header(findings, steps, ranks.height), style="bold"),
                   overflow="fold")
-    for warning in findings.warnings:
+    for warning in dict.fromkeys(findings.warnings):  # a note of every rank's file is told once
         console.print(Text(f"note: {warning}", style="yellow"), overflow="fold")
     console.print()
 
