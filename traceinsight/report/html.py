@@ -1380,6 +1380,12 @@ table.sides{cursor:default;min-width:0}
 table.sides th{cursor:default;padding-right:8px}
 table.sides th::after{content:""}
 table.sides td{max-width:520px}
+/* wide comparison tables fit the page: names break anywhere, headers wrap, numbers never */
+table.sortable{max-width:100%}
+table.sortable th{white-space:normal;min-width:3.5em}
+table.sortable td{overflow-wrap:anywhere;max-width:420px}
+table.sortable td.num{white-space:nowrap;overflow-wrap:normal}
+table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 """
 
 
@@ -1554,19 +1560,16 @@ def _verdict_section(data: dict, before_label: str, after_label: str) -> str:
         noise_text = ""
         if noise is not None:
             few = "" if step.get("noise_known") else "; uncertain with fewer than 3 steps a side"
-            noise_text = f' <span class="muted">(noise ±{esc(_ms(noise))} ms{few})</span>'
+            counts = (f", the spread of the two medians, from {summary['steps_before']} + "
+                      f"{summary['steps_after']} steps" if summary.get("steps_before") is not None else "")
+            noise_text = f' <span class="muted">(noise ±{esc(_ms(noise))} ms{esc(counts)}{few})</span>'
         line = (f'<p class="verdict-line">median step {esc(_ms(summary["median_step_ms_before"]))} → '
                 f'{esc(_ms(summary["median_step_ms_after"]))} ms '
                 f'({esc("n/a" if pct is None else f"{pct:+.1f}%")}), '
                 f'<span class="v v-{esc(verdict)}">{esc(verdict)}</span>{noise_text}</p>')
-    sentences = []
-    verdicts = summary.get("verdicts") or {}
-    for key, label in (("categories", "Categories"), ("ranges", "Ranges"), ("kernels", "Kernels")):
-        counts = verdicts.get(key) or {}
-        total = sum(counts.values())
-        if total:
-            sentences.append(f"{label}: {counts.get('slower', 0)} slower, {counts.get('faster', 0)} faster, "
-                             f"{counts.get('unchanged', 0)} unchanged of {total} compared.")
+    # The same sentences as the terminal prints (counts over ranks and per rank, then the
+    # largest per-rank category changes, which the mean over ranks can hide).
+    sentences = [line.replace(" -> ", " → ") + "." for line in summary.get("step_change_lines") or []]
     new, vanished, launches = (summary.get("new_kernels", 0), summary.get("vanished_kernels", 0),
                                summary.get("launch_count_changes", 0))
     if new or vanished or launches:
@@ -1585,8 +1588,9 @@ def _verdict_section(data: dict, before_label: str, after_label: str) -> str:
     if not summary.get("changed"):
         sentences.append("No change beyond the step-to-step noise.")
     items = "".join(f"<li>{esc(s, 600)}</li>" for s in sentences)
-    rule = (f"A row counts as changed when its Δ exceeds {options.get('k', 3):g} × (MAD before + MAD after) "
-            f"(the noise column), is at least {options.get('min_relative', 0.05) * 100:g}% of the before value and "
+    rule = (f"A row counts as changed when its Δ exceeds the noise column: {options.get('k', 3):g} × the spread of "
+            "the two medians (each median's standard error, 1.86 × MAD / √steps, combined), "
+            f"is at least {options.get('min_relative', 0.05) * 100:g}% of the before value and "
             f"at least {(options.get('min_abs_ns') or 0) / 1e3:g} µs per step. Times are medians over each side's "
             "steps of the time per step (ms); rows without a rank are the mean over ranks.")
     return (f'<section id="verdict"><h2>Verdict</h2>{line}{_sides_table(data, before_label, after_label)}'
@@ -1743,15 +1747,18 @@ def _new_vanished_section(data: dict) -> str:
     parts = []
     for key, title, side in (("new_kernels", "New kernels (after only)", "after"),
                              ("vanished_kernels", "Vanished kernels (before only)", "before")):
-        rows = sorted(data.get(key) or [], key=lambda r: -(r.get(f"{side}_ms") or 0))
+        # Means per step: a kernel launched in a few of the steps has a median of 0.
+        mean = lambda r: r.get(f"mean_{side}_ms", r.get(f"{side}_ms"))  # noqa: E731
+        rows = sorted(data.get(key) or [], key=lambda r: -(mean(r) or 0))
         if not rows:
             parts.append(f'<h3>{title}</h3><p class="note">None.</p>')
             continue
-        cells = [[text_cell(r.get("name"), 140), num_cell(r.get(f"{side}_ms"), "{:,.3f}"),
-                  num_cell(r.get(f"count_{side}"), "{:g}")] for r in rows[:MAX_TABLE_ROWS]]
+        cells = [[text_cell(r.get("name"), 140), num_cell(mean(r), "{:,.3f}"),
+                  num_cell(r.get(f"mean_count_{side}", r.get(f"count_{side}")), "{:.2f}")] for r in rows[:MAX_TABLE_ROWS]]
         note = f"First {MAX_TABLE_ROWS} of {len(rows)} shown." if len(rows) > MAX_TABLE_ROWS else ""
         parts.append(f"<h3>{title}: {len(rows)}</h3>" + _table(
-            ["kernel", f"{side} ms per step", f"launches per step ({side})"], cells, numeric={1, 2}, note=note))
+            ["kernel", f"{side} ms per step (mean)", f"launches per step ({side}, mean)"], cells, numeric={1, 2},
+            note=note))
     return (f'<section id="new-vanished"><h2>New and vanished kernels</h2><p class="note">Kernels launched on one '
             f"side only (mean over ranks), largest first.</p>{''.join(parts)}</section>")
 
