@@ -90,10 +90,13 @@ class Reporter:
                             console=Console(stderr=True, force_terminal=True), transient=True)
         task = progress.add_task(f"{len(files)} file(s)", total=total)
 
+        last = [0]
+
         def update() -> None:
             offsets = _offsets(set(sizes) - done)
             read = sum(sizes[p] for p in done) + sum(min(v, sizes[p]) for p, v in offsets.items())
-            progress.update(task, completed=read)
+            last[0] = max(last[0], read)  # a file closed before on_done says so does not go back to 0
+            progress.update(task, completed=last[0])
 
         def poll() -> None:
             while not stop.wait(0.2):
