@@ -181,6 +181,14 @@ def test_a_single_step_trace_gets_a_breakdown_bar_not_broken_charts(one_step, tm
     assert steps[0]["axes"]["xaxis"]["range"][1] >= findings.steps.get_column("duration_ns")[0] / 1e6 * 0.99
 
 
+def test_a_single_step_page_puts_its_notes_first_and_says_what_the_window_is(one_step):
+    findings, page = one_step
+    summary = page[page.index('<section id="summary">'):page.index("Headline findings")]
+    assert summary.index("Notes on the input") < summary.index("<dl class=\"facts\">")
+    assert "no step markers: the whole trace is one step window per rank" in summary
+    assert summary.count("<li>") == len(set(findings.warnings))
+
+
 # ----------------------------------------------------------------------------- diff page
 
 
@@ -219,4 +227,13 @@ def test_diff_tables_fit_the_page(rank_diff, tmp_path, width):
     assert len(per_rank) == 3
     for table in probe["tables"]:
         # nothing runs past the box that shows it (its wrapper scrolls: a cut-off column)
+        assert table["right"] <= min(table["shown"], probe["width"]) + 0.5, (table, probe["width"])
+
+
+@needs_browser
+def test_report_tables_fit_a_900_px_window(single_nsys, tmp_path):
+    _, _, page = single_nsys
+    probe = _draw(page, tmp_path, 900)
+    assert len(probe["tables"]) >= 5
+    for table in probe["tables"]:
         assert table["right"] <= min(table["shown"], probe["width"]) + 0.5, (table, probe["width"])

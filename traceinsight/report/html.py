@@ -283,8 +283,11 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
         marker = f' <code title="{esc(findings.step_pattern, 400)}">{esc(findings.step_pattern, 40)}</code>'
     steps_text = (f"{steps.height} step windows (from step markers{marker})" if findings.step_source == "marker"
                   else f"{steps.height} step window(s) ({esc(findings.step_source)})")
-    if n_ranks > 1 and steps_per_rank.len():
-        steps_text += f", {steps_per_rank.min()}–{steps_per_rank.max()} per rank"
+    if findings.step_source == "whole trace":
+        steps_text = "no step markers: the whole trace is one step window per rank"
+    elif n_ranks > 1 and steps_per_rank.len():
+        lo, hi = steps_per_rank.min(), steps_per_rank.max()
+        steps_text += f", {lo} per rank" if lo == hi else f", {lo}–{hi} per rank"
     n_anomalous = int(steps.get_column("anomalous").sum()) if "anomalous" in steps.columns else 0
     facts = (
         f"<dl class=\"facts\"><dt>ranks</dt><dd>{n_ranks}</dd><dt>GPUs</dt><dd>{esc(gpu_text)}</dd>"
@@ -355,12 +358,13 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
     note = f"{len(rank_rows)} ranks, first {MAX_TABLE_ROWS * 2} shown." if len(rank_rows) > MAX_TABLE_ROWS * 2 else ""
     rank_table = _table(headers, rank_rows[: MAX_TABLE_ROWS * 2], numeric={0, 4}, note=note)
     warnings = ""
-    if findings.warnings:
+    if findings.warnings:  # first: they change how everything below reads
+        notes = list(dict.fromkeys(findings.warnings))
         warnings = ("<div class=\"warnings\"><h3>Notes on the input</h3><ul>"
-                    + "".join(f"<li>{esc(w, 400)}</li>" for w in findings.warnings[:50]) + "</ul></div>")
-    return (f'<section id="summary"><h2>Summary</h2>{facts}<h3>Headline findings</h3>{headline_html}'
+                    + "".join(f"<li>{esc(w, 400)}</li>" for w in notes[:50]) + "</ul></div>")
+    return (f'<section id="summary"><h2>Summary</h2>{warnings}{facts}<h3>Headline findings</h3>{headline_html}'
             f'<h3>Where the step time went</h3>{overview}'
-            f'<details><summary>Ranks ({n_ranks})</summary>{rank_table}</details>{warnings}</section>')
+            f'<details><summary>Ranks ({n_ranks})</summary>{rank_table}</details></section>')
 
 
 # ----------------------------------------------------------------------------- steps
@@ -1170,6 +1174,12 @@ th[data-sort=desc]::after{content:"\\25BC";color:#333}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td{overflow-wrap:break-word;max-width:560px}
 tbody tr:hover{background:#fafbff}
+/* wide tables fit the page: names break anywhere, headers wrap, numbers and verdicts never */
+table.sortable{max-width:100%%}
+table.sortable th{white-space:normal;min-width:3.5em}
+table.sortable td{overflow-wrap:anywhere;max-width:420px}
+table.sortable td.num{white-space:nowrap;overflow-wrap:normal}
+table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 ul.ev{margin:0;padding-left:16px}
 .card{border:1px solid var(--line);border-left:5px solid #D55E00;border-radius:6px;padding:10px 16px 12px;margin:14px 0;
  background:#fff}
@@ -1380,12 +1390,6 @@ table.sides{cursor:default;min-width:0}
 table.sides th{cursor:default;padding-right:8px}
 table.sides th::after{content:""}
 table.sides td{max-width:520px}
-/* wide comparison tables fit the page: names break anywhere, headers wrap, numbers never */
-table.sortable{max-width:100%}
-table.sortable th{white-space:normal;min-width:3.5em}
-table.sortable td{overflow-wrap:anywhere;max-width:420px}
-table.sortable td.num{white-space:nowrap;overflow-wrap:normal}
-table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 """
 
 
