@@ -171,3 +171,13 @@ def test_middle_keeps_both_ends():
     short = middle(name, 30)
     assert len(short) == 30 and short.startswith("GroupedLinear") and short.endswith("layer1.fc1]")
     assert middle("short", 30) == "short"
+
+
+def test_diff_at_80_columns_cuts_nothing():
+    text = _run("diff", TWO_RANK, "--against", SAMPLE_TRACES / "moe_2rank_nsys").output
+    _fits(text)
+    flat = " ".join(text.split())
+    assert "rank 'all' = mean of the ranks" in flat and re.search(r"noise ±[\d.]+ ms: the spread of the two medians, "
+                                                                   r"from 10 \+ 10 steps", flat)
+    for row in (r"all\s+step", r"0\s+step", r"1\s+step"):  # the step rows of the category table are whole
+        assert re.search(rf"\b{row}\s+[\d.]+\s+[\d.]+\s+[+-]?[\d.]+\s+[+-][\d.]+%\s+±[\d.]+\s+\w+", text), row
