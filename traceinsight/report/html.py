@@ -1179,7 +1179,6 @@ table.sortable{max-width:100%%}
 table.sortable th{white-space:normal;min-width:3.5em}
 table.sortable td{overflow-wrap:anywhere;max-width:420px}
 table.sortable td.num{white-space:nowrap;overflow-wrap:normal}
-table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 ul.ev{margin:0;padding-left:16px}
 .card{border:1px solid var(--line);border-left:5px solid #D55E00;border-radius:6px;padding:10px 16px 12px;margin:14px 0;
  background:#fff}
@@ -1390,6 +1389,7 @@ table.sides{cursor:default;min-width:0}
 table.sides th{cursor:default;padding-right:8px}
 table.sides th::after{content:""}
 table.sides td{max-width:520px}
+table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 """
 
 
