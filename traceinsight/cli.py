@@ -258,9 +258,9 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
 
         render_findings(findings, _console(width), show_host=show_host, all_steps=all_steps)
     _write_outputs(outputs)
-    if json_path and json_path != "-":
-        _said(f"findings written to {json_path}", quiet)
-    if html_path:
+    if json_path and json_path != "-" and not quiet:
+        click.echo(f"findings written to {json_path}")
+    if html_path:  # even with -q: a bare --html names no file, so say which one
         _said(f"report written to {html_path}", quiet)
 
 
@@ -517,9 +517,9 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
 
         render_diff(result, _console(width))
     _write_outputs(outputs)
-    if json_path and json_path != "-":
-        _said(f"diff written to {json_path}", quiet)
-    if html_path:
+    if json_path and json_path != "-" and not quiet:
+        click.echo(f"diff written to {json_path}")
+    if html_path:  # even with -q: a bare --html names no file, so say which one
         _said(f"report written to {html_path}", quiet)
     if fail_if_slower is not None and slower_than(result, fail_if_slower):
         summary = result.summary

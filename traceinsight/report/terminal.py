@@ -137,9 +137,10 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
     console.print()
 
     rows = [[str(row["rank"]), plain(row["rank_source"]), plain(row["format"]),
-             plain(", ".join(row["gpu_names"] or []) or "unknown"), plain(middle(row["source"], 60)),
+             plain(", ".join(row["gpu_names"] or []) or "unknown"),
+             plain(middle(str(row["source"] or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1], 48)),
              f"{row['clock_offset_ns'] / 1e3:,.1f}"] for row in ranks.iter_rows(named=True)]
-    print_table(console, "Ranks", ["rank", "from", "format", "GPU", "source", "clock offset µs"], rows,
+    print_table(console, "Ranks", ["rank", "from", "format", "GPU", "file", "clock offset µs"], rows,
                 numeric={0, 5})
 
     _render_steps(findings, steps, console, all_steps=all_steps)
