@@ -90,6 +90,9 @@ def test_notes_come_first_and_the_header_says_what_the_steps_are():
     header, rest = text.split("\n", 1)
     assert "whole trace is one step per rank" in header and "steps per rank 1" not in text
     assert rest.lstrip().startswith("note:") and rest.index("note: no step markers") < rest.index("Ranks")
+    # every note is told before the first table
+    notes = [n for n in " ".join(rest.split()).split("note: ")[1:]]
+    assert len(notes) == 2 and "whole trace is one step" in notes[-1].split(" Ranks ")[0]
 
 
 def test_notes_shared_by_every_rank_are_told_once():

@@ -138,7 +138,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
 
     rows = [[str(row["rank"]), plain(row["rank_source"]), plain(row["format"]),
              plain(", ".join(row["gpu_names"] or []) or "unknown"),
-             plain(middle(str(row["source"] or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1], 48)),
+             plain_paragraph(str(row["source"] or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]),
              f"{row['clock_offset_ns'] / 1e3:,.1f}"] for row in ranks.iter_rows(named=True)]
     print_table(console, "Ranks", ["rank", "from", "format", "GPU", "file", "clock offset µs"], rows,
                 numeric={0, 5})
