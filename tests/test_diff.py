@@ -102,7 +102,8 @@ def test_cli_steps_options_and_fail_if_slower_exit_3(tmp_path):
     assert data["before"]["steps"] == [16, 17, 18, 19, 20] and data["after"]["steps"] == [21, 22, 23]
     row = data["ranges"][0]
     assert set(row) == {"name", "rank", "before_ms", "after_ms", "delta_ms", "change_pct", "before_mad_ms",
-                        "after_mad_ms", "noise_ms", "noise_known", "verdict"}
+                        "after_mad_ms", "noise_ms", "noise_known", "steps_before", "steps_after", "verdict"}
+    assert (row["steps_before"], row["steps_after"]) == (5, 3)
 
 
 def test_two_runs_on_different_gpus_show_kernel_differences():
@@ -211,3 +212,77 @@ def test_terminal_table_prints_trace_names_literally():
     text = console.export_text()
     assert "[bold red]evil[/bold red]" in text
     assert "Vanished kernels" in text and "slower" in text
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #15: one verdict, a noise band from the spread of the medians, a consistent "all" row
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pct", ["10", "30"])
+def test_printed_verdict_and_fail_if_slower_agree(tmp_path, pct):
+    # Steps 11-15 hold the batch-imbalance phase and a 65 ms outlier: +23.8 % on the median step.
+    folder = str(shared(TWO_RANK))
+    out = tmp_path / "d.json"
+    result = CliRunner().invoke(main, ["diff", folder, "--against", folder, "--steps-before", "16-20",
+                                       "--steps-after", "11-15", "--json", str(out), "--fail-if-slower", pct],
+                                env={"COLUMNS": "80"})
+    summary = json.loads(out.read_text())["summary"]
+    flat = " ".join(result.output.split())  # the line wraps at 80 columns
+    verdict_line = flat[flat.index("median step:"):flat.index("steps)")]
+    assert summary["step_verdict"] in verdict_line
+    tripped = summary["step_verdict"] == "slower" and summary["step_change_pct"] > float(pct)
+    assert result.exit_code == (EXIT_SLOWER if tripped else 0), result.output
+    if summary["step_verdict"] != "slower":
+        assert "slower by" not in result.output
+    # the band is that of the medians (from 5 and 5 steps), and the line says so
+    assert (summary["steps_before"], summary["steps_after"]) == (5, 5)
+    assert verdict_line.endswith("from 5 + 5 ") and "noise ±" in verdict_line
+
+
+def test_noise_band_is_the_spread_of_the_median_and_narrows_with_more_steps():
+    noisy = [100, 300, 120, 280, 90, 310]
+    few = _row(diff_findings(_run(noisy), _run(noisy)).kernels, "gemm")
+    many = _row(diff_findings(_run(noisy * 4), _run(noisy * 4)).kernels, "gemm")
+    assert few["steps_before"] == 6 and many["steps_before"] == 24
+    # the MAD of single steps is ~95 us; the band of the median is well below 6 MADs and halves
+    # with four times the steps
+    assert 0 < few["noise_ns"] < 6 * few["before_mad_ns"]
+    assert many["noise_ns"] == pytest.approx(few["noise_ns"] / 2, rel=0.05)
+    # the same +200 us shift: inside the band with 6 steps a side, beyond it with 24
+    shifted = [v + 200 for v in noisy]
+    assert _row(diff_findings(_run(noisy), _run(shifted)).kernels, "gemm")["verdict"] == "unchanged"
+    assert _row(diff_findings(_run(noisy * 4), _run(shifted * 4)).kernels, "gemm")["verdict"] == "slower"
+
+
+def test_all_row_is_the_mean_of_the_per_rank_rows(two_rank):
+    result = diff_findings(two_rank, two_rank, steps_before=(16, 20), steps_after=(11, 15))
+    for name in ("step", "gpu_compute", "cross_rank_wait"):
+        rows = result.categories.filter(pl.col("name") == name)
+        overall = rows.filter(pl.col("rank").is_null()).row(0, named=True)
+        ranks = rows.filter(pl.col("rank").is_not_null())
+        assert ranks.height == 2
+        for side in ("before_ns", "after_ns"):
+            assert overall[side] == pytest.approx(ranks.get_column(side).mean())
+    assert result.summary["median_step_ms_after"] == pytest.approx(
+        _row(result.categories, "step")["after_ns"] / 1e6, abs=1e-3)
+    # the per-rank change the mean hides is told: rank 0 computed more, rank 1 less
+    lines = result.summary["step_change_lines"]
+    assert any(line.startswith("rank 0 gpu_compute") and "slower" in line for line in lines), lines
+    assert any(line.startswith("rank 1 gpu_compute") and "faster" in line for line in lines), lines
+
+
+def test_a_kernel_launched_in_some_steps_only_is_listed_with_its_mean():
+    before = _run([100] * 6)
+    after = _run([100] * 6, extra="rare")  # launched in every step: keep it in the first two only
+    after.gpu = after.gpu.filter(~((pl.col("name") == "rare") & (pl.col("start_ns") > 4_000_000)))
+    result = diff_findings(before, after)
+    new = result.new_kernels.row(0, named=True)
+    assert new["name"] == "rare" and new["after_ns"] == 0  # its median over 6 steps
+    assert new["after_mean_ns"] == pytest.approx(30_000 * 2 / 6)
+    assert new["after_mean_count"] == pytest.approx(2 / 6)
+    console = Console(record=True, width=80)
+    render_diff(result, console)
+    text = console.export_text()
+    row = next(line for line in text[text.index("New kernels"):].splitlines() if line.lstrip().startswith("rare"))
+    assert row.split()[1:] == ["0.010", "0.33"], row

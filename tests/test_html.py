@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE_TRACES, SHARED_TRACES, annotation, build_model, kernel, launch, shared
 import traceinsight
+from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_step
@@ -145,7 +146,8 @@ def test_step_timeline_is_bounded_and_relative_to_the_step(single):
     gpu = frame.filter(pl.col("kind").is_in(["kernel", "comm_kernel", "memcpy", "memset"]))
     assert gpu.get_column("count").sum() > gpu.height
     # the anomaly's range is among the annotations
-    assert anomaly["where"] in frame.filter(kind="annotation").get_column("name").to_list()
+    assert anomaly_range(anomaly) in frame.filter(kind="annotation").get_column("name").to_list()
+    assert anomaly["where"].endswith(anomaly_range(anomaly))
 
 
 def test_unknown_step_gives_an_empty_timeline(single):
@@ -294,7 +296,10 @@ def test_waits_render_heatmap_stragglers_and_phase_table(single):
     if "stragglers" in extra:
         assert "Why the stragglers were late" in page and "0: 4.50, 1: 1.00" in page
     if "imbalance" in extra:
-        assert any(t.get("name") == "modeled with balanced load" for f in _figures(page) for t in f["fig"]["data"])
+        # the saving itself is plotted (bars on their own axis), not a line under the measured one
+        savings = [t for f in _figures(page) for t in f["fig"]["data"]
+                   if t.get("name") == "saving with balanced load (ms)"]
+        assert savings and savings[0]["type"] == "bar" and set(savings[0]["y"]) == {1.0}
     waits_total = sum(w["wait_ms"] for w in findings.waits)
     assert f"{waits_total:,.0f}" in page or f"{waits_total:.1f}" in page
 

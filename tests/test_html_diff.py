@@ -195,7 +195,12 @@ def test_cli_html_is_written_atomically(tmp_path, monkeypatch):
 def test_cli_html_never_overwrites_a_trace(tmp_path):
     victim = tmp_path / "rank1.sqlite"
     victim.write_bytes(b"not html")
+    # "--html rank1.sqlite": not an .html name, so it is a trace path (read, and refused as no trace)
     result = CliRunner().invoke(main, ["diff", "--html", str(victim), str(SINGLE), "--against", str(SINGLE)])
+    assert result.exit_code == 2 and "rank1.sqlite: not a trace" in result.output
+    assert victim.read_bytes() == b"not html"
+    # "--html=rank1.sqlite" names the output explicitly: refused before anything is written
+    result = CliRunner().invoke(main, ["diff", f"--html={victim}", str(SINGLE), "--against", str(SINGLE)])
     assert result.exit_code == 2 and "not an .html file" in result.output
     assert victim.read_bytes() == b"not html"
 

@@ -128,10 +128,11 @@ def _default_cache_dir() -> str:
     return default_cache_dir()
 
 
-def _load(paths, *, salvage: bool = False):
+def _load(paths, *, salvage: bool = False, progress: bool | None = None):
     """``traceinsight.load`` with the group's cache and parallelism options and, on a
-    terminal, a progress bar over the files."""
+    terminal (or with ``--progress``), a bar of the bytes read on stderr."""
     from traceinsight.ingest import expand_paths, load
+    from traceinsight.progress import Reporter, wanted
 
     files = expand_paths(paths)
     jobs = _loading["jobs"]
@@ -140,22 +141,66 @@ def _load(paths, *, salvage: bool = False):
         total = sum(os.path.getsize(f) for f in files if os.path.exists(f))
         jobs = min(len(files), os.cpu_count() or 1) if total > 64 * 2**20 else 1
     options = {"salvage": salvage, "cache_dir": _loading["cache_dir"], "jobs": jobs}
-    if not sys.stderr.isatty():
-        return load(files, **options)
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True), transient=True) as progress:
-        task = progress.add_task("reading traces", total=len(files))
-        return load(files, on_done=lambda _: progress.advance(task), **options)
+    with Reporter(wanted(progress)).reading(files) as on_done:
+        return load(files, on_done=on_done, **options)
 
 
-def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = False):
+def _analyze(model, options, progress: bool | None):
+    """``analyze_model`` with, where progress is shown, its phase and rank on stderr."""
+    from traceinsight.analysis.engine import analyze_model
+    from traceinsight.progress import Reporter, wanted
+
+    with Reporter(wanted(progress)).analysis() as on_phase:
+        return analyze_model(model, options, on_phase=on_phase)
+
+
+def _console(width: int | None) -> Console:
+    """The terminal summary's console: ``--width``, else ``COLUMNS``, else the terminal's
+    width (80 when not a terminal)."""
+    return Console(width=width) if width else Console()
+
+
+def _report_options(command):
+    """``--width`` and ``--progress/--no-progress`` for the commands that print reports."""
+    command = click.option("--progress/--no-progress", "progress", default=None,
+                           help="Show progress on stderr (default: only when stderr is a terminal).")(command)
+    return click.option("--width", type=click.IntRange(min=40), metavar="COLUMNS",
+                        help="Width of the terminal summary (default: COLUMNS, else the terminal's; "
+                             "80 when piped).")(command)
+
+
+class _OptionalHtmlCommand(click.Command):
+    """``--html`` takes an optional FILE: only a next argument named ``*.html`` / ``*.htm`` is its
+    value, so ``analyze -q --html trace_dir`` writes the default file and reads ``trace_dir``
+    (``--html=FILE`` always takes FILE)."""
+
+    def parse_args(self, ctx, args):
+        default = next((p.flag_value for p in self.params if p.name == "html_path"), None)
+        rewritten: list[str] = []
+        for position, arg in enumerate(args):
+            if arg == "--":
+                rewritten.extend(args[position:])
+                break
+            following = args[position + 1] if position + 1 < len(args) else None
+            if (arg == "--html" and default and following is not None and not following.startswith("-")
+                    and not following.lower().endswith((".html", ".htm"))):
+                rewritten.append(f"--html={default}")
+                continue
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def _said(text: str, quiet: bool) -> None:
+    """Where an output went: on stdout, or on stderr when stdout is kept quiet (``-q``, ``--json -``)."""
+    click.echo(text, err=quiet)
+
+
+def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = False, progress: bool | None = None):
     """``(findings, timelines)`` of ``paths``: from the findings cache when it holds this
     analysis (see :mod:`traceinsight.analysis.findings_cache`), else analyzed and stored.
     ``timelines`` (the HTML report's) are computed and stored with the findings whenever the
     model is at hand, so that a later ``--html`` needs no model either."""
     from traceinsight.analysis import findings_cache
-    from traceinsight.analysis.engine import analyze_model
     from traceinsight.analysis.timeline import timelines_for_report
     from traceinsight.ingest import expand_paths
 
@@ -169,11 +214,11 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
         if hit is not None:
             findings, timelines = hit
             if with_timelines and timelines is None:
-                timelines = timelines_for_report(_load(paths, salvage=salvage), findings)
+                timelines = timelines_for_report(_load(paths, salvage=salvage, progress=progress), findings)
                 findings_cache.store_timelines(entry, timelines)
             return findings, timelines
-    model = _load(paths, salvage=salvage)
-    findings = analyze_model(model, options)
+    model = _load(paths, salvage=salvage, progress=progress)
+    findings = _analyze(model, options, progress)
     timelines = timelines_for_report(model, findings) if with_timelines or entry else None
     if entry:
         findings_cache.store(entry, findings, timelines)
@@ -186,8 +231,9 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
 @click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
 @click.option("--show-host", is_flag=True, help="Include host names from the traces.")
 @click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
+@_report_options
 @_guarded
-def info(paths, as_json, step_marker, show_host, salvage):
+def info(paths, as_json, step_marker, show_host, salvage, width, progress):
     """What is in each trace file: format, ranks, GPUs, events, steps, top kernels."""
     from traceinsight.analysis.inventory import describe
     from traceinsight.ingest import expand_paths, read_file
@@ -205,10 +251,10 @@ def info(paths, as_json, step_marker, show_host, salvage):
     else:
         from traceinsight.report.terminal import render_info
 
-        render_info(descriptions, Console())
+        render_info(descriptions, _console(width))
 
 
-@main.command()
+@main.command(cls=_OptionalHtmlCommand)
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("--json", "json_path", metavar="FILE", help="Write the findings as JSON to FILE ('-' for stdout).")
 @click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group (the step number).")
@@ -221,10 +267,13 @@ def info(paths, as_json, step_marker, show_host, salvage):
               help="Where per-rank work runs: this process, or Ray actors next to the files.")
 @click.option("--ray-address", metavar="ADDR", help="Ray cluster to join (default: start a local one).")
 @click.option("--html", "html_path", is_flag=False, flag_value="traceinsight-report.html", default=None,
-              metavar="[FILE]", help="Write the HTML report to FILE (default traceinsight-report.html).")
+              metavar="[FILE.html]", help="Write the HTML report to FILE.html (default traceinsight-report.html; "
+                                          "a next argument not named .html is a trace path).")
+@click.option("--all-steps", is_flag=True, help="List every step with its breakdown (default: the flagged ones).")
+@_report_options
 @_guarded
 def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, quiet, engine, ray_address,
-            html_path):
+            html_path, all_steps, width, progress):
     """Steps, where their time went, CPU-gap causes, ranges and kernels."""
     from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
     from traceinsight.analysis.engine import Options
@@ -236,7 +285,8 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
         findings = analyze_with_ray(paths, options=options, address=ray_address, salvage=salvage,
                                     cache_dir=_loading["cache_dir"])
     else:
-        findings, timelines = _findings(paths, options, salvage=salvage, with_timelines=bool(html_path))
+        findings, timelines = _findings(paths, options, salvage=salvage, with_timelines=bool(html_path),
+                                        progress=progress)
     outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
         from traceinsight.report.json_report import render_json
@@ -245,20 +295,22 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
     if html_path:
         from traceinsight.report.html import render_html
 
+        from traceinsight.progress import Reporter, wanted
+
         _check_html_path(html_path, "report")
         if engine == "ray":
             timelines = {}
-        outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
+        with Reporter(wanted(progress)).step("drawing the HTML report"):
+            outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
     if not quiet:
         from traceinsight.report.terminal import render_findings
 
-        render_findings(findings, Console(), show_host=show_host)
+        render_findings(findings, _console(width), show_host=show_host, all_steps=all_steps)
     _write_outputs(outputs)
-    if not quiet:
-        if json_path and json_path != "-":
-            click.echo(f"findings written to {json_path}")
-        if html_path:
-            click.echo(f"report written to {html_path}")
+    if json_path and json_path != "-" and not quiet:
+        click.echo(f"findings written to {json_path}")
+    if html_path:  # even with -q: a bare --html names no file, so say which one
+        _said(f"report written to {html_path}", quiet)
 
 
 @main.command()
@@ -268,15 +320,16 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
 @click.option("--json", "json_path", metavar="FILE", help="Also write the post-mortem as JSON ('-' for stdout).")
 @click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
 @click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
+@_report_options
 @_guarded
-def explain(paths, step, rank, json_path, step_marker, salvage):
+def explain(paths, step, rank, json_path, step_marker, salvage, width, progress):
     """Post-mortem of one step: where it differs from the typical step, and why."""
     import msgspec
 
     from traceinsight.analysis.engine import Options
     from traceinsight.analysis.postmortem import step_postmortem
 
-    findings, _ = _findings(paths, Options(step_pattern=step_marker), salvage=salvage)
+    findings, _ = _findings(paths, Options(step_pattern=step_marker), salvage=salvage, progress=progress)
     report = step_postmortem(findings, step=step, rank=rank)
     if json_path:
         data = msgspec.json.format(msgspec.json.encode(report), indent=1)
@@ -286,7 +339,7 @@ def explain(paths, step, rank, json_path, step_marker, salvage):
         _check_writable(json_path)
     from traceinsight.report.terminal import render_postmortem
 
-    render_postmortem(report, Console())
+    render_postmortem(report, _console(width))
     if json_path:
         _write_outputs([(json_path, data)])
 
@@ -431,7 +484,7 @@ def merge(paths, output, steps, ranks, min_cpu_us, step_marker, show_host, salva
                f"{counts.get('metadata', 0):,} metadata events")
 
 
-class _AgainstCommand(click.Command):
+class _AgainstCommand(_OptionalHtmlCommand):
     """Lets ``--against`` take several paths: ``--against A B C`` = ``--against A --against B ...``.
 
     The paths after ``--against`` run up to the next option (or ``--``).
@@ -467,23 +520,26 @@ class _AgainstCommand(click.Command):
 @click.option("--steps-after", callback=_step_range, metavar="A-B", help="Compare only steps A to B of AFTER.")
 @click.option("--json", "json_path", metavar="FILE", help="Write the diff as JSON to FILE ('-' for stdout).")
 @click.option("--fail-if-slower", type=float, metavar="PCT",
-              help="Exit with status 3 when the median step got slower by more than PCT percent.")
+              help="Exit with status 3 when the median step is slower (beyond the noise) by more than PCT percent.")
 @click.option("--by-rank/--no-by-rank", default=None,
               help="Also compare per rank (default: when both sides have the same ranks).")
 @click.option("--step-marker", metavar="REGEX", help="Step marker regex with one capture group.")
 @click.option("--salvage", is_flag=True, help="Read a Kineto trace cut short up to its last complete event.")
 @click.option("--quiet", "-q", is_flag=True, help="No terminal tables.")
 @click.option("--html", "html_path", is_flag=False, flag_value="traceinsight-diff.html", default=None,
-              metavar="[FILE]", help="Write the comparison as an HTML page to FILE (default traceinsight-diff.html).")
+              metavar="[FILE.html]", help="Write the comparison as an HTML page to FILE.html (default "
+                                          "traceinsight-diff.html; a next argument not named .html is a path).")
+@_report_options
 @_guarded
 def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by_rank, step_marker, salvage,
-         quiet, html_path):
+         quiet, html_path, width, progress):
     """Before/after: what got slower or faster per step category, range and kernel.
 
     Each side is one or more trace files (or folders) of one run; the same files may be given
     on both sides with --steps-before/--steps-after. A change counts only when it exceeds the
-    step-to-step spread of both sides. Exit status: 0 done, 2 bad input, 1 internal error,
-    3 with --fail-if-slower when the median step got slower by more than PCT percent.
+    spread of both sides' medians. Exit status: 0 done, 2 bad input, 1 internal error,
+    3 with --fail-if-slower when the median step is "slower" (the verdict printed: beyond the
+    noise) by more than PCT percent.
     """
     from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
     from traceinsight.analysis.engine import Options
@@ -491,11 +547,11 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     if html_path:
         _check_html_path(html_path, "page")
     options = Options(step_pattern=step_marker)
-    before_findings, _ = _findings(before, options, salvage=salvage)
+    before_findings, _ = _findings(before, options, salvage=salvage, progress=progress)
     if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
         after_findings = before_findings  # the same run: analyze it once
     else:
-        after_findings, _ = _findings(after, options, salvage=salvage)
+        after_findings, _ = _findings(after, options, salvage=salvage, progress=progress)
     result = diff_findings(before_findings, after_findings, steps_before=steps_before, steps_after=steps_after,
                            options=DiffOptions(by_rank=by_rank))
     outputs = []  # rendered in full before the first is written: a failure leaves none
@@ -516,16 +572,17 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     if not quiet:
         from traceinsight.report.diff_report import render_diff
 
-        render_diff(result, Console())
+        render_diff(result, _console(width))
     _write_outputs(outputs)
-    if not quiet:
-        if json_path and json_path != "-":
-            click.echo(f"diff written to {json_path}")
-        if html_path:
-            click.echo(f"report written to {html_path}")
+    if json_path and json_path != "-" and not quiet:
+        click.echo(f"diff written to {json_path}")
+    if html_path:  # even with -q: a bare --html names no file, so say which one
+        _said(f"report written to {html_path}", quiet)
     if fail_if_slower is not None and slower_than(result, fail_if_slower):
-        click.echo(f"traceinsight: median step slower by {result.summary['step_change_pct']:.1f}% "
-                   f"(more than {fail_if_slower:g}%)", err=True)
+        summary = result.summary
+        click.echo(f"traceinsight: median step slower by {summary['step_change_pct']:.1f}% "
+                   f"(more than {fail_if_slower:g}%, beyond the noise of ±{summary['step_noise_ms']:.3f} ms)",
+                   err=True)
         sys.exit(EXIT_SLOWER)
 
 

@@ -273,6 +273,16 @@ def _ms(ns: float | None) -> str:
     return "?" if ns is None else f"{ns / 1e6:.1f} ms"
 
 
+def anomaly_range(anomaly: dict) -> str | None:
+    """The innermost range a finding names (its ``where`` is the whole nesting path): a range
+    finding's ``name``, a step finding's ``range`` (the range of its first place)."""
+    named = anomaly.get("range") or anomaly.get("name")
+    if named:
+        return named
+    where = anomaly.get("where") or ""
+    return where.split(PATH_SEPARATOR)[-1] or None
+
+
 def _cause_name(cause: str | None) -> str:
     """The finding vocabulary for a CPU-gap cause."""
     if cause in (None, "unknown", "unresolved"):
@@ -737,6 +747,7 @@ def explain_steps(
             "category_excess_ms": round(deltas[category] / 1e6, 3),
             "category_deltas_ms": {c: round(v / 1e6, 3) for c, v in deltas.items()},
             "where": where,
+            "range": found[0].get("range") if found else None,
             "cause": cause,
             "evidence": ". ".join(parts),
             "places": found,

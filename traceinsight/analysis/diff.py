@@ -12,20 +12,25 @@ compared, each as *time per step*:
   the step, and how many were launched.
 
 For every row the value per step is computed for each step of a side, then summarized by the
-**median** over that side's steps, and the step-to-step spread by the **MAD** (median absolute
-deviation). A row counts as changed only when all three hold:
+**median** over that side's steps. The noise is the spread *of that median*, not of single
+steps: its standard error ``SE = 1.2533 · 1.4826 · MAD / sqrt(n)`` (``MAD``: median absolute
+deviation of the side's ``n`` steps; normal errors). So the band narrows as a side has more
+steps, and every row says how many steps it rests on (``steps_before``, ``steps_after``). A row
+counts as changed only when all three hold:
 
-- ``|Δ median| > k · (MAD_before + MAD_after)`` (the noise of both sides; ``k`` = 3),
+- ``|Δ median| > k · sqrt(SE_before² + SE_after²)`` (``k`` = 3),
 - ``|Δ median| >= min_relative · median_before`` (5 %; the after median for new rows),
 - ``|Δ median| >= min_abs_ns`` (20 µs per step),
 
 and the verdict is ``"slower"`` or ``"faster"`` by the sign of Δ; otherwise ``"unchanged"``.
 With fewer than three steps on a side its MAD says little (``noise_known`` is then false) and
-the two minimums decide alone.
+the two minimums decide alone. ``--fail-if-slower PCT`` uses the same verdict: it trips only
+when the step row is ``"slower"`` *and* by more than PCT percent.
 
-Ranks: rows with ``rank`` null average each step over the side's ranks; when both sides have
-the same two or more ranks (``by_rank`` auto), every row is also given per rank, so a change on
-one rank (the straggler) is not averaged away.
+Ranks: each rank is summarized on its own; the row with ``rank`` null ("all") is the mean over
+the side's ranks of the per-rank medians (its SE: ``sqrt(Σ SE_r²) / ranks``), so it always lies
+among the per-rank rows. When both sides have the same two or more ranks (``by_rank`` auto),
+the per-rank rows are given too, so a change on one rank (the straggler) is not averaged away.
 
 Kernels present on one side only are listed as ``new`` / ``vanished``; ``launches_changed``
 marks kernels whose launch count per step changed beyond its own spread.
@@ -67,7 +72,7 @@ class DiffOptions:
     Attributes
     ----------
     k
-        Multiple of ``MAD_before + MAD_after`` a change must exceed.
+        Multiple of the noise (the combined standard errors of both medians) a change must exceed.
     min_relative
         Smallest change that counts, as a fraction of the before median.
     min_abs_ns
@@ -188,9 +193,13 @@ def _kernel_rows(findings: Findings, steps: pl.DataFrame) -> pl.DataFrame:
 
 def _side_info(findings: Findings, steps: pl.DataFrame) -> dict:
     ranks = findings.ranks
-    per_step = steps.group_by("step").agg(ns=pl.col("duration_ns").mean())
-    median = per_step.get_column("ns").median() if per_step.height else None
-    mad = (per_step.get_column("ns") - median).abs().median() if per_step.height else None
+    # As the "all" row of the step: the mean over ranks of each rank's median (and MAD).
+    per_rank = steps.group_by("rank").agg(
+        median=pl.col("duration_ns").median(),
+        mad=(pl.col("duration_ns") - pl.col("duration_ns").median()).abs().median(),
+    )
+    median = per_rank.get_column("median").mean() if per_rank.height else None
+    mad = per_rank.get_column("mad").mean() if per_rank.height else None
     launches = findings.launch_counts
     launches_per_step = None
     if launches is not None and launches.height and "launches" in launches.columns:
@@ -216,47 +225,62 @@ def _side_info(findings: Findings, steps: pl.DataFrame) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def _per_step(rows: pl.DataFrame, steps: pl.DataFrame, names: pl.Series, by_rank: bool) -> pl.DataFrame:
-    """Value per (scope, step, name), zero where a name is absent from a step.
+#: The standard error of a median of n normal samples is sqrt(pi/2)·sigma/sqrt(n), and sigma is
+#: 1.4826·MAD: the spread of a side's median is SE_FACTOR·MAD/sqrt(n).
+SE_FACTOR = 1.2533 * 1.4826
 
-    ``rank`` null: the mean over the side's ranks of that step.
-    """
+
+def _per_step(rows: pl.DataFrame, steps: pl.DataFrame, names: pl.Series) -> pl.DataFrame:
+    """Value per (rank, step, name), zero where a name is absent from a step."""
     grid = steps.select("rank", "step").unique().join(pl.DataFrame({"name": names}), how="cross")
     full = grid.join(rows, on=["rank", "step", "name"], how="left").with_columns(
         pl.col("ns").fill_null(0), pl.col("count").fill_null(0)
     )
-    overall = full.group_by("step", "name").agg(
-        ns=pl.col("ns").mean(), count=pl.col("count").mean()
-    ).with_columns(rank=pl.lit(None, pl.Int32))
-    frames = [overall.select("rank", "step", "name", "ns", "count")]
-    if by_rank:
-        frames.append(full.select("rank", "step", "name", pl.col("ns").cast(pl.Float64), pl.col("count").cast(pl.Float64)))
-    return pl.concat(frames, how="vertical_relaxed")
+    return full.select("rank", "step", "name", pl.col("ns").cast(pl.Float64), pl.col("count").cast(pl.Float64))
 
 
 def _summarize(per_step: pl.DataFrame) -> pl.DataFrame:
-    return per_step.group_by("rank", "name").agg(
+    """Per (rank, name): the median over steps and the spread *of that median* (its standard
+    error, from the MAD of the steps), and per rank ``null`` the mean over ranks of both, so
+    that the "all" row is the mean of the per-rank rows it summarizes."""
+    n = pl.len()
+    per_rank = per_step.group_by("rank", "name").agg(
         median=pl.col("ns").median(),
         mad=(pl.col("ns") - pl.col("ns").median()).abs().median(),
         count=pl.col("count").median(),
         count_mad=(pl.col("count") - pl.col("count").median()).abs().median(),
         total=pl.col("count").sum(),
-        steps=pl.len(),
+        mean=pl.col("ns").mean(),
+        mean_count=pl.col("count").mean(),
+        steps=n,
+    ).with_columns(
+        se=SE_FACTOR * pl.col("mad") / pl.col("steps").sqrt(),
+        count_se=SE_FACTOR * pl.col("count_mad") / pl.col("steps").sqrt(),
     )
+    ranks = pl.col("rank").n_unique()
+    overall = per_rank.group_by("name").agg(
+        median=pl.col("median").mean(), mad=pl.col("mad").mean(), count=pl.col("count").mean(),
+        count_mad=pl.col("count_mad").mean(), total=pl.col("total").sum(), mean=pl.col("mean").mean(),
+        mean_count=pl.col("mean_count").mean(), steps=pl.col("steps").min(),
+        se=(pl.col("se") ** 2).sum().sqrt() / ranks, count_se=(pl.col("count_se") ** 2).sum().sqrt() / ranks,
+    ).with_columns(rank=pl.lit(None, pl.Int32))
+    return pl.concat([overall.select(per_rank.columns), per_rank], how="vertical_relaxed")
 
 
 def _compare(before_rows: pl.DataFrame, after_rows: pl.DataFrame, before_steps: pl.DataFrame,
              after_steps: pl.DataFrame, *, by_rank: bool, options: DiffOptions,
              with_counts: bool = False) -> pl.DataFrame:
     names = pl.concat([before_rows.get_column("name"), after_rows.get_column("name")]).unique().sort()
-    before = _summarize(_per_step(before_rows, before_steps, names, by_rank))
-    after = _summarize(_per_step(after_rows, after_steps, names, by_rank))
+    before = _summarize(_per_step(before_rows, before_steps, names))
+    after = _summarize(_per_step(after_rows, after_steps, names))
+    if not by_rank:
+        before, after = before.filter(pl.col("rank").is_null()), after.filter(pl.col("rank").is_null())
     joined = before.join(after, on=["rank", "name"], how="full", coalesce=True, suffix="_after", nulls_equal=True)
     fill = {c: pl.col(c).fill_null(0) for c in joined.columns if c not in ("rank", "name")}
     joined = joined.with_columns(**fill)
     delta = pl.col("median_after") - pl.col("median")
     reference = pl.when(pl.col("median") > 0).then(pl.col("median")).otherwise(pl.col("median_after"))
-    noise = options.k * (pl.col("mad") + pl.col("mad_after"))
+    noise = options.k * (pl.col("se") ** 2 + pl.col("se_after") ** 2).sqrt()
     significant = (
         (delta.abs() > noise)
         & (delta.abs() >= options.min_relative * reference)
@@ -271,24 +295,32 @@ def _compare(before_rows: pl.DataFrame, after_rows: pl.DataFrame, before_steps: 
         change_pct=pl.when(pl.col("median") > 0).then(100 * delta / pl.col("median")),
         noise_ns=noise,
         noise_known=(pl.col("steps") >= 3) & (pl.col("steps_after") >= 3),
+        steps_before=pl.col("steps").cast(pl.Int64),
+        steps_after=pl.col("steps_after").cast(pl.Int64),
         verdict=pl.when(significant & (delta > 0)).then(pl.lit("slower"))
         .when(significant & (delta < 0)).then(pl.lit("faster"))
         .otherwise(pl.lit("unchanged")),
     )
     columns = ["rank", "name", "before_ns", "after_ns", "delta_ns", "change_pct", "before_mad_ns",
-               "after_mad_ns", "noise_ns", "noise_known", "verdict"]
+               "after_mad_ns", "noise_ns", "noise_known", "steps_before", "steps_after", "verdict"]
     if with_counts:
         count_delta = pl.col("count_after") - pl.col("count")
         out = out.with_columns(
             before_count=pl.col("count"),
             after_count=pl.col("count_after"),
+            # Mean per step: a kernel launched in a few steps only has a median of 0.
+            before_mean_ns=pl.col("mean"),
+            after_mean_ns=pl.col("mean_after"),
+            before_mean_count=pl.col("mean_count"),
+            after_mean_count=pl.col("mean_count_after"),
             status=pl.when((pl.col("total") == 0) & (pl.col("total_after") > 0)).then(pl.lit("new"))
             .when((pl.col("total") > 0) & (pl.col("total_after") == 0)).then(pl.lit("vanished"))
             .otherwise(pl.lit("both")),
             launches_changed=(count_delta != 0)
-            & (count_delta.abs() > options.k * (pl.col("count_mad") + pl.col("count_mad_after"))),
+            & (count_delta.abs() > options.k * (pl.col("count_se") ** 2 + pl.col("count_se_after") ** 2).sqrt()),
         )
-        columns += ["before_count", "after_count", "status", "launches_changed"]
+        columns += ["before_count", "after_count", "before_mean_ns", "after_mean_ns", "before_mean_count",
+                    "after_mean_count", "status", "launches_changed"]
     order = pl.col("delta_ns").abs()
     return out.select(columns).sort(
         [pl.col("rank").is_not_null(), "rank", pl.col("verdict") == "unchanged", order],
@@ -348,6 +380,7 @@ def diff_findings(
     ).drop("_o")
     info_b, info_a = _side_info(before, steps_b), _side_info(after, steps_a)
     summary = _summary(categories, ranges, kernels)
+    summary["step_change_lines"] = change_lines(categories, ranges, kernels)
     return FindingsDiff(before=info_b, after=info_a, categories=categories, ranges=ranges, kernels=kernels,
                         summary=summary, options=options)
 
@@ -361,24 +394,63 @@ def _summary(categories: pl.DataFrame, ranges: pl.DataFrame, kernels: pl.DataFra
         counts = dict(overall(frame).group_by("verdict").len().iter_rows())
         verdicts[label] = {v: int(counts.get(v, 0)) for v in ("slower", "faster", "unchanged")}
     all_kernels = overall(kernels)
+    per_rank = {}
+    for label, frame in (("categories", categories), ("ranges", ranges), ("kernels", kernels)):
+        ranked = frame.filter(pl.col("rank").is_not_null())
+        counts = dict(ranked.group_by("verdict").len().iter_rows())
+        per_rank[label] = {v: int(counts.get(v, 0)) for v in ("slower", "faster", "unchanged")}
     return {
         "median_step_ms_before": None if row is None else round(row["before_ns"] / 1e6, 4),
         "median_step_ms_after": None if row is None else round(row["after_ns"] / 1e6, 4),
         "step_change_pct": None if row is None or row["change_pct"] is None else round(row["change_pct"], 2),
         "step_verdict": None if row is None else row["verdict"],
+        "step_noise_ms": None if row is None else round(row["noise_ns"] / 1e6, 4),
+        "step_noise_known": None if row is None else bool(row["noise_known"]),
+        "steps_before": None if row is None else int(row["steps_before"]),
+        "steps_after": None if row is None else int(row["steps_after"]),
         "verdicts": verdicts,
+        "verdicts_per_rank": per_rank,
         "new_kernels": all_kernels.filter(pl.col("status") == "new").height,
         "vanished_kernels": all_kernels.filter(pl.col("status") == "vanished").height,
         "launch_count_changes": all_kernels.filter(pl.col("launches_changed")).height,
-        "changed": any(v["slower"] or v["faster"] for v in verdicts.values())
+        "changed": any(v["slower"] or v["faster"] for v in (*verdicts.values(), *per_rank.values()))
         or bool(all_kernels.filter(pl.col("status") != "both").height),
     }
 
 
+def change_lines(categories: pl.DataFrame, ranges: pl.DataFrame, kernels: pl.DataFrame, *,
+                 limit: int = 6) -> list[str]:
+    """What changed, as plain sentences that the terminal and the HTML page both print: the
+    counts of changed rows (mean over ranks, and per rank where compared), then the largest
+    changed categories per rank (a change on one rank that the mean hides)."""
+    lines = []
+    for label, frame in (("Categories", categories.filter(pl.col("name") != STEP_ROW)), ("Ranges", ranges),
+                         ("Kernels", kernels)):
+        overall = frame.filter(pl.col("rank").is_null())
+        if overall.is_empty():
+            continue
+        count = lambda f, v: f.filter(pl.col("verdict") == v).height  # noqa: E731
+        text = (f"{label}: {count(overall, 'slower')} slower, {count(overall, 'faster')} faster, "
+                f"{count(overall, 'unchanged')} unchanged of {overall.height} (mean over ranks)")
+        ranked = frame.filter(pl.col("rank").is_not_null())
+        if ranked.height:
+            text += (f"; per rank {count(ranked, 'slower')} slower, {count(ranked, 'faster')} faster "
+                     f"of {ranked.height} rows")
+        lines.append(text)
+    ranked = categories.filter(pl.col("rank").is_not_null() & (pl.col("verdict") != "unchanged")
+                               & (pl.col("name") != STEP_ROW))
+    for row in ranked.sort(pl.col("delta_ns").abs(), descending=True).head(limit).iter_rows(named=True):
+        pct = "new" if row["change_pct"] is None else f"{row['change_pct']:+.0f}%"
+        lines.append(f"rank {row['rank']} {row['name']}: {row['before_ns'] / 1e6:,.3f} -> "
+                     f"{row['after_ns'] / 1e6:,.3f} ms per step ({pct}), {row['verdict']}")
+    return lines
+
+
 def slower_than(diff: FindingsDiff, percent: float) -> bool:
-    """True when the median step time got slower by more than ``percent`` percent."""
+    """True when the median step is *slower* (the verdict the report prints: beyond the noise)
+    and by more than ``percent`` percent: ``--fail-if-slower`` and the printout never disagree."""
     change = diff.summary.get("step_change_pct")
-    return change is not None and change > percent
+    return diff.summary.get("step_verdict") == "slower" and change is not None and change > percent
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,11 +476,16 @@ def _rows(frame: pl.DataFrame, *, limit: int | None = None, counts: bool = False
             "after_mad_ms": _ms(row["after_mad_ns"]),
             "noise_ms": _ms(row["noise_ns"]),
             "noise_known": bool(row["noise_known"]),
+            "steps_before": row["steps_before"],
+            "steps_after": row["steps_after"],
             "verdict": row["verdict"],
         }
         if counts:
             entry.update(
                 count_before=round(float(row["before_count"]), 2), count_after=round(float(row["after_count"]), 2),
+                mean_before_ms=_ms(row["before_mean_ns"]), mean_after_ms=_ms(row["after_mean_ns"]),
+                mean_count_before=round(float(row["before_mean_count"]), 2),
+                mean_count_after=round(float(row["after_mean_count"]), 2),
                 status=row["status"], launches_changed=bool(row["launches_changed"]),
             )
         out.append(entry)
@@ -427,8 +504,10 @@ def diff_to_dict(diff: FindingsDiff, *, max_rows: int | None = 500) -> dict:
          "after": {... same keys ...},
          "options": {"k": 3.0, "min_relative": 0.05, "min_abs_ns": 20000, "by_rank": null},
          "summary": {"median_step_ms_before", "median_step_ms_after", "step_change_pct",
-                     "step_verdict", "verdicts": {"categories"|"ranges"|"kernels":
-                     {"slower": n, "faster": n, "unchanged": n}}, "new_kernels": n,
+                     "step_verdict", "step_noise_ms", "step_noise_known", "steps_before",
+                     "steps_after", "verdicts": {"categories"|"ranges"|"kernels":
+                     {"slower": n, "faster": n, "unchanged": n}}, "verdicts_per_rank": {...},
+                     "step_change_lines": [sentence, ...], "new_kernels": n,
                      "vanished_kernels": n, "launch_count_changes": n, "changed": bool},
          "categories": [row, ...],          # "step" (the total) and every breakdown category
          "ranges": [row, ...],
@@ -437,7 +516,9 @@ def diff_to_dict(diff: FindingsDiff, *, max_rows: int | None = 500) -> dict:
 
     A row: ``{"name", "rank" (null: mean over ranks), "before_ms", "after_ms", "delta_ms",
     "change_pct" (null when before is 0), "before_mad_ms", "after_mad_ms", "noise_ms",
-    "noise_known", "verdict": "slower"|"faster"|"unchanged"}``. Rows are ordered: averages
+    "noise_known", "steps_before", "steps_after", "verdict": "slower"|"faster"|"unchanged"}``;
+    kernel rows also ``mean_before_ms``/``mean_after_ms`` and ``mean_count_before/after`` (means
+    per step: a kernel launched in some steps only has a median of 0). Rows are ordered: averages
     first, then per rank; changed rows before unchanged ones, larger changes first.
     ``max_rows`` caps the ranges and kernels lists (changed rows come first, so they are kept).
     """

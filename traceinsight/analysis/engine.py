@@ -254,15 +254,30 @@ def split_by_rank(model: TraceModel) -> dict[int, TraceModel]:
     return out
 
 
-def analyze_model(model: TraceModel, options: Options = Options()):
-    """The local engine: every rank's worker in this process."""
+#: What each per-rank phase does, for progress reports.
+PHASE_NAMES = {"steps_and_collectives": "steps and collectives", "breakdown": "step breakdown",
+               "finish": "ranges, CPU gaps, anomalies"}
+
+
+def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=None):
+    """The local engine: every rank's worker in this process.
+
+    ``on_phase(description, done, total)`` (optional) is called before each rank's part of each
+    phase, for a progress bar.
+    """
     workers = {rank: RankWorker(part, options) for rank, part in split_by_rank(model).items()}
+    total = 3 * len(workers)
+    done = 0
 
     def call(method: str, per_rank_args: dict | None) -> dict:
+        nonlocal done
         keep = {"keep_details": True} if method == "finish" else {}
         results = {}
         for rank, worker in workers.items():
+            if on_phase is not None:
+                on_phase(f"{PHASE_NAMES.get(method, method)} · rank {rank}", done, total)
             results[rank] = getattr(worker, method)(*(per_rank_args[rank] if per_rank_args else ()), **keep)
+            done += 1
             release_freed_memory()  # the phase's temporaries, before the next one piles up
         return results
 

@@ -47,7 +47,7 @@ class Findings:
     anomalies
         JSON-ready dicts, one per anomalous step or range instance.
     waits
-        JSON-ready dicts, one per (collective, waiting rank) with a wait.
+        JSON-ready dicts, one per (collective, waiting rank) with a wait, largest wait first.
     alignment
         Clock offsets and residuals (multi-rank).
     collectives
@@ -103,10 +103,12 @@ def analyze(
 
 
 def wait_records(collectives: pl.DataFrame, *, min_wait_ns: int = 1_000) -> list[dict]:
-    """The JSON ``waits``: one entry per (collective, rank) that waited at least 1 µs."""
+    """The JSON ``waits``: one entry per (collective, rank) that waited at least 1 µs, largest
+    wait first (``findings.waits[:3]`` are the three that cost most)."""
     if collectives.is_empty():
         return []
-    rows = collectives.filter((pl.col("wait_ns") >= min_wait_ns) & (pl.col("rank") != pl.col("straggler")))
+    rows = collectives.filter((pl.col("wait_ns") >= min_wait_ns) & (pl.col("rank") != pl.col("straggler"))).sort(
+        ["wait_ns", "step", "rank", "start_ns"], descending=[True, False, False, False], nulls_last=True)
     return [
         {
             "step": r["step"], "rank": r["rank"], "waiting_for_rank": r["straggler"],

@@ -37,19 +37,36 @@ def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: 
         .agg(typical_count=pl.col("count").sum() / max(len(normal_steps), 1),
              typical_ns=pl.col("total_ns").sum() / max(len(normal_steps), 1))
     )
+    # Step-to-step noise of each kernel's time: 3 robust sigmas (1.4826 MAD) over the normal
+    # steps, a step without the kernel counting 0; a change must also reach 5 % and 20 µs.
+    grid = pl.DataFrame({"step": normal_steps}, schema={"step": per_step.schema["step"]}).join(
+        per_step.select("name").unique(), how="cross")
+    spread = (
+        grid.join(per_step.select("name", "step", "total_ns"), on=["name", "step"], how="left")
+        .with_columns(pl.col("total_ns").fill_null(0))
+        .group_by("name").agg(median_ns=pl.col("total_ns").median(),
+                              noise_ns=3 * 1.4826 * (pl.col("total_ns") - pl.col("total_ns").median()).abs().median())
+    )
     table = (
         this.join(typical, on="name", how="full", coalesce=True)
-        .with_columns(pl.col("count", "total_ns", "typical_count", "typical_ns").fill_null(0))
+        .join(spread, on="name", how="left")
+        .with_columns(pl.col("count", "total_ns", "typical_count", "typical_ns", "noise_ns").fill_null(0))
         .with_columns(excess_ns=pl.col("total_ns") - pl.col("typical_ns"),
                       new=(pl.col("typical_count") == 0) & (pl.col("count") > 0),
                       missing=(pl.col("count") == 0) & (pl.col("typical_count") >= 1))
-        .sort(pl.col("excess_ns").abs(), descending=True)
+        # against the median step (the mean can sit between two common values)
+        .with_columns(_off=(pl.col("total_ns") - pl.col("median_ns").fill_null(0)).abs())
+        .with_columns(beyond_noise=(pl.col("_off") > pl.col("noise_ns"))
+                      & (pl.col("_off") >= 0.05 * pl.col("median_ns").fill_null(0))
+                      & (pl.col("_off") >= 20_000) & (pl.col("excess_ns").abs() >= 20_000))
+        .sort("beyond_noise", pl.col("excess_ns").abs(), descending=True)
         .head(limit)
     )
     return [
         {"name": r["name"], "count": int(r["count"]), "typical_count": round(float(r["typical_count"]), 1),
          "ms": round(r["total_ns"] / 1e6, 3), "typical_ms": round(r["typical_ns"] / 1e6, 3),
-         "excess_ms": round(r["excess_ns"] / 1e6, 3), "new": bool(r["new"]), "missing": bool(r["missing"])}
+         "excess_ms": round(r["excess_ns"] / 1e6, 3), "new": bool(r["new"]), "missing": bool(r["missing"]),
+         "noise_ms": round(r["noise_ns"] / 1e6, 3), "beyond_noise": bool(r["beyond_noise"])}
         for r in table.iter_rows(named=True)
     ]
 
@@ -112,9 +129,9 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
     ]
     lag = None
     where = explanation["where"]
-    range_name = next((p["range"] for p in explanation.get("places", []) if p.get("range")), None)
+    range_name = explanation.get("range")
     instances = findings.range_instances.filter(
-        (pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == range_name)
+        (pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == (range_name or ""))
     ).sort("duration_ns", descending=True)
     if instances.height:
         inst = instances.row(0, named=True)

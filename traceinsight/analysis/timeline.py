@@ -33,6 +33,7 @@ TIMELINE_SCHEMA: dict[str, pl.DataType] = {
     "start_ms": pl.Float64(),
     "end_ms": pl.Float64(),
     "count": pl.Int32(),
+    "busy": pl.Float64(),
     "detail": pl.String(),
 }
 
@@ -76,15 +77,18 @@ def _blocks(frame: pl.DataFrame, budget: int, min_gap_ns: float = 0.0) -> pl.Dat
 
     Gaps up to ``min_gap_ns`` are closed (a gap too short to see); beyond that, rows stay as
     they are when there are few enough, else every gap but the ``budget - 1`` largest is
-    closed, so the longest idle stretches of the lane stay visible. Adds ``count`` and
-    ``detail``; a merged block is named after its busiest name.
+    closed, so the longest idle stretches of the lane stay visible. Adds ``count``, ``busy``
+    (the fraction of the block covered by its events: a block of 2,000 short kernels with
+    gaps between them is not a solid bar) and ``detail``; a merged block is named after its
+    busiest name.
     """
+    single = dict(count=pl.lit(1, pl.Int32), busy=pl.lit(1.0), detail=pl.lit(None, pl.String))
     if frame.is_empty():
-        return frame.with_columns(count=pl.lit(1, pl.Int32), detail=pl.lit(None, pl.String))
+        return frame.with_columns(**single)
     frame = frame.sort("start_ns")
     budget = max(int(budget), 1)
     if frame.height <= budget and min_gap_ns <= 0:
-        return frame.with_columns(count=pl.lit(1, pl.Int32), detail=pl.lit(None, pl.String))
+        return frame.with_columns(**single)
     starts = frame.get_column("start_ns").to_numpy()
     ends = frame.get_column("end_ns").to_numpy()
     reach = np.maximum.accumulate(ends)
@@ -102,7 +106,7 @@ def _blocks(frame: pl.DataFrame, budget: int, min_gap_ns: float = 0.0) -> pl.Dat
         start_ns=pl.col("start_ns").min(),
         end_ns=pl.col("end_ns").max(),
         count=pl.len().cast(pl.Int32),
-        busy=pl.col("_dur").sum(),
+        busy=_covered(),
     )
     top = (
         frame.group_by("_block", "name", "kind")
@@ -121,10 +125,34 @@ def _blocks(frame: pl.DataFrame, budget: int, min_gap_ns: float = 0.0) -> pl.Dat
         .alias("name"),
         "kind",
         "count",
+        (pl.col("busy") / (pl.col("end_ns") - pl.col("start_ns")).clip(1)).clip(0.0, 1.0).alias("busy"),
         pl.when(pl.col("count") > 1)
-        .then(pl.format("busy {} ms of this block", (pl.col("busy") / 1e6).round(3)))
+        .then(pl.format("busy {} ms of this block ({}%)", (pl.col("busy") / 1e6).round(3),
+                        (100 * pl.col("busy") / (pl.col("end_ns") - pl.col("start_ns")).clip(1)).round(0)))
         .alias("detail"),
     )
+
+
+def _covered() -> pl.Expr:
+    """Time covered by a group's intervals (overlaps counted once), in an aggregation."""
+    start, end = pl.col("start_ns"), pl.col("end_ns")
+    reach = end.cum_max()
+    # each interval adds what it covers beyond everything before it
+    prior = reach.shift(1).fill_null(start.first())
+    return ((end - pl.max_horizontal(start, prior)).clip(0)).sum()
+
+
+def _range_label(lane: pl.DataFrame) -> str:
+    """A range lane is labelled with its ranges' names: the longest-running name, and how many
+    other names the lane holds."""
+    totals = (lane.group_by("name").agg(t=(pl.col("end_ns") - pl.col("start_ns")).sum())
+              .sort(["t", "name"], descending=[True, False]))
+    if totals.is_empty():
+        return "ranges"
+    first = str(totals.get_column("name")[0] or "?")
+    if len(first) > 24:  # from the middle: "GroupedLin…layer1.fc1" keeps fc1 / fc2 apart
+        first = first[:10] + "…" + first[-12:]
+    return first + (f" +{totals.height - 1}" if totals.height > 1 else "")
 
 
 def _lane(frame: pl.DataFrame, lane: str, order: int) -> pl.DataFrame:
@@ -157,8 +185,10 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     polars.DataFrame
         :data:`TIMELINE_SCHEMA`: ``lane`` (label), ``lane_order`` (top to bottom), ``kind``
         (:data:`TIMELINE_KINDS`), ``name``, ``start_ms`` and ``end_ms`` from the step start,
-        ``count`` (events merged into the row), ``detail`` (cause and evidence of a CPU gap,
-        busy time of a block). Empty when the step is unknown.
+        ``count`` (events merged into the row), ``busy`` (fraction of the row its events
+        cover: 1 for one event), ``detail`` (cause and evidence of a CPU gap, busy time of a
+        block). Range lanes are labelled with their longest-running range name; GPU lanes
+        with the stream's busy share of the step. Empty when the step is unknown.
 
     Examples
     --------
@@ -197,13 +227,13 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
         .head(annotation_budget)
     )
     for tid in threads:
-        prefix = "main thread" if tid == step_tid else f"tid {tid}"
+        prefix = "main" if tid == step_tid else f"tid {tid}"
         mine = annotations.filter(pl.col("tid") == tid)
         for depth in sorted(d for d in mine.get_column("depth").unique().to_list() if d is not None):
             lane = mine.filter(pl.col("depth") == depth).select(
                 "start_ns", "end_ns", "name", "kind",
-                count=pl.lit(1, pl.Int32), detail=pl.lit(None, pl.String))
-            parts.append(_lane(lane, f"{prefix} · range L{depth}", order))
+                count=pl.lit(1, pl.Int32), busy=pl.lit(1.0), detail=pl.lit(None, pl.String))
+            parts.append(_lane(lane, f"{prefix} · {_range_label(lane)}", order))
             order += 1
         calls = cpu.filter((pl.col("tid") == tid) & pl.col("kind").is_in(["cuda_api", "sync"]))
         if calls.is_empty():
@@ -237,6 +267,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
                 name=pl.format("cpu_gap.{}", pl.col("cause").fill_null("unknown")),
                 kind=pl.lit("cpu_gap"),
                 count=pl.lit(1, pl.Int32),
+                busy=pl.lit(1.0),
                 detail=pl.format("{}; GPU work after it: {}", evidence, pl.col("next_name").fill_null("?")),
             )
             parts.append(_lane(lane, "GPU idle · CPU gap", order))
@@ -264,13 +295,15 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
                 share,
                 min_gap,
             )
-            label = f"GPU {device if device is not None else '?'} · stream {stream if stream is not None else '?'}"
+            busy = float(lane.select((pl.col("busy") * (pl.col("end_ns") - pl.col("start_ns"))).sum()).item() or 0)
+            label = (f"GPU {device if device is not None else '?'} · stream {stream if stream is not None else '?'}"
+                     f" · busy {busy / max(w1 - w0, 1):.0%}")
             parts.append(_lane(lane, label, order))
             order += 1
 
     if not parts:
         return _empty()
-    out = pl.concat([p.select("lane", "lane_order", "kind", "name", "start_ns", "end_ns", "count", "detail")
+    out = pl.concat([p.select("lane", "lane_order", "kind", "name", "start_ns", "end_ns", "count", "busy", "detail")
                      for p in parts], how="vertical_relaxed")
     return out.select(
         pl.col("lane").cast(pl.String),
@@ -280,6 +313,7 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
         ((pl.col("start_ns") - w0) / 1e6).round(4).alias("start_ms"),
         ((pl.col("end_ns") - w0) / 1e6).round(4).alias("end_ms"),
         pl.col("count").cast(pl.Int32),
+        pl.col("busy").cast(pl.Float64).fill_null(1.0).round(3),
         pl.col("detail").cast(pl.String).str.slice(0, 400),
     ).sort("lane_order", "start_ms")
 

@@ -82,6 +82,7 @@ import msgspec
 import polars as pl
 
 import traceinsight
+from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.pipeline import Findings
 from traceinsight.errors import TraceInputError
 from traceinsight.model import GPU_KINDS, TraceModel
@@ -559,7 +560,7 @@ def _anomaly_range_events(findings: Findings, ranks: list[int], steps: tuple[int
     instances = findings.range_instances
     for anomaly in ranges:
         match = instances.filter(
-            (pl.col("rank") == anomaly["rank"]) & (pl.col("name") == anomaly["where"])
+            (pl.col("rank") == anomaly["rank"]) & (pl.col("name") == anomaly_range(anomaly))
             & (pl.col("start_ns") == anomaly["start_ns"])
         )
         if match.is_empty():

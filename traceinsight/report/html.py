@@ -30,6 +30,7 @@ import polars as pl
 from plotly.io.json import to_json_plotly
 
 import traceinsight
+from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.timeline import report_anomalies, typical_step
 
@@ -240,7 +241,7 @@ def _ratio_of(anomaly: dict, findings) -> float | None:
     if instances.is_empty() or "start_ns" not in anomaly:
         return None
     match = instances.filter((pl.col("rank") == anomaly["rank"]) & (pl.col("start_ns") == anomaly["start_ns"])
-                             & (pl.col("name") == anomaly["where"]))
+                             & (pl.col("name") == anomaly_range(anomaly)))
     if match.is_empty():
         return None
     row = match.row(0, named=True)
@@ -283,8 +284,11 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
         marker = f' <code title="{esc(findings.step_pattern, 400)}">{esc(findings.step_pattern, 40)}</code>'
     steps_text = (f"{steps.height} step windows (from step markers{marker})" if findings.step_source == "marker"
                   else f"{steps.height} step window(s) ({esc(findings.step_source)})")
-    if n_ranks > 1 and steps_per_rank.len():
-        steps_text += f", {steps_per_rank.min()}–{steps_per_rank.max()} per rank"
+    if findings.step_source == "whole trace":
+        steps_text = "no step markers: the whole trace is one step window per rank"
+    elif n_ranks > 1 and steps_per_rank.len():
+        lo, hi = steps_per_rank.min(), steps_per_rank.max()
+        steps_text += f", {lo} per rank" if lo == hi else f", {lo}–{hi} per rank"
     n_anomalous = int(steps.get_column("anomalous").sum()) if "anomalous" in steps.columns else 0
     facts = (
         f"<dl class=\"facts\"><dt>ranks</dt><dd>{n_ranks}</dd><dt>GPUs</dt><dd>{esc(gpu_text)}</dd>"
@@ -355,20 +359,80 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
     note = f"{len(rank_rows)} ranks, first {MAX_TABLE_ROWS * 2} shown." if len(rank_rows) > MAX_TABLE_ROWS * 2 else ""
     rank_table = _table(headers, rank_rows[: MAX_TABLE_ROWS * 2], numeric={0, 4}, note=note)
     warnings = ""
-    if findings.warnings:
+    if findings.warnings:  # first: they change how everything below reads
+        notes = list(dict.fromkeys(findings.warnings))
         warnings = ("<div class=\"warnings\"><h3>Notes on the input</h3><ul>"
-                    + "".join(f"<li>{esc(w, 400)}</li>" for w in findings.warnings[:50]) + "</ul></div>")
-    return (f'<section id="summary"><h2>Summary</h2>{facts}<h3>Headline findings</h3>{headline_html}'
+                    + "".join(f"<li>{esc(w, 400)}</li>" for w in notes[:50]) + "</ul></div>")
+    return (f'<section id="summary"><h2>Summary</h2>{warnings}{facts}<h3>Headline findings</h3>{headline_html}'
             f'<h3>Where the step time went</h3>{overview}'
-            f'<details><summary>Ranks ({n_ranks})</summary>{rank_table}</details>{warnings}</section>')
+            f'<details><summary>Ranks ({n_ranks})</summary>{rank_table}</details></section>')
 
 
 # ----------------------------------------------------------------------------- steps
 
+#: A step longer than this many times the median makes the step chart logarithmic and cuts the
+#: breakdown chart's axis (the outlier's bar is marked with its total).
+OUTLIER_RATIO = 5.0
+
+
+def single_step(findings) -> bool:
+    """True when every rank has one step window (the whole trace): a chart over steps would
+    have one point per line; the report draws a breakdown bar per rank instead."""
+    steps = findings.steps
+    return bool(steps.height) and int(steps.group_by("rank").len().get_column("len").max()) == 1
+
+
+def _outliers(durations_ms: np.ndarray) -> tuple[bool, float]:
+    """(whether the spread is large, the median) of step durations."""
+    values = durations_ms[np.isfinite(durations_ms)]
+    if values.size < 3:
+        return False, float(np.median(values)) if values.size else 0.0
+    median = float(np.median(values))
+    return bool(median > 0 and values.max() > OUTLIER_RATIO * median), median
+
+
+def _log_ticks(low: float, high: float) -> list[float]:
+    """1-2-5 ticks from below ``low`` to above ``high`` (a log axis labelled in plain ms)."""
+    ticks = []
+    for exponent in range(int(np.floor(np.log10(max(low, 1e-6)))), int(np.ceil(np.log10(max(high, 1e-6)))) + 1):
+        ticks += [m * 10.0 ** exponent for m in (1, 2, 5)]
+    inside = [t for t in ticks if low / 2 <= t <= high * 2]
+    return [round(t, 6) for t in inside]
+
+
+def _single_step(findings, page: _Page) -> str:
+    """One step window per rank: one stacked bar per rank, in ms (no chart over steps)."""
+    steps = findings.steps.sort("rank")
+    shown = steps.head(MAX_TABLE_ROWS)
+    labels = [f"rank {r}" for r in shown.get_column("rank").to_list()]
+    fig = go.Figure()
+    cats = _cat_ms(shown)
+    for c in CATEGORIES:
+        fig.add_trace(go.Bar(
+            y=labels, x=np.round(cats[c], 3), orientation="h", name=c,
+            marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
+            hovertemplate=f"{c}: %{{x:.2f}} ms<extra>%{{y}}</extra>",
+        ))
+    _layout(fig, barmode="stack", legend=dict(orientation="h", yref="container", y=1, yanchor="top", x=0,
+                                               traceorder="normal"), margin=dict(l=80, r=20, t=36, b=50))
+    fig.update_xaxes(title_text="ms (the whole step window)", rangemode="tozero")
+    fig.update_yaxes(autorange="reversed", showgrid=False, type="category")
+    total = float(steps.get_column("duration_ns").max() or 0) / 1e6
+    note = (f"Each rank's trace is one step window ({esc(findings.step_source)}; longest {_ms(total)} ms): "
+            "there is no step-to-step chart, only where the window's time went.")
+    if steps.height > shown.height:
+        note += f" First {shown.height} of {steps.height} ranks shown."
+    return (f'<section id="steps"><h2>The step window</h2><p class="note">{note}</p>'
+            f"{page.figure(fig, height=110 + 30 * len(labels))}</section>")
+
+
 def _step_durations(findings, page: _Page) -> str:
+    if single_step(findings):
+        return _single_step(findings, page)
     steps = findings.steps.sort("rank", "step")
     rank_ids = sorted(steps.get_column("rank").unique().to_list())
     anomalous = steps.filter(pl.col("anomalous")) if "anomalous" in steps.columns else steps.head(0)
+    spread, median = _outliers(steps.get_column("duration_ns").to_numpy() / 1e6)
     fig = go.Figure()
     if len(rank_ids) <= LINE_RANKS:
         with_hover = steps.height <= 20_000
@@ -402,9 +466,18 @@ def _step_durations(findings, page: _Page) -> str:
         _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="closest",
                 margin=dict(l=70, r=20, t=30, b=50))
         fig.update_xaxes(title_text="step")
-        fig.update_yaxes(title_text="step duration (ms)", rangemode="tozero")
         height = 420
         explain = "One line per rank; circles mark the anomalous steps. Hover a point for its breakdown."
+        if spread:
+            longest = float(steps.get_column("duration_ns").max()) / 1e6
+            durations = steps.get_column("duration_ns").to_numpy() / 1e6
+            fig.update_yaxes(title_text="step duration (ms, log scale)", type="log",
+                             tickvals=_log_ticks(float(durations[durations > 0].min()), longest),
+                             ticktext=[f"{v:,g}" for v in _log_ticks(float(durations[durations > 0].min()), longest)])
+            explain += (f" Log scale: the longest step ({_ms(longest)} ms) is {longest / median:.0f}× the median "
+                        f"({_ms(median)} ms), which would flatten every other step on a linear axis.")
+        else:
+            fig.update_yaxes(title_text="step duration (ms)", rangemode="tozero")
     else:
         step_ids = sorted(steps.get_column("step").unique().to_list())
         column = {s: j for j, s in enumerate(step_ids)}
@@ -461,6 +534,8 @@ def _breakdown_views(findings) -> list[tuple[str, pl.DataFrame]]:
 
 
 def _step_breakdown(findings, page: _Page) -> str:
+    if single_step(findings):
+        return ""  # drawn as one bar per rank in the step section
     steps = findings.steps
     step_ids = sorted(steps.get_column("step").unique().to_list())
     base = pl.DataFrame({"step": step_ids}, schema={"step": steps.schema["step"]})
@@ -499,11 +574,27 @@ def _step_breakdown(findings, page: _Page) -> str:
             margin=dict(l=70, r=20, t=50, b=50))
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="time in step (ms)", rangemode="tozero")
+    cut_note = ""
+    totals = np.array([sum(v or 0 for v in column) for column in zip(*data[0][:len(CATEGORIES)])], dtype=float)
+    spread, median = _outliers(totals)
+    if spread:
+        # A broken axis: the top is set by the ordinary steps; a taller bar is cut at the top and
+        # marked with its total, so one outlier does not flatten every other step.
+        ordinary = totals[totals <= OUTLIER_RATIO * median]
+        top = float(ordinary.max()) * 1.25 if ordinary.size else float(totals.max())
+        fig.update_yaxes(range=[0, top], autorange=False, title_text="time in step (ms, axis cut)")
+        cut = [(step, total) for step, total in zip(step_ids, totals) if total > top]
+        for step, total in cut[:40]:
+            fig.add_annotation(x=step, y=top, yref="y", text=f"⇡ {_ms(total)} ms", showarrow=False,
+                               yanchor="bottom", font=dict(size=10, color="#B00020"), bgcolor="rgba(255,255,255,0.85)")
+        fig.update_layout(margin=dict(l=70, r=20, t=70, b=50))
+        cut_note = (f" The axis is cut at {_ms(top)} ms: {len(cut)} step(s) run past it (marked ⇡ with their "
+                    f"total, up to {_ms(float(totals.max()))} ms) so that the ordinary steps stay readable.")
     shown = ", ".join(label for label, _ in views[:6]) + (" …" if len(views) > 6 else "")
     note = "Each step's window split into the categories of the JSON report (they sum to the step's duration)"
     note += (f"; views: {esc(shown)} (choose with the menu at the top right of the figure)" if len(views) > 1
              else f" ({esc(shown)})")
-    note += "; triangles mark anomalous steps."
+    note += "; triangles mark anomalous steps." + cut_note
     return (f'<section id="breakdown"><h2>Where each step\'s time went</h2><p class="note">{note}</p>'
             f"{page.figure(fig, height=460)}</section>")
 
@@ -683,26 +774,39 @@ def _imbalance(findings, page: _Page) -> str:
         return ""
     rows.sort(key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    fig = go.Figure()
+    from plotly.subplots import make_subplots
+
+    # Top: the step time measured and as modeled; bottom: the saving itself (modeled minus
+    # balanced), on its own scale, so a 2 ms saving on a 60 ms step is not a hair's breadth.
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
     for key, label, color, dash in (("measured_ms", "measured", "#222222", "solid"),
                                     ("modeled_ms", "modeled: max(attention)+max(dispatch)+experts+max(combine)",
-                                     CATEGORY_COLORS["gpu_compute"], "dash"),
-                                    ("balanced_ms", "modeled with balanced load", CATEGORY_COLORS["communication"],
-                                     "dot")):
+                                     CATEGORY_COLORS["gpu_compute"], "dash")):
         values = [r.get(key) for r in rows]
         if all(v is None for v in values):
             continue
         fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if len(steps) <= 200 else "lines",
                                  name=label, line=dict(color=color, dash=dash, width=1.8), marker=dict(size=4),
-                                 hovertemplate=f"{label.split(':')[0]}: %{{y:.2f}} ms<extra>step %{{x}}</extra>"))
+                                 hovertemplate=f"{label.split(':')[0]}: %{{y:.2f}} ms<extra>step %{{x}}</extra>"),
+                      row=1, col=1)
+    savings = [r.get("saving_ms") or 0.0 for r in rows]
+    modeled = [r.get("modeled_ms") or 0.0 for r in rows]
+    fig.add_trace(go.Bar(x=steps, y=savings, name="saving with balanced load (ms)",
+                         marker=dict(color=CATEGORY_COLORS["communication"], line=dict(width=0)),
+                         customdata=[round(100 * v / m, 1) if m else 0 for v, m in zip(savings, modeled)],
+                         hovertemplate="saving: %{y:.2f} ms (%{customdata:.1f}% of the modeled step)"
+                                       "<extra>step %{x}</extra>"), row=2, col=1)
     _layout(fig, legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0), hovermode="x unified",
-            margin=dict(l=70, r=20, t=40, b=50))
-    fig.update_xaxes(title_text="step")
-    fig.update_yaxes(title_text="step time (ms)", rangemode="tozero")
-    saving = sum(r.get("saving_ms") or 0 for r in rows)
+            margin=dict(l=70, r=20, t=40, b=50), bargap=0.2)
+    fig.update_xaxes(title_text="step", row=2, col=1)
+    fig.update_yaxes(title_text="step time (ms)", rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(title_text="saving (ms)", rangemode="tozero", row=2, col=1)
+    saving = sum(savings)
+    worst = max(range(len(rows)), key=lambda i: savings[i]) if rows else 0
     return (f"<h3>Load imbalance</h3><p class=\"note\">The MoE critical path of each step as modeled from its "
-            f"phases, and the same with the load balanced across ranks: {_ms(saving)} ms in all over "
-            f"{len(rows)} steps would be saved by balance.</p>{page.figure(fig, height=340)}")
+            f"phases (top), and below it what balancing the load across ranks would save, per step: "
+            f"{_ms(saving)} ms in all over {len(rows)} steps, most in step {rows[worst]['step']} "
+            f"({_ms(savings[worst])} ms).</p>{page.figure(fig, height=460)}")
 
 
 # ----------------------------------------------------------------------------- anomalies
@@ -737,7 +841,7 @@ def _compare_bars(rows: list[tuple[str, dict[str, float]]]) -> str:
 def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> dict | None:
     """The ``where`` range instance of a step and the lag to its first GPU work, in ms from the step start."""
     instances = findings.range_instances
-    where = anomaly.get("where")
+    where = anomaly_range(anomaly)
     if instances.is_empty() or not where:
         return None
     window = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
@@ -785,6 +889,8 @@ def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tup
     graph-object validation of a few thousand bars costs more than the rest of the page.
     """
     lane_lists = []
+    # One x-scale for every panel (the anomalous and the typical step), so lengths compare.
+    x_max = max((float(frame.get_column("end_ms").max() or 0) for _, frame, _ in panels), default=0) or 1.0
     for _, frame, _ in panels:
         lanes = frame.select("lane", "lane_order").unique().sort("lane_order").get_column("lane").to_list()
         lane_lists.append(lanes)
@@ -814,19 +920,34 @@ def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tup
                 for n, s, e, d in zip(sub.get_column("name").to_list(), starts, ends, sub.get_column("detail").to_list())
             ]
             label = KIND_LABELS[kind]
-            data.append({
+            busy = (sub.get_column("busy").fill_null(1.0).to_numpy() if "busy" in sub.columns
+                    else np.ones(sub.height))
+            if busy.min() < 0.999:
+                hover = [h + f"<br>GPU/thread busy {b:.0%} of this block" if b < 0.999 else h
+                         for h, b in zip(hover, busy)]
+            trace = {
                 "type": "bar", "orientation": "h", "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
                 "y": np.asarray([index[x] for x in sub.get_column("lane").to_list()], dtype=np.int16),
                 "x": _f32(np.maximum(ends - starts, 0.0)), "base": _f32(starts), "width": 0.72,
                 "name": label, "legendgroup": label, "legendrank": 100 + kinds.index(kind),
-                "showlegend": label not in shown, "marker": {"color": KIND_COLORS[kind], "line": {"width": 0}},
+                "showlegend": label not in shown,
+                # a merged block is shaded by how busy it was: faint = mostly gaps, solid = busy
+                "marker": {"color": KIND_COLORS[kind], "line": {"width": 0},
+                           "opacity": np.round(0.15 + 0.85 * np.clip(busy, 0, 1), 3).astype(np.float32)},
                 "hovertext": hover, "hoverinfo": "text",
-            })
+            }
+            if kind == "annotation":  # range bars carry their names
+                trace.update(text=[esc(n, 60) for n in sub.get_column("name").to_list()], textposition="inside",
+                             insidetextanchor="start", textangle=0, textfont={"size": 10, "color": "#ffffff"},
+                             constraintext="none", cliponaxis=True)
+            data.append(trace)
             shown.add(label)
-        layout[f"xaxis{suffix}"] = _axis({"domain": [0, 1], "anchor": f"y{suffix}",
-                                          "title": {"text": "ms since step start"}})
+        layout[f"xaxis{suffix}"] = _axis({"domain": [0, 1], "anchor": f"y{suffix}", "range": [0, x_max * 1.01],
+                                          "title": {"text": "ms since step start (same scale in every panel)"
+                                                    if len(panels) > 1 else "ms since step start"},
+                                          **({"matches": "x"} if suffix else {})})
         layout[f"yaxis{suffix}"] = _axis({"domain": [bottom, top], "anchor": f"x{suffix}",
-                                          "tickvals": list(range(len(lanes))), "ticktext": [esc(x, 30) for x in lanes],
+                                          "tickvals": list(range(len(lanes))), "ticktext": [esc(x, 42) for x in lanes],
                                           "autorange": "reversed", "showgrid": False})
         text = esc(title, 160) + (f"<br><span style='color:#7a5b00'>shaded: {esc(light['text'], 160)}</span>"
                                   if light else "")
@@ -845,9 +966,10 @@ def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tup
     layout.update(_BASE_LAYOUT)
     layout.update({
         "barmode": "overlay", "hovermode": "closest", "shapes": shapes, "annotations": annotations,
+        "uniformtext": {"minsize": 8, "mode": "hide"},  # a range name that does not fit its bar is left out
         "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom", "xref": "container",
                    "x": 0, "font": {"size": 11}},
-        "margin": {"l": 175, "r": 20, "t": 44, "b": 100},
+        "margin": {"l": 235, "r": 20, "t": 44, "b": 100},
     })
     return {"data": data, "layout": layout}, height
 
@@ -891,7 +1013,7 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
         else:
             compare = _compare_bars([(f"step {step}", this), ("typical", _typical_categories(findings, rank, step))])
     elif kind == "range" and "start_ns" in anomaly and findings.range_instances.height:
-        same = findings.range_instances.filter((pl.col("rank") == rank) & (pl.col("name") == anomaly["where"]))
+        same = findings.range_instances.filter((pl.col("rank") == rank) & (pl.col("name") == anomaly_range(anomaly)))
         this_inst = same.filter(pl.col("start_ns") == anomaly["start_ns"])
         if this_inst.height and all(f"{c}_ns" in same.columns for c in CATEGORIES):
             this = {c: this_inst.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
@@ -932,7 +1054,11 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
         note = ("Bars: CPU ranges, CUDA API calls, CPU gaps and GPU streams, in ms from the step start. "
                 "The shaded span is the <i>where</i> range; the darker part runs from its start to its first GPU work.")
         if merged:
-            note += " Dense stretches are merged into blocks (hover for what they hold)."
+            note += (" Dense stretches are merged into blocks shaded by how busy they were (faint: mostly idle "
+                     "gaps between short events; hover for what they hold); each GPU lane says how busy its "
+                     "stream was over the whole step.")
+        if len(panels) > 1:
+            note += " Both steps share one time scale."
         timeline = (f'<div class="keep"><h4>Timeline</h4><p class="note">{note}</p>'
                     f'{page.figure(fig, height=height, cls="timeline")}</div>')
     elif timelines is not None:
@@ -1081,6 +1207,11 @@ th[data-sort=desc]::after{content:"\\25BC";color:#333}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 td{overflow-wrap:break-word;max-width:560px}
 tbody tr:hover{background:#fafbff}
+/* wide tables fit the page: names break anywhere, headers wrap, numbers and verdicts never */
+table.sortable{max-width:100%%}
+table.sortable th{white-space:normal;min-width:3.5em}
+table.sortable td{overflow-wrap:anywhere;max-width:420px}
+table.sortable td.num{white-space:nowrap;overflow-wrap:normal}
 ul.ev{margin:0;padding-left:16px}
 .card{border:1px solid var(--line);border-left:5px solid #D55E00;border-radius:6px;padding:10px 16px 12px;margin:14px 0;
  background:#fff}
@@ -1214,7 +1345,10 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
         _cpu_gaps(findings),
         _kernels_and_ranges(findings),
     ]
-    nav = [("summary", "Summary"), ("steps", "Step durations"), ("breakdown", "Breakdown")]
+    nav = [("summary", "Summary")]
+    if findings.steps.height:
+        nav += ([("steps", "The step window")] if single_step(findings)
+                else [("steps", "Step durations"), ("breakdown", "Breakdown")])
     if any(s.startswith('<section id="waits"') for s in sections):
         nav.append(("waits", "Cross-rank waiting"))
     nav += [("anomalies", f"Anomalies ({len(findings.anomalies)})"), ("cpu-gaps", "CPU gaps"),
@@ -1288,6 +1422,7 @@ table.sides{cursor:default;min-width:0}
 table.sides th{cursor:default;padding-right:8px}
 table.sides th::after{content:""}
 table.sides td{max-width:520px}
+table.sortable td .v-slower,table.sortable td .v-faster,table.sortable td .v-unchanged{white-space:nowrap}
 """
 
 
@@ -1462,19 +1597,16 @@ def _verdict_section(data: dict, before_label: str, after_label: str) -> str:
         noise_text = ""
         if noise is not None:
             few = "" if step.get("noise_known") else "; uncertain with fewer than 3 steps a side"
-            noise_text = f' <span class="muted">(noise ±{esc(_ms(noise))} ms{few})</span>'
+            counts = (f", the spread of the two medians, from {summary['steps_before']} + "
+                      f"{summary['steps_after']} steps" if summary.get("steps_before") is not None else "")
+            noise_text = f' <span class="muted">(noise ±{esc(_ms(noise))} ms{esc(counts)}{few})</span>'
         line = (f'<p class="verdict-line">median step {esc(_ms(summary["median_step_ms_before"]))} → '
                 f'{esc(_ms(summary["median_step_ms_after"]))} ms '
                 f'({esc("n/a" if pct is None else f"{pct:+.1f}%")}), '
                 f'<span class="v v-{esc(verdict)}">{esc(verdict)}</span>{noise_text}</p>')
-    sentences = []
-    verdicts = summary.get("verdicts") or {}
-    for key, label in (("categories", "Categories"), ("ranges", "Ranges"), ("kernels", "Kernels")):
-        counts = verdicts.get(key) or {}
-        total = sum(counts.values())
-        if total:
-            sentences.append(f"{label}: {counts.get('slower', 0)} slower, {counts.get('faster', 0)} faster, "
-                             f"{counts.get('unchanged', 0)} unchanged of {total} compared.")
+    # The same sentences as the terminal prints (counts over ranks and per rank, then the
+    # largest per-rank category changes, which the mean over ranks can hide).
+    sentences = [line.replace(" -> ", " → ") + "." for line in summary.get("step_change_lines") or []]
     new, vanished, launches = (summary.get("new_kernels", 0), summary.get("vanished_kernels", 0),
                                summary.get("launch_count_changes", 0))
     if new or vanished or launches:
@@ -1493,8 +1625,9 @@ def _verdict_section(data: dict, before_label: str, after_label: str) -> str:
     if not summary.get("changed"):
         sentences.append("No change beyond the step-to-step noise.")
     items = "".join(f"<li>{esc(s, 600)}</li>" for s in sentences)
-    rule = (f"A row counts as changed when its Δ exceeds {options.get('k', 3):g} × (MAD before + MAD after) "
-            f"(the noise column), is at least {options.get('min_relative', 0.05) * 100:g}% of the before value and "
+    rule = (f"A row counts as changed when its Δ exceeds the noise column: {options.get('k', 3):g} × the spread of "
+            "the two medians (each median's standard error, 1.86 × MAD / √steps, combined), "
+            f"is at least {options.get('min_relative', 0.05) * 100:g}% of the before value and "
             f"at least {(options.get('min_abs_ns') or 0) / 1e3:g} µs per step. Times are medians over each side's "
             "steps of the time per step (ms); rows without a rank are the mean over ranks.")
     return (f'<section id="verdict"><h2>Verdict</h2>{line}{_sides_table(data, before_label, after_label)}'
@@ -1651,15 +1784,18 @@ def _new_vanished_section(data: dict) -> str:
     parts = []
     for key, title, side in (("new_kernels", "New kernels (after only)", "after"),
                              ("vanished_kernels", "Vanished kernels (before only)", "before")):
-        rows = sorted(data.get(key) or [], key=lambda r: -(r.get(f"{side}_ms") or 0))
+        # Means per step: a kernel launched in a few of the steps has a median of 0.
+        mean = lambda r: r.get(f"mean_{side}_ms", r.get(f"{side}_ms"))  # noqa: E731
+        rows = sorted(data.get(key) or [], key=lambda r: -(mean(r) or 0))
         if not rows:
             parts.append(f'<h3>{title}</h3><p class="note">None.</p>')
             continue
-        cells = [[text_cell(r.get("name"), 140), num_cell(r.get(f"{side}_ms"), "{:,.3f}"),
-                  num_cell(r.get(f"count_{side}"), "{:g}")] for r in rows[:MAX_TABLE_ROWS]]
+        cells = [[text_cell(r.get("name"), 140), num_cell(mean(r), "{:,.3f}"),
+                  num_cell(r.get(f"mean_count_{side}", r.get(f"count_{side}")), "{:.2f}")] for r in rows[:MAX_TABLE_ROWS]]
         note = f"First {MAX_TABLE_ROWS} of {len(rows)} shown." if len(rows) > MAX_TABLE_ROWS else ""
         parts.append(f"<h3>{title}: {len(rows)}</h3>" + _table(
-            ["kernel", f"{side} ms per step", f"launches per step ({side})"], cells, numeric={1, 2}, note=note))
+            ["kernel", f"{side} ms per step (mean)", f"launches per step ({side}, mean)"], cells, numeric={1, 2},
+            note=note))
     return (f'<section id="new-vanished"><h2>New and vanished kernels</h2><p class="note">Kernels launched on one '
             f"side only (mean over ranks), largest first.</p>{''.join(parts)}</section>")
 
