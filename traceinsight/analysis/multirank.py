@@ -736,6 +736,21 @@ def phase_class(name: str | None) -> str | None:
     return None
 
 
+def phase_expr(column: str = "name") -> pl.Expr:
+    """:func:`phase_class` as a polars expression (every distinct name at once)."""
+    lowered = pl.col(column).str.to_lowercase()
+    expr = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
+    for phase, words in (
+        ("dispatch", ("dispatch",)),
+        ("combine", ("combine",)),
+        ("attention", ("attention", "attn")),
+        ("experts", ("expert", "grouped", "moe_mlp", "ffn", "mlp")),
+    ):
+        hit = pl.any_horizontal([lowered.str.contains(word, literal=True) for word in words])
+        expr = expr.when(hit).then(pl.lit(phase))
+    return expr.otherwise(pl.lit(None, pl.String))
+
+
 def _innermost_names(annotations: pl.DataFrame, rows: pl.DataFrame) -> list:
     """For each row (``rank, pid, tid, t``), the name of the deepest annotation of its thread
     that contains ``t`` (None where none does)."""
@@ -778,19 +793,22 @@ def compute_phase_times(model: TraceModel, gpu: pl.DataFrame, steps: pl.DataFram
     ).select("rank", "pid", "tid", "depth", "start_ns", "end_ns", "name").collect()
     if annotations.is_empty():
         return empty
-    classes = {name: phase_class(name) for name in annotations.get_column("name").unique().to_list()}
-    wanted = [name for name, phase in classes.items() if phase in ("attention", "experts")]
-    annotations = annotations.filter(pl.col("name").is_in(wanted))
+    # Each distinct name is classified once, by one expression over all of them.
+    classes = annotations.select(pl.col("name").unique()).with_columns(phase=phase_expr()).filter(
+        pl.col("phase").is_in(["attention", "experts"]))
+    annotations = annotations.join(classes.select("name"), on="name", how="semi")
     kernels = gpu.filter(
         (pl.col("kind") == "kernel") & ~pl.col("is_comm") & pl.col("launch_start_ns").is_not_null()
     ).select("rank", pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"),
              pl.col("launch_start_ns").alias("t"), gpu_ns=pl.col("end_ns") - pl.col("start_ns"))
     if annotations.is_empty() or kernels.is_empty():
         return empty
-    kernels = kernels.with_columns(
-        phase=pl.Series(_innermost_names(annotations, kernels), dtype=pl.String).replace_strict(
-            classes, default=None, return_dtype=pl.String)
-    ).filter(pl.col("phase").is_not_null())
+    kernels = (
+        kernels.with_columns(name=pl.Series(_innermost_names(annotations, kernels), dtype=pl.String))
+        .join(classes, on="name", how="left", maintain_order="left")
+        .drop("name")
+        .filter(pl.col("phase").is_not_null())
+    )
     if kernels.is_empty():
         return empty
     return (
