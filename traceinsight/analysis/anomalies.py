@@ -292,26 +292,25 @@ def _cause_name(cause: str | None) -> str:
     return f"cpu_gap.{cause}"
 
 
+def _busiest_thread(frame: pl.DataFrame, column: str) -> dict[int, int]:
+    """Per rank, the value of ``column`` (a thread id) that most rows carry."""
+    counts = (
+        frame.filter(pl.col(column).is_not_null())
+        .group_by("rank", column).agg(n=pl.len())
+        .sort(["rank", "n", column], descending=[False, True, False])
+        .unique("rank", keep="first", maintain_order=True)
+    )
+    return dict(counts.select("rank", column).iter_rows())
+
+
 def _main_threads(steps: pl.DataFrame, gpu: pl.DataFrame | None) -> dict[int, int]:
     """Per rank, the thread the program's loop runs on: the one holding the step markers,
     else the one that launched most GPU work."""
     out = {}
     if gpu is not None and gpu.height and "launch_tid" in gpu.columns:
-        counts = (
-            gpu.filter(pl.col("launch_tid").is_not_null())
-            .group_by("rank", "launch_tid").agg(n=pl.len())
-            .sort(["rank", "n", "launch_tid"], descending=[False, True, False])
-            .unique("rank", keep="first", maintain_order=True)
-        )
-        out.update(dict(counts.select("rank", "launch_tid").iter_rows()))
+        out.update(_busiest_thread(gpu, "launch_tid"))
     if steps.height and "tid" in steps.columns:
-        markers = (
-            steps.filter(pl.col("tid").is_not_null())
-            .group_by("rank", "tid").agg(n=pl.len())
-            .sort(["rank", "n", "tid"], descending=[False, True, False])
-            .unique("rank", keep="first", maintain_order=True)
-        )
-        out.update(dict(markers.select("rank", "tid").iter_rows()))
+        out.update(_busiest_thread(steps, "tid"))
     return out
 
 

@@ -513,29 +513,10 @@ def _phases(model: TraceModel, comm: pl.DataFrame, step_labels: list[str]) -> pl
         & ~pl.col("name").is_in(step_labels)
         & (pl.col("domain").is_null() | (pl.col("domain") != "NCCL"))
     ).select("rank", "pid", "tid", "depth", "start_ns", "end_ns", "name").collect()
-    phases = np.full(comm.height, None, dtype=object)
-    if annotations.is_empty() or comm.is_empty():
-        return comm.with_columns(phase=pl.Series(phases.tolist(), dtype=pl.String))
-    comm = comm.with_row_index("_i")
-    for (rank, pid, tid), launches in comm.filter(pl.col("launch_tid").is_not_null()).group_by(
-        "rank", "launch_pid", "launch_tid"
-    ):
-        thread = annotations.filter((pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid))
-        times = launches.get_column("launch_start_ns").to_numpy()
-        index = launches.get_column("_i").to_numpy()
-        best = np.full(times.size, None, dtype=object)
-        # Ranges of one depth on one thread do not overlap: a sorted search finds the candidate
-        # at each depth; the deepest one that contains the launch wins.
-        for depth in sorted(thread.get_column("depth").unique().to_list()):
-            level = thread.filter(pl.col("depth") == depth).sort("start_ns")
-            starts = level.get_column("start_ns").to_numpy()
-            ends = level.get_column("end_ns").to_numpy()
-            names = level.get_column("name").to_numpy()
-            at = np.searchsorted(starts, times, side="right") - 1
-            inside = (at >= 0) & (times <= ends[np.clip(at, 0, None)])
-            best[inside] = names[at[inside]]
-        phases[index] = best
-    return comm.drop("_i").with_columns(phase=pl.Series(phases.tolist(), dtype=pl.String))
+    # The deepest range around each launch names the collective's phase.
+    launches = comm.select("rank", pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"),
+                           pl.col("launch_start_ns").alias("t"))
+    return comm.with_columns(phase=pl.Series(_innermost_names(annotations, launches), dtype=pl.String))
 
 
 def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:
@@ -720,34 +701,30 @@ def _payload_rows(waits: pl.DataFrame, step, phase, key) -> dict:
     return dict(zip(part.get_column("rank").to_list(), part.get_column("rows_sent").to_list()))
 
 
+#: The coarse MoE phases and the words in a range name that mark them, tried in order.
+PHASE_WORDS = (
+    ("dispatch", ("dispatch",)),
+    ("combine", ("combine",)),
+    ("attention", ("attention", "attn")),
+    ("experts", ("expert", "grouped", "moe_mlp", "ffn", "mlp")),
+)
+
+
 def phase_class(name: str | None) -> str | None:
     """Coarse MoE phase of an annotation name: attention, dispatch, experts, combine."""
     if not name:
         return None
     lowered = name.lower()
-    for phase, words in (
-        ("dispatch", ("dispatch",)),
-        ("combine", ("combine",)),
-        ("attention", ("attention", "attn")),
-        ("experts", ("expert", "grouped", "moe_mlp", "ffn", "mlp")),
-    ):
-        if any(word in lowered for word in words):
-            return phase
-    return None
+    return next((phase for phase, words in PHASE_WORDS if any(word in lowered for word in words)), None)
 
 
 def phase_expr(column: str = "name") -> pl.Expr:
     """:func:`phase_class` as a polars expression (every distinct name at once)."""
     lowered = pl.col(column).str.to_lowercase()
     expr = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
-    for phase, words in (
-        ("dispatch", ("dispatch",)),
-        ("combine", ("combine",)),
-        ("attention", ("attention", "attn")),
-        ("experts", ("expert", "grouped", "moe_mlp", "ffn", "mlp")),
-    ):
-        hit = pl.any_horizontal([lowered.str.contains(word, literal=True) for word in words])
-        expr = expr.when(hit).then(pl.lit(phase))
+    for phase, words in PHASE_WORDS:
+        expr = expr.when(pl.any_horizontal([lowered.str.contains(word, literal=True) for word in words])).then(
+            pl.lit(phase))
     return expr.otherwise(pl.lit(None, pl.String))
 
 
@@ -757,7 +734,9 @@ def _innermost_names(annotations: pl.DataFrame, rows: pl.DataFrame) -> list:
     names_out = np.full(rows.height, None, dtype=object)
     if annotations.is_empty() or rows.is_empty():
         return names_out.tolist()
-    rows = rows.with_row_index("_i")
+    rows = rows.with_row_index("_i").filter(pl.col("tid").is_not_null())
+    # Ranges of one depth on one thread do not overlap: a sorted search finds the candidate
+    # at each depth; the deepest one that contains the time wins.
     for (rank, pid, tid), part in rows.group_by("rank", "pid", "tid"):
         thread = annotations.filter((pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid))
         if thread.is_empty():
@@ -839,7 +818,7 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
     compute = compute_times.sort("t", "rank", descending=[True, False]).group_by("step", "phase").agg(
         max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean(), max_rank=pl.col("rank").first()
     )
-    transfers = waits.with_columns(phase=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)).filter(
+    transfers = waits.with_columns(phase=phase_expr("phase")).filter(
         pl.col("phase").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()
     )
     # Participants leave a collective together, so its transfer time is set by the rank that
@@ -894,7 +873,7 @@ def payload_tokens(waits: pl.DataFrame) -> dict[tuple[int, str], dict]:
     if waits.is_empty() or "payload_nelems" not in waits.columns:
         return {}
     frame = waits.with_columns(
-        phase_class=pl.col("phase").map_elements(phase_class, return_dtype=pl.String)
+        phase_class=phase_expr("phase")
     ).filter(pl.col("phase_class").is_in(["dispatch", "combine"]) & pl.col("step").is_not_null()
              & pl.col("payload_nelems").is_not_null())
     if frame.is_empty():
