@@ -327,17 +327,9 @@ def job_identity_note(ranks: pl.DataFrame, steps: pl.DataFrame, comm: pl.DataFra
             .select("rank", start=pl.col("start") + pl.col("origin"), end=pl.col("end") + pl.col("origin"))
             .sort("start", "rank")
         )
-        latest_rank, latest_end = None, None
-        for rank, start, end in spans.iter_rows():
-            if latest_end is not None and start > latest_end + WINDOW_SLACK_NS:
-                # The wording of disjoint_ranks_note: the same finding, now made before pairing.
-                return (
-                    f"ranks {latest_rank} and {rank} do not overlap in time: rank {rank} starts "
-                    f"{(start - latest_end) / 1e9:,.3f} s after rank {latest_rank} ends; were the files "
-                    "recorded in the same run? Cross-rank waits and comparisons are not meaningful"
-                )
-            if latest_end is None or end > latest_end:
-                latest_rank, latest_end = rank, end
+        # The wording of disjoint_ranks_note: the same finding, now made before pairing.
+        if note := _disjoint_spans_note(spans, slack_ns=WINDOW_SLACK_NS):
+            return note
     if comm.height and comm.get_column("comm_seq").is_not_null().any():
         numbered = comm.filter(pl.col("comm_seq").is_not_null())
         for (group,), part in numbered.group_by(["group"]):
@@ -492,9 +484,15 @@ def disjoint_ranks_note(steps: pl.DataFrame, alignment: Alignment) -> str | None
         .select("rank", start=pl.col("start") + pl.col("shift"), end=pl.col("end") + pl.col("shift"))
         .sort("start", "rank")
     )
+    return _disjoint_spans_note(spans, slack_ns=0)
+
+
+def _disjoint_spans_note(spans: pl.DataFrame, *, slack_ns: int) -> str | None:
+    """The first rank whose span (``rank, start, end``, sorted by start) begins more than
+    ``slack_ns`` after every earlier one has ended, told as a note."""
     latest_rank, latest_end = None, None
     for rank, start, end in spans.iter_rows():
-        if latest_end is not None and start > latest_end:
+        if latest_end is not None and start > latest_end + slack_ns:
             return (
                 f"ranks {latest_rank} and {rank} do not overlap in time: rank {rank} starts "
                 f"{(start - latest_end) / 1e9:,.3f} s after rank {latest_rank} ends; were the files "
