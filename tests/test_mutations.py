@@ -451,7 +451,9 @@ def test_an_output_that_is_an_input_is_refused(tmp_path, monkeypatch, command, h
     missing = tmp_path / "not-read-yet.json"  # would fail the run if anything were read first
     args = {
         "analyze-json": ["analyze", given, missing, "--json", output],
-        "analyze-html": ["analyze", given, missing, "--html", output],
+        # --html takes a value after a space only when it is named .html: the explicit form
+        # hands it any path, a trace's too.
+        "analyze-html": ["analyze", given, missing, f"--html={output}"],
         "merge": ["merge", given, missing, "-o", output],
         "explain": ["explain", given, missing, "--step", "3", "--json", output],
         "diff-json": ["diff", given, "--against", other, missing, "--json", output],

@@ -515,7 +515,9 @@ wait_entry = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=15, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Each example draws the whole HTML report (seconds): a few varied examples, and the fixed
+# real case below, keep the suite short.
+@settings(max_examples=5, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(waits=st.lists(wait_entry, max_size=12), null_steps_only=st.booleans())
 def test_every_renderer_accepts_waits_the_contract_allows(two_rank_analysis, waits, null_steps_only):
     from rich.console import Console

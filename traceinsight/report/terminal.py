@@ -82,7 +82,7 @@ def print_table(console: Console, title: str, headers: list[str], rows: list[lis
             needed += max([len(c) for c in cells] + [longest_word])
         else:
             needed += max(min(max((len(c) for c in cells), default=1), min_text), min(longest_word, min_text))
-    needed += 2 * (len(headers) - 1)
+    needed += 2 * (len(headers) - 1) + 2  # + the edges: no row starts at the left margin
     if needed > width:
         console.print(Text(title, style="bold"))
         for row in rows:
@@ -97,7 +97,9 @@ def print_table(console: Console, title: str, headers: list[str], rows: list[lis
             console.print(Text(caption, style="dim"), overflow="fold")
         console.print()
         return
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, padding=(0, 1),
+    # A padded edge: a row never begins a line, so a name cannot pass for a message of ours
+    # ("traceinsight: error: ...") at the start of one.
+    table = Table(title=title, title_justify="left", box=None, pad_edge=True, padding=(0, 1),
                   header_style="bold underline", caption=caption, caption_justify="left")
     for i, header in enumerate(headers):
         cells = [len(_cell_text(row[i])) for row in rows]
