@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import polars as pl
 import pytest
 
 # CLI runs in tests must not fill the user's ~/.cache: give the session its own cache folder.
-os.environ.setdefault("TRACEINSIGHT_CACHE_DIR", tempfile.mkdtemp(prefix="traceinsight-test-cache-"))
+if "TRACEINSIGHT_CACHE_DIR" not in os.environ:
+    os.environ["TRACEINSIGHT_CACHE_DIR"] = tempfile.mkdtemp(prefix="traceinsight-test-cache-")
+    # Each session's cache (tens of MB) goes with it.
+    atexit.register(shutil.rmtree, os.environ["TRACEINSIGHT_CACHE_DIR"], ignore_errors=True)
 
 from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, TraceModel, conform, with_depth
 
