@@ -119,3 +119,12 @@ def test_range_lag_points_at_the_gap_before_the_gemms(findings, truth):
     assert report["range_lag"]["lag_ms"] > 100
     assert report["range_lag"]["cpu_in_lag"][0]["cause"] == "blocked"
     assert report["categories"][CATEGORIES.index("cpu_gap")]["ms"] > 100
+
+
+def test_a_step_lists_every_place_that_explains_its_excess(findings, truth):
+    gc_step = next(int(s) for s, f in truth["faults"].items() if f["kind"] == "gc_pause")
+    finding = next(a for a in findings.anomalies if a["kind"] == "step" and a["step"] == gc_step)
+    wheres = [p["where"] for p in finding["places"]]
+    assert wheres[0].endswith("before layer0 attention")
+    assert any(w.endswith("GroupedLinear forward layer3.fc2") for w in wheres)
+    assert [p["excess_ms"] for p in finding["places"]] == sorted((p["excess_ms"] for p in finding["places"]), reverse=True)
