@@ -20,7 +20,8 @@ distribution of the same name on the same rank: with at least ``min_range_instan
 instances, an instance is flagged when it is ``range_ratio`` times the name's 90th
 percentile, longer than its median by ``min_range_excess_ns`` and by ``sigmas`` robust
 deviations. A name whose long instances are not rare (more than ``max_range_flag_share`` of
-them, a heavy tail) is not flagged at all: its long instances are its normal behaviour.
+them, a heavy tail, or long in more than a quarter of the steps) is not flagged at all: its
+long instances are its normal behaviour.
 
 **Findings.** Each anomalous step, and each anomalous range instance (inside flagged steps
 too), is a finding. A step finding lists the *places* (:mod:`traceinsight.analysis.places`)
@@ -266,6 +267,11 @@ def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = Anom
             _long=pl.col("_long") & (pl.col("start_ns") != pl.col("start_ns").min().over(group)))
     rare = pl.col("_long").sum().over(group) <= pl.max_horizontal(
         pl.lit(1.0), options.max_range_flag_share * pl.col("_count"))
+    if "step" in flagged.columns:
+        # Long instances in many of the steps are what the name does, not an anomaly.
+        steps_of_rank = pl.col("step").n_unique().over("rank")
+        long_steps = pl.col("step").filter(pl.col("_long")).n_unique().over(group)
+        rare = rare & ((steps_of_rank < 4) | (long_steps <= pl.max_horizontal(pl.lit(2.0), 0.25 * steps_of_rank)))
     return flagged.with_columns(anomalous=pl.col("_long") & rare).drop("_count", "_p90", "_sigma", "_long")
 
 
@@ -880,8 +886,15 @@ def _fold_nested(rows: list[dict]) -> list[dict]:
     return kept
 
 
+#: The least share of the rank's median step a range finding must cost (with several steps).
+MIN_STEP_SHARE = 0.03
+#: Range findings listed per (rank, step), largest first.
+MAX_RANGE_FINDINGS_PER_STEP = 5
+
+
 def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
-                            steps: pl.DataFrame | None = None, places: Places | None = None) -> list[dict]:
+                            steps: pl.DataFrame | None = None, places: Places | None = None,
+                            max_per_step: int = MAX_RANGE_FINDINGS_PER_STEP) -> list[dict]:
     """Each anomalous range instance as its own finding (inside flagged steps too).
 
     ``instances`` must carry the ``<category>_ns`` columns of their own window
@@ -891,7 +904,8 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
     up the GPU), and a range that only *waited* for GPU work launched elsewhere (its window
     grew on the GPU side while its own launched GPU time did not): the step finding places
     that work where it was launched. Nested flagged ranges of one stall are folded into the
-    deepest (:func:`_fold_nested`).
+    deepest (:func:`_fold_nested`). At most ``max_per_step`` per (rank, step) are listed, the
+    largest; ``others_in_step`` counts the anomalous instances of the step left out.
     """
     flagged = instances.filter(pl.col("anomalous"))
     if flagged.is_empty():
@@ -904,12 +918,19 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
         typical_gpu_ns=pl.col("gpu_ns").median(),
         typical_lag_ns=pl.col("first_gpu_lag_ns").median(),
     )
-    labels = {}
+    labels, floor = {}, {}
     if steps is not None and steps.height:
         labels = {(r, s): label for r, s, label in steps.select("rank", "step", "label").iter_rows()}
+        # A place worth naming costs its step a noticeable share: a 1 ms stall in a 1 s step
+        # is noise, in a 10 ms step it is not.
+        if steps.height > 1:
+            floor = {r: MIN_STEP_SHARE * (d or 0) for r, d in
+                     steps.group_by("rank").agg(pl.col("duration_ns").median()).iter_rows()}
     rows = []
     for row in flagged.join(typical, on=["rank", "name"], how="left").sort("duration_ns", descending=True).iter_rows(named=True):
         row["excess_ns"] = row["duration_ns"] - row["typical_ns"]
+        if row["excess_ns"] < floor.get(row["rank"], 0):
+            continue
         deltas = {c: row[f"{c}_ns"] - (row[f"typical_{c}_ns"] or 0) for c in CATEGORIES}
         category = max(deltas, key=deltas.get)
         own_gpu_growth = (row["gpu_ns"] or 0) - (row["typical_gpu_ns"] or 0)
@@ -917,8 +938,17 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
             continue  # it waited for work launched before it
         row["_deltas"], row["_category"] = deltas, category
         rows.append(row)
+    # The largest few of a step are findings; a step with many more (a flood of long small
+    # ops) says how many it left out rather than listing them all.
+    kept, left_out = [], {}
+    for row in sorted(_fold_nested(rows), key=lambda r: -r["excess_ns"]):
+        key = (row["rank"], row["step"])
+        if sum(1 for k in kept if (k["rank"], k["step"]) == key) >= max_per_step:
+            left_out[key] = left_out.get(key, 0) + 1
+        else:
+            kept.append(row)
     out = []
-    for row in _fold_nested(rows):
+    for row in kept:
         deltas, category = row["_deltas"], row["_category"]
         gap_evidence = None
         if category == "cpu_gap":
@@ -955,5 +985,6 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
             "cause": cause,
             "evidence": text,
             "start_ns": row["start_ns"],
+            "others_in_step": left_out.get((row["rank"], row["step"]), 0),
         })
     return out

@@ -31,6 +31,7 @@ import polars as pl
 from traceinsight.analysis.anomalies import (
     AnomalyOptions,
     assign_to_steps,
+    MAX_RANGE_FINDINGS_PER_STEP,
     explain_range_instances,
     explain_steps,
     flag_job_steps,
@@ -126,6 +127,9 @@ class RankWorker:
             places = Places(steps, instances, gaps, self.gpu, sync_gaps)
         step_anomalies = explain_steps(steps, instances, gaps, launch_counts=launch_counts, places=places)
         range_anomalies = explain_range_instances(instances, gaps, steps=steps, places=places)
+        left_out = sum(a["others_in_step"] for a in range_anomalies)
+        notes = [f"rank {self.rank}: {left_out} more anomalous range instances are not listed (the "
+                 f"{MAX_RANGE_FINDINGS_PER_STEP} largest of each step are)"] if left_out else []
         broken = window_breakdown(self.result.sets, windows) if windows.height else windows
         details = {
             "cpu_gaps": gaps,
@@ -146,6 +150,7 @@ class RankWorker:
             "launch_counts": launch_counts,
             "step_anomalies": step_anomalies,
             "range_anomalies": range_anomalies,
+            "notes": notes,
             "broken_windows": broken,
             "compute_times": compute_phase_times(model, self.gpu, steps, step_labels=self.marker_names),
         }
@@ -207,6 +212,7 @@ def run_phases(call, options: Options):
         r: (steps.filter(pl.col("rank") == r), windows.filter(pl.col("rank") == r))
         for r in ranks_order
     })
+    warnings += [note for r in ranks_order for note in done[r].get("notes", [])]
     range_anomalies = sorted(
         (a for r in ranks_order for a in done[r]["range_anomalies"]),
         key=lambda a: (-a["excess_ms"], a["rank"], a["step"], a["where"]),
