@@ -451,7 +451,7 @@ class Places:
         # The same block of every layer is one place when the growth is spread over the
         # layers (4x attention in each of 3 layers), not when one layer holds it.
         members = ranked.filter(pl.col("level") == "key")
-        family_of = dict(zip(*self._family_pairs(members.get_column("place").to_list())))
+        family_of = {place: _family_of(place) for place in members.get_column("place").to_list()}
         best_member: dict[tuple[str, str], float] = {}
         for side, place, excess in members.select("side", "place", "excess_ns").iter_rows():
             family = family_of.get(place, place)
@@ -475,10 +475,6 @@ class Places:
             chosen.append(row)
             covered += row["excess_ns"]
         return [self._describe(rank, step, normal_steps, row, label, cross_rank_wait) for row in chosen]
-
-    @staticmethod
-    def _family_pairs(keys: list[str]) -> tuple[list[str], list[str]]:
-        return keys, [_family_of(k) for k in keys]
 
     def _display(self, key: str, label: str) -> str:
         if key == "outside any range":
@@ -635,7 +631,7 @@ def _with_family(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 def _kernel_text(kernel: dict) -> str:
-    text = f"{kernel['name']} +{_ms(kernel['excess_ns'] if 'excess_ns' in kernel else kernel['excess_ms'] * 1e6)}"
+    text = f"{kernel['name']} +{_ms(kernel['excess_ms'] * 1e6)}"
     if kernel["count"] != round(kernel["typical_count"]):
         text += f" ({kernel['count']} launches vs {kernel['typical_count']:.0f})"
     return text

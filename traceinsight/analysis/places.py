@@ -108,14 +108,9 @@ class RangeTree:
             node = int(self.parent[node])
         return names[::-1]
 
-    def outermost(self, node: int) -> int:
-        """The outermost ancestor of ``node`` (itself when it has no parent)."""
-        while node >= 0 and self.parent[node] >= 0:
-            node = int(self.parent[node])
-        return node
-
     def outermost_many(self, nodes: np.ndarray) -> np.ndarray:
-        """:meth:`outermost` of every node (``-1`` stays ``-1``), one nesting level at a time."""
+        """The outermost ancestor of every node (itself without a parent; ``-1`` stays ``-1``),
+        one nesting level at a time."""
         nodes = np.asarray(nodes, dtype=np.int64).copy()
         for _ in range(self.max_depth + 1):
             has = nodes >= 0
