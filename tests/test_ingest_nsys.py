@@ -746,3 +746,68 @@ def test_path_with_uri_special_characters(tmp_path: Path) -> None:
     folder.mkdir()
     path = _nvtx_export(folder / "trace.sqlite", [_nvtx(0, 5, "a")])
     assert read_nsys(str(path)).of_kind("annotation").height == 1
+
+
+def _read_with_sqlite3_only(path: Path, monkeypatch) -> TraceModel:
+    from traceinsight.ingest import nsys
+
+    with monkeypatch.context() as patch:
+        patch.setattr(nsys._Export, "_arrow_connection", lambda self: None)
+        return read_nsys(str(path))
+
+
+def _assert_same_models(fast: TraceModel, slow: TraceModel) -> None:
+    from polars.testing import assert_frame_equal
+
+    assert_frame_equal(fast.intervals, slow.intervals)
+    assert_frame_equal(fast.samples, slow.samples)
+    assert_frame_equal(fast.ranks, slow.ranks)
+    assert fast.warnings == slow.warnings
+
+
+@pytest.mark.parametrize("path", _real_exports()[:4] + _real_exports()[-3:])
+def test_arrow_reading_gives_the_frames_of_sqlite3(path: Path, monkeypatch) -> None:
+    # The ADBC path is only a faster way to the same model: every frame equal, row for row.
+    from traceinsight.ingest import nsys
+
+    used = []
+    real = nsys._Export._arrow_read
+
+    def counted(self, *args):
+        frame = real(self, *args)
+        used.append(frame is not None)
+        return frame
+
+    monkeypatch.setattr(nsys._Export, "_arrow_read", counted)
+    fast = read_nsys(str(path))
+    assert all(used), "every table read went through Arrow"
+    assert used or fast.intervals.is_empty()  # a file of metadata tables only reads none
+    _assert_same_models(fast, _read_with_sqlite3_only(path, monkeypatch))
+
+
+def test_arrow_reading_hands_what_it_cannot_read_the_same_to_sqlite3(tmp_path: Path, monkeypatch) -> None:
+    # Text that is not UTF-8, a real in an integer column and a number in a text column:
+    # the Arrow read of those tables gives way to sqlite3, which decodes leniently and
+    # converts, so the model is the one sqlite3 alone gives.
+    rows = [
+        _nvtx(0, 100, "step"),
+        _nvtx(10.7, 50, "forward"),
+        _nvtx(20, 30, 1234),
+        _nvtx(30, 40, None, textId=7),
+    ]
+    path = _nvtx_export(tmp_path / "mixed.sqlite", rows)
+    connection = sqlite3.connect(path)
+    connection.execute("INSERT INTO StringIds VALUES (7, CAST(X'61FF62' AS TEXT))")
+    connection.commit()
+    connection.close()
+    from traceinsight.ingest import nsys
+
+    answers = []
+    real = nsys._Export._arrow_read
+    monkeypatch.setattr(nsys._Export, "_arrow_read", lambda self, *a: answers.append(real(self, *a)) or answers[-1])
+    fast = read_nsys(str(path))
+    assert any(answer is None for answer in answers)
+    names = fast.of_kind("annotation").sort("start_ns").get_column("name").to_list()
+    assert names == ["step", "forward", "1234", "a\ufffdb"]
+    assert fast.of_kind("annotation").sort("start_ns").get_column("start_ns").to_list() == [0, 10, 20, 30]
+    _assert_same_models(fast, _read_with_sqlite3_only(path, monkeypatch))

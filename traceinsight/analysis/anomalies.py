@@ -344,6 +344,7 @@ class Places:
                     "evidence_source": pl.String})
         cpu = cpu.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"),
                                _mid=(pl.col("start_ns") + pl.col("end_ns")) // 2)
+        self._totals: dict[tuple[str, str], dict[tuple, pl.DataFrame]] = {}
         self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
         self.gpu = _with_family(self._gpu_places(steps, gpu))
 
@@ -427,13 +428,11 @@ class Places:
         """The places that together explain most of the step's excess, largest first."""
         n_normal = max(len(normal_steps), 1)
         grown = []
-        for side, frame in (("cpu", self.cpu), ("gpu", self.gpu)):
-            mine = frame.filter(pl.col("rank") == rank)
-            if mine.is_empty():
-                continue
+        for side in ("cpu", "gpu"):
             for level in ("key", "family"):
-                per_step = mine.group_by("step", pl.col(level).alias("place")).agg(
-                    total_ns=pl.col("duration_ns").sum(), members=pl.col("key").n_unique())
+                per_step = self._per_step(side, level).get((rank,))
+                if per_step is None:
+                    continue
                 typical = (per_step.filter(pl.col("step").is_in(normal_steps)).group_by("place")
                            .agg(typical_ns=pl.col("total_ns").sum() / n_normal))
                 rows = (
@@ -475,6 +474,17 @@ class Places:
             chosen.append(row)
             covered += row["excess_ns"]
         return [self._describe(rank, step, normal_steps, row, label, cross_rank_wait) for row in chosen]
+
+    def _per_step(self, side: str, level: str) -> dict[tuple, pl.DataFrame]:
+        """Time and distinct member places per (step, place) of each rank, made once for all
+        the flagged steps."""
+        cached = self._totals.get((side, level))
+        if cached is None:
+            frame = self.cpu if side == "cpu" else self.gpu
+            totals = frame.group_by("rank", "step", pl.col(level).alias("place")).agg(
+                total_ns=pl.col("duration_ns").sum(), members=pl.col("key").n_unique())
+            cached = self._totals[(side, level)] = totals.partition_by("rank", as_dict=True, include_key=False)
+        return cached
 
     def _display(self, key: str, label: str) -> str:
         if key == "outside any range":

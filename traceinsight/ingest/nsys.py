@@ -221,8 +221,11 @@ def read_nsys(path: str) -> TraceModel:
              "written, or a crash): it was read from a private copy, so neither file changed"]
             if copy_folder else []
         )
-        with _interruptible(connection, path):
-            reader = _NsysReader(_Export(connection, path))
+        export = _Export(connection, path)
+        export.copied = copy_folder is not None
+        with _interruptible(connection, path) as deadline:
+            export.deadline = deadline
+            reader = _NsysReader(export)
             reader.warnings.extend(notes)
             return reader.read()
     except sqlite3.DatabaseError as exc:
@@ -233,6 +236,8 @@ def read_nsys(path: str) -> TraceModel:
             _database_error_message(sqlite3.DatabaseError("malformed database schema")), path=path
         ) from None
     finally:
+        if "export" in locals():
+            export.close()
         if "connection" in locals():
             connection.close()
         if copy_folder is not None:
@@ -246,6 +251,8 @@ _SIDECARS = ("-wal", "-journal")
 #: runs at tens of MiB per second). Only a database built to hang gets there.
 SQLITE_DEADLINE_S = 120.0
 SQLITE_DEADLINE_S_PER_MIB = 1.0
+#: Rows of one Arrow batch: more than any table holds, so each result is one batch.
+ARROW_BATCH_ROWS = 1_000_000_000
 
 
 def _open_untouched(path: str) -> tuple[sqlite3.Connection, str | None]:
@@ -332,7 +339,7 @@ def _interruptible(connection: sqlite3.Connection, path: str):
                 signal.signal(number, handler)
     connection.set_progress_handler(progress, 20_000)
     try:
-        yield
+        yield deadline
     except sqlite3.OperationalError as exc:
         if "interrupt" not in str(exc):
             raise
@@ -414,6 +421,11 @@ class _Export:
             else:
                 self.ignored.append(name)
         self._columns: dict[str, set[str]] = {}
+        #: Set by the caller: the monotonic time past which reads are abandoned; ``copied``
+        #: when ``connection`` is to a private copy of the file.
+        self.deadline: float | None = None
+        self.copied = False
+        self._adbc: Any = None
 
     def is_nsys_export(self) -> bool:
         return any(
@@ -497,6 +509,9 @@ class _Export:
                 expression = f"CAST({quoted} AS TEXT)"
             converted.append(f'{expression} AS "{alias}"')
         suffix = f' FROM "{table}"' + (f" WHERE {where}" if where else "")
+        arrow = self._arrow_read(fields, present, suffix)
+        if arrow is not None:
+            return arrow
         try:
             # Fast path: an export as nsys wrote it holds the declared types.
             return pl.DataFrame(
@@ -512,6 +527,121 @@ class _Export:
                 orient="row",
                 strict=False,
             )
+
+    def _arrow_read(
+        self, fields: list[tuple[str, str, pl.DataType]], present: set[str], suffix: str
+    ) -> pl.DataFrame | None:
+        """The rows of a table read straight into Arrow columns (ADBC's SQLite driver), or
+        ``None`` where this fast path cannot give the same frame as the sqlite3 one.
+
+        Reading through Python's sqlite3 makes a Python object per value: for an emit_nvtx
+        export's 440k ranges that is most of the read's time and memory. Text columns are
+        read as bytes and decoded by polars, which refuses invalid UTF-8; any such column, a
+        value of another type than declared (a real in an integer column), or any driver
+        error sends the read to the sqlite3 path, which handles them.
+        """
+        connection = self._arrow_connection()
+        if connection is None:
+            return None
+        columns = []
+        for alias, column, dtype in fields:
+            if column not in present:
+                columns.append(f'NULL AS "{alias}"')
+            elif dtype == _INT:
+                columns.append(f'"{column}" AS "{alias}"')
+            else:
+                columns.append(f'CAST("{column}" AS BLOB) AS "{alias}"')
+        frame = self._arrow_query(connection, f"SELECT {', '.join(columns)}{suffix}")
+        if frame is None or frame.width != len(fields):
+            return None
+        out = []
+        for (alias, _, dtype), series in zip(fields, frame.get_columns()):
+            if series.null_count() == series.len():
+                out.append(pl.Series(alias, [None] * series.len(), dtype=dtype))
+            elif dtype == _INT and series.dtype == pl.Int64:
+                out.append(series.alias(alias))
+            elif dtype != _INT and series.dtype == pl.Binary:
+                try:
+                    out.append(series.cast(pl.String).alias(alias))
+                except pl.exceptions.PolarsError:  # not UTF-8
+                    return None
+            else:
+                return None
+        return pl.DataFrame(out)
+
+    def _arrow_connection(self) -> Any:
+        """An ADBC connection to the same file, opened immutable and untrusted like the
+        sqlite3 one; ``None`` where the driver is missing or the file was read from a
+        private copy (a write-ahead log beside it: only sqlite3 reads that as it must)."""
+        if self._adbc is False:
+            return None
+        if self._adbc is None:
+            self._adbc = False
+            if self.deadline is None or self.copied:
+                return None
+            try:
+                import adbc_driver_manager
+                import adbc_driver_sqlite
+            except ImportError:
+                return None
+            uri = Path(self.path).resolve().as_uri() + "?mode=ro&immutable=1"
+            try:
+                database = adbc_driver_sqlite.connect(uri)
+                connection = adbc_driver_manager.AdbcConnection(database)
+            except Exception:  # the driver refuses what sqlite3 opened: stay with sqlite3
+                return None
+            self._adbc_database = database
+            self._adbc = connection
+            for pragma in ("PRAGMA trusted_schema = OFF", "PRAGMA query_only = ON"):
+                if self._arrow_query(connection, pragma, frame=False) is None:
+                    self.close()
+                    return None
+        return self._adbc
+
+    def _arrow_query(self, connection: Any, sql: str, *, frame: bool = True) -> pl.DataFrame | None:
+        """Run ``sql`` on the ADBC connection in a worker thread, waiting in short slices:
+        the driver cannot be interrupted, so a query still running at the read's deadline
+        is abandoned (it raises the same interruption the sqlite3 progress handler does),
+        and Ctrl-C reaches the main thread while it waits."""
+        import adbc_driver_manager
+
+        if time.monotonic() > self.deadline:  # past the deadline no query starts
+            raise sqlite3.OperationalError("interrupted")
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            statement = adbc_driver_manager.AdbcStatement(connection)
+            try:
+                # One batch for the whole result: the driver infers each column's type
+                # from its first batch, and a later batch of another type is an error.
+                statement.set_options(**{"adbc.sqlite.query.batch_rows": str(ARROW_BATCH_ROWS)})
+                statement.set_sql_query(sql)
+                if frame:
+                    stream, _ = statement.execute_query()
+                    result["frame"] = pl.DataFrame(stream)
+                else:
+                    statement.execute_update()
+                    result["frame"] = pl.DataFrame()
+            except Exception as exc:  # noqa: BLE001 - any failure means: use sqlite3
+                result["error"] = exc
+            finally:
+                statement.close()
+
+        worker = threading.Thread(target=run, name="traceinsight-adbc", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.05)
+            if worker.is_alive() and time.monotonic() > self.deadline:
+                self._adbc = False  # abandoned: never used again
+                raise sqlite3.OperationalError("interrupted")
+        return result.get("frame")
+
+    def close(self) -> None:
+        """Close the ADBC connection, if one was opened (the sqlite3 one is the caller's)."""
+        connection, self._adbc = self._adbc, False
+        if connection not in (None, False):
+            connection.close()
+            self._adbc_database.close()
 
     def name_value_table(self, *candidates: str) -> dict[str, str]:
         """First value per name of the first (name, value) metadata table present."""
