@@ -82,3 +82,34 @@ def test_range_statistics_equal_the_group_by():
     })
     assert range_statistics(instances).equals(_plain_statistics(instances))
     assert range_statistics(instances.head(0)).schema == _plain_statistics(instances.head(0)).schema
+
+
+PHASE_NAMES = NAMES + [
+    "MoE dispatch", "DeepEP COMBINE", "layer3 Attention", "FlashAttnFunc", "GroupedLinear.forward", "moe_mlp",
+    "FFN", "mLp", "expert_7", "ATTENTİON", "attentıon", "\u212aexpert", "EXPERT\u0130", "dispatchcombine",
+    "combined attention", "grouped dispatch", None,
+]
+
+
+def test_phase_expr_classifies_as_phase_class():
+    # The Aho-Corasick search with ASCII case folding must give what Python's lower() and
+    # `in` give, Unicode letters that fold to ASCII ones included.
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from traceinsight.analysis.multirank import PHASE_WORDS, phase_class, phase_expr
+
+    def check(names):
+        got = pl.DataFrame({"name": pl.Series(names, dtype=pl.String)}).select(phase_expr()).to_series().to_list()
+        assert got == [phase_class(name) for name in names]
+
+    check(PHASE_NAMES)
+    words = [word for _, group in PHASE_WORDS for word in group]
+    pieces = st.sampled_from(words + [w.upper() for w in words] + ["İ", "ı", "\u212a", "ſ", "_", " ", "é", "ß"])
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.lists(st.lists(pieces, max_size=4).map("".join) | st.text(max_size=12), max_size=20))
+    def random_names(names):
+        check(names)
+
+    random_names()
