@@ -113,3 +113,22 @@ def test_tagged_json_keeps_types():
     back = findings_cache._decode(findings_cache._encode(value, frames), frames)
     assert findings_cache._same(value, back)
     assert type(back["a"]) is tuple and 3 in back
+
+
+def test_explain_from_kept_places_equals_explain_that_builds_them():
+    # The analysis keeps its places (node numbers of later ranks moved past earlier ranks'),
+    # so that `explain` of a cached analysis skips the joins; what it says must not change.
+    from traceinsight.analysis.postmortem import step_postmortem
+
+    paths = [os.path.join(TWO_RANKS, name) for name in ("rank0.json.gz", "rank1.json.gz")]
+    findings = analyze_model(load(paths, cache_dir=None), Options())
+    assert findings.place_cpu.width and findings.place_tree.height
+    assert findings.place_tree.get_column("node").is_unique().all()
+    rebuilt = dataclasses.replace(findings, place_cpu=pl.DataFrame(), place_gpu=pl.DataFrame(),
+                                  place_tree=pl.DataFrame())
+    flagged = findings.steps.filter(pl.col("anomalous")).select("rank", "step").rows()
+    calm = findings.steps.filter(~pl.col("anomalous")).select("rank", "step").rows()[:2]
+    assert flagged and calm
+    for rank, step in flagged + calm:
+        kept = step_postmortem(findings, step=step, rank=rank)
+        assert kept == step_postmortem(rebuilt, step=step, rank=rank), (rank, step)

@@ -348,6 +348,25 @@ class Places:
         self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
         self.gpu = _with_family(self._gpu_places(steps, gpu))
 
+    def frames(self) -> dict[str, pl.DataFrame]:
+        """What :meth:`from_frames` needs to rebuild these places without their joins: the
+        placed CPU gaps and GPU work, and the range tree."""
+        return {"place_cpu": self.cpu, "place_gpu": self.gpu,
+                "place_tree": self.tree.frame if self.tree is not None else pl.DataFrame()}
+
+    @classmethod
+    def from_frames(cls, steps: pl.DataFrame, instances: pl.DataFrame, gpu: pl.DataFrame | None, *,
+                    place_cpu: pl.DataFrame, place_gpu: pl.DataFrame, place_tree: pl.DataFrame) -> Places:
+        """The places :meth:`frames` described (from a findings cache), over the same
+        steps, range instances and GPU activities."""
+        places = cls.__new__(cls)
+        places.tree = RangeTree.from_frame(place_tree) if place_tree.height else None
+        places.instances = instances
+        places.main = _main_threads(steps, gpu)
+        places._totals = {}
+        places.cpu, places.gpu = place_cpu, place_gpu
+        return places
+
     def _key_column(self, nodes: np.ndarray) -> pl.Series:
         if self.tree is None:
             return pl.Series([""] * nodes.size, dtype=pl.String)

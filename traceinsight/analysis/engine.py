@@ -136,6 +136,8 @@ class RankWorker:
             "sync_gaps": sync_gaps,
             "range_instances": instances,
             "gpu": self.gpu,
+            # Kept so that a later `explain` of a cached analysis need not place them again.
+            **(places.frames() if places is not None else {}),
         } if keep_details else {
             "sync_gaps": sync_gaps.sort("start_ns").head(SUMMARY_GAPS),
             "cpu_gaps": gaps.sort("duration_ns", descending=True).head(SUMMARY_GAPS).sort("rank", "start_ns"),
@@ -159,6 +161,24 @@ class RankWorker:
 def _frames(parts: list[pl.DataFrame]) -> pl.DataFrame:
     parts = [p for p in parts if p is not None and p.width]
     return pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
+
+
+def _place_frames(done: list[dict]) -> dict[str, pl.DataFrame]:
+    """The ranks' place frames as one set: each rank's range tree numbers its nodes from 0,
+    so later ranks' node numbers (and the gaps' references to them) move past the earlier
+    ones. Empty where some rank built none (no anomaly there): then `explain` builds them."""
+    if not done or any("place_tree" not in part for part in done):
+        return {}
+    cpu, gpu, trees, offset = [], [], [], 0
+    for part in done:
+        tree, shift = part["place_tree"], pl.lit(offset, pl.Int64)
+        if tree.height:
+            trees.append(tree.with_columns(pl.col("node") + shift, pl.col("parent") + shift))
+        cpu.append(part["place_cpu"].with_columns(
+            node=pl.when(pl.col("node") >= 0).then(pl.col("node") + shift).otherwise(pl.col("node"))))
+        gpu.append(part["place_gpu"])
+        offset += tree.height
+    return {"place_cpu": _frames(cpu), "place_gpu": _frames(gpu), "place_tree": _frames(trees)}
 
 
 def run_phases(call, options: Options):
@@ -234,6 +254,7 @@ def run_phases(call, options: Options):
         range_instances=instances,
         top_kernels=_frames([done[r]["top_kernels"] for r in ranks_order]),
         gpu=_frames([done[r]["gpu"] for r in ranks_order]),
+        **_place_frames([done[r] for r in ranks_order]),
         launch_counts=_frames([done[r]["launch_counts"] for r in ranks_order]),
         anomalies=anomalies,
         waits=wait_records(collectives),

@@ -40,6 +40,11 @@ class Findings:
         step findings place them like CPU gaps.
     ranges
         Range statistics per (rank, name); ``range_instances`` one row per instance.
+    place_cpu, place_gpu, place_tree
+        Where each CPU gap and each launched GPU activity belongs (``key``, ``family``), and
+        the annotation tree they refer to (``node``, ``parent``): built for the step findings,
+        kept so that ``explain`` of a cached analysis need not build them again. Empty where
+        no rank had an anomaly.
     top_kernels
         Kernels by total time per rank.
     gpu
@@ -72,6 +77,9 @@ class Findings:
     gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
     launch_counts: pl.DataFrame = field(default_factory=pl.DataFrame)
     sync_gaps: pl.DataFrame = field(default_factory=pl.DataFrame)
+    place_cpu: pl.DataFrame = field(default_factory=pl.DataFrame)
+    place_gpu: pl.DataFrame = field(default_factory=pl.DataFrame)
+    place_tree: pl.DataFrame = field(default_factory=pl.DataFrame)
     anomalies: list[dict] = field(default_factory=list)
     waits: list[dict] = field(default_factory=list)
     alignment: Alignment | None = None

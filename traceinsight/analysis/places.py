@@ -69,7 +69,18 @@ class RangeTree:
             candidate = np.where(at >= 0, above[np.maximum(at, 0)], -1)
             ok = (candidate >= thread_first[children]) & (end[np.maximum(candidate, 0)] >= end[children])
             parent[children] = np.where(ok, candidate, -1)
-        self.frame = ranges.with_columns(parent=pl.Series(parent).replace(-1, None))
+        self._adopt(ranges.with_columns(parent=pl.Series(parent).replace(-1, None)))
+
+    @classmethod
+    def from_frame(cls, frame: pl.DataFrame) -> RangeTree:
+        """The tree whose :attr:`frame` is ``frame`` (nodes numbered in (thread, start,
+        depth) order, each with its parent), as a findings cache keeps it."""
+        tree = cls.__new__(cls)
+        tree._adopt(frame)
+        return tree
+
+    def _adopt(self, frame: pl.DataFrame) -> None:
+        self.frame = frame
         self.parent = self.frame.get_column("parent").fill_null(-1).to_numpy()
         self.start = self.frame.get_column("start_ns").to_numpy()
         self.end = self.frame.get_column("end_ns").to_numpy()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from traceinsight.analysis.anomalies import assign_to_steps, explain_steps
+from traceinsight.analysis.anomalies import Places, assign_to_steps, explain_steps
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.multirank import step_straggler, who_waited_for_whom
 from traceinsight.analysis.pipeline import Findings
@@ -71,6 +71,15 @@ def _kernel_comparison(gpu: pl.DataFrame, steps: pl.DataFrame, rank: int, step: 
     ]
 
 
+def _kept_places(findings: Findings) -> Places | None:
+    """The places the analysis built, where it kept them (else ``explain_steps`` builds them)."""
+    if not findings.place_cpu.width:
+        return None
+    return Places.from_frames(findings.steps, findings.range_instances, findings.gpu,
+                              place_cpu=findings.place_cpu, place_gpu=findings.place_gpu,
+                              place_tree=findings.place_tree)
+
+
 def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -> dict:
     """Everything about one step, against its rank's typical step.
 
@@ -110,7 +119,8 @@ def step_postmortem(findings: Findings, *, step: int, rank: int | None = None) -
                                 which=pl.DataFrame({"rank": [rank], "step": [step]},
                                                    schema={"rank": pl.Int32, "step": pl.Int64}),
                                 launch_counts=findings.launch_counts, gpu=findings.gpu,
-                                sync_pieces=findings.sync_gaps if findings.sync_gaps.width else None)[0]
+                                sync_pieces=findings.sync_gaps if findings.sync_gaps.width else None,
+                                places=_kept_places(findings))[0]
     categories = [
         {"category": c, "ms": round(row[f"{c}_ns"] / 1e6, 3),
          "typical_ms": round(float(normal.get_column(f"{c}_ns").median() or 0) / 1e6, 3)}
