@@ -115,7 +115,8 @@ import polars as pl
 
 from traceinsight._allocators import release_freed_memory
 from traceinsight.errors import TraceFormatError, TraceInputError
-from traceinsight.ingest import guard
+import traceinsight.ingest.guard as guard
+from traceinsight.ingest.kernel_names import short_kernel_name
 from traceinsight.model import (
     INTERVAL_SCHEMA,
     RANK_SCHEMA,
@@ -1601,7 +1602,7 @@ def _details(frame: pl.DataFrame, short_names: dict[str, str]) -> pl.DataFrame:
     kernel_names = frame.select(pl.col("name").filter(kind == "kernel").unique()).to_series()
     for name in kernel_names.drop_nulls().to_list():
         if name not in short_names:
-            short_names[name] = _short_kernel_name(name)
+            short_names[name] = short_kernel_name(name)
     short = {name: short_names[name] for name in kernel_names.drop_nulls().to_list()}
     dims = pl.col("input_dims")
     # Kineto writes "[[1, 2], []]"; files re-serialised by other tools spread the lists over
@@ -1684,67 +1685,6 @@ def _external_ids(frame: pl.DataFrame, warnings: list[str]) -> pl.DataFrame:
             "external_id values were dropped (link launches to ops by time nesting instead)"
         )
     return frame
-
-
-_BRACKET = re.compile(r"[(<\[{)>\]}]")
-
-
-#: Anonymous namespaces as demanglers spell them (GNU, and nsys's ``<unnamed>``): kept as is.
-_ANONYMOUS = ("(anonymous namespace)", "<unnamed>")
-_ANONYMOUS_MARKS = ("\x01anonymous-namespace\x01", "\x01unnamed\x01")
-
-
-def _short_kernel_name(signature: str) -> str:
-    """Kernel name of a demangled signature: namespaces and template head kept, the template
-    and call arguments cut, the return type dropped.
-
-    ``void dpsk::ep::internode::combine<bf16, 8>(int4*, ...)`` -> ``dpsk::ep::internode::combine<...>``;
-    ``ncclDevKernel_SendRecv(ncclDevKernelArgsStorage<4096ul>)`` -> ``ncclDevKernel_SendRecv``;
-    ``void at::native::(anonymous namespace)::foo<float, 4>(int)`` ->
-    ``at::native::(anonymous namespace)::foo<...>``. Intranode and internode kernels, and a
-    kernel and an annotation of the same base name, stay apart. Names without any of that
-    punctuation come back unchanged.
-    """
-    if not any(mark in signature for mark in "(<: "):
-        return signature
-    text = signature
-    for spelled, mark in zip(_ANONYMOUS, _ANONYMOUS_MARKS):
-        text = text.replace(spelled, mark)
-    # Keep the text outside any bracket pair up to the call's "(", a template's "<...>" as
-    # such; only the brackets are visited in Python.
-    outer: list[str] = []
-    depth = 0
-    last = 0
-    for match in _BRACKET.finditer(text):
-        position = match.start()
-        mark = text[position]
-        if mark in "(<[{":
-            if depth == 0:
-                outer.append(text[last:position])
-                if mark == "(":  # the call's arguments: the name ends here
-                    last = None
-                    break
-                if mark == "<":
-                    outer.append("<...>")
-            depth += 1
-        else:
-            depth -= 1
-            if depth < 0:  # unbalanced ("operator>" and the like): keep it simple
-                return signature.split("(", 1)[0].strip() or signature
-            if depth == 0:
-                last = position + 1
-    if last is not None:
-        if depth != 0:
-            return signature.split("(", 1)[0].strip() or signature
-        outer.append(text[last:])
-    words = "".join(outer).split()
-    if not words:
-        return signature
-    name = words[-1]
-    for spelled, mark in zip(_ANONYMOUS, _ANONYMOUS_MARKS):
-        name = name.replace(mark, spelled)
-    name = name.strip(":")
-    return name or signature
 
 
 # --------------------------------------------------------------------------------------------
