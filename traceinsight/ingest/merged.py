@@ -47,7 +47,7 @@ def _read_bytes(path: str) -> bytes:
         return raw
     # Inflated as the Kineto reader does: a damaged stream is one line, a gzip bomb stops early.
     import traceinsight.ingest.guard as guard
-    from traceinsight.ingest.kineto import _gunzip
+    from traceinsight.ingest.kineto.whole_file import _gunzip
 
     budget = guard.memory_budget()
     limit = None if budget is None else budget // guard.KINETO_WHOLE_FILE_BYTES_PER_JSON_BYTE
