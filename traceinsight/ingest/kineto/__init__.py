@@ -55,13 +55,7 @@ from traceinsight.ingest.kineto.columns import _ReadColumns
 from traceinsight.ingest.kineto.rank_metadata import _rank, _rank_frame
 from traceinsight.ingest.kineto.streaming import _read_streaming
 from traceinsight.ingest.kineto.times import _timestamps
-from traceinsight.ingest.kineto.whole_file import (
-    _GZIP_MAGIC,
-    _decode,
-    _gunzip,
-    _read_file,
-    _whole_file_columns,
-)
+from traceinsight.ingest.kineto.whole_file import _GZIP_MAGIC, _decode, _gunzip, _read_file, _whole_file_columns
 from traceinsight.model import INTERVAL_SCHEMA, TraceModel, conform, with_depth
 
 __all__ = ["read_kineto"]

@@ -22,21 +22,11 @@ import polars as pl
 
 import traceinsight.ingest.guard as guard
 from traceinsight.ingest.kineto.classify import _kept_events
-from traceinsight.ingest.kineto.columns import (
-    _as_int,
-    _float_series,
-    _gather_columns,
-    _Prepared,
-    _RawColumns,
-    _ReadColumns,
-)
+from traceinsight.ingest.kineto.columns import _as_int, _float_series, _gather_columns, _Prepared, _RawColumns
+from traceinsight.ingest.kineto.columns import _ReadColumns
 from traceinsight.ingest.kineto.schema import _TOP_FIELDS, _Event, _ExactTime, _TopLevel
-from traceinsight.ingest.kineto.times import (
-    _FLOAT_EXACT_LIMIT_US,
-    _FRACTIONAL_STAMP,
-    _exact_columns,
-    _needs_exact_times,
-)
+from traceinsight.ingest.kineto.times import _FLOAT_EXACT_LIMIT_US, _FRACTIONAL_STAMP, _exact_columns
+from traceinsight.ingest.kineto.times import _needs_exact_times
 from traceinsight.ingest.kineto.whole_file import _GZIP_MAGIC, _INFLATE_INPUT, _WHITESPACE
 
 #: JSON text of the event array decoded per chunk: bounds the structs alive at once. Small

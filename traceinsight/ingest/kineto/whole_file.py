@@ -30,24 +30,10 @@ import polars as pl
 import traceinsight.ingest.guard as guard
 from traceinsight.errors import TraceFormatError, TraceInputError
 from traceinsight.ingest.kineto.classify import _IGNORED_CATEGORIES, _kept_events
-from traceinsight.ingest.kineto.columns import (
-    _as_int,
-    _float_series,
-    _gather_columns,
-    _Prepared,
-    _RawColumns,
-    _ReadColumns,
-)
-from traceinsight.ingest.kineto.schema import (
-    _ARG_FIELDS,
-    _EVENT_FIELDS,
-    _Event,
-    _ExactTime,
-    _ExactTraceFile,
-    _LenientEvent,
-    _LenientTraceFile,
-    _TraceFile,
-)
+from traceinsight.ingest.kineto.columns import _as_int, _float_series, _gather_columns, _Prepared, _RawColumns
+from traceinsight.ingest.kineto.columns import _ReadColumns
+from traceinsight.ingest.kineto.schema import _ARG_FIELDS, _EVENT_FIELDS, _Event, _ExactTime, _ExactTraceFile
+from traceinsight.ingest.kineto.schema import _LenientEvent, _LenientTraceFile, _TraceFile
 from traceinsight.ingest.kineto.times import _exact_columns, _needs_exact_times
 
 _GZIP_MAGIC = b"\x1f\x8b"

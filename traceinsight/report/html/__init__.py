@@ -18,7 +18,8 @@ escapes so that no data can close the script element. A Content-Security-Policy 
 network access, so the page cannot load anything even if a string slipped through.
 """
 
-from traceinsight.report.html.analyze_page import MAX_CARDS, headline, render_html  # noqa: F401 (MAX_CARDS: tests)
+from traceinsight.report.html.analyze_page import MAX_CARDS  # noqa: F401 (the tests bound the cards by it)
+from traceinsight.report.html.analyze_page import headline, render_html
 from traceinsight.report.html.diff_page import VERDICT_COLORS, render_diff_html
 from traceinsight.report.html.shell import CATEGORY_COLORS, esc, page_shell, script_json
 

@@ -17,22 +17,8 @@ import traceinsight
 from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.timeline import report_anomalies, typical_step
-from traceinsight.report.html.shell import (
-    CATEGORY_COLORS,
-    MAX_TABLE_ROWS,
-    _AXIS,
-    _BASE_LAYOUT,
-    Cell,
-    _layout,
-    _ms,
-    _Page,
-    _signed_ms,
-    _table,
-    esc,
-    num_cell,
-    page_shell,
-    text_cell,
-)
+from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, _AXIS, _BASE_LAYOUT, Cell, _layout, _ms
+from traceinsight.report.html.shell import _Page, _signed_ms, _table, esc, num_cell, page_shell, text_cell
 
 #: Colors of timeline rows: GPU work and gaps take the color of their category.
 KIND_COLORS = {

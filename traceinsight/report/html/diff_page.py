@@ -14,19 +14,8 @@ import plotly.graph_objects as go
 
 import traceinsight
 from traceinsight.analysis.breakdown import CATEGORIES
-from traceinsight.report.html.shell import (
-    CATEGORY_COLORS,
-    MAX_TABLE_ROWS,
-    Cell,
-    _layout,
-    _ms,
-    _Page,
-    _table,
-    esc,
-    num_cell,
-    page_shell,
-    text_cell,
-)
+from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, Cell, _layout, _ms, _Page, _table, esc
+from traceinsight.report.html.shell import num_cell, page_shell, text_cell
 
 #: Colors of the verdicts, in the tables and in the figure of the largest changes (the tables
 #: also mark them ▲/▼, so the verdict does not rest on color alone).
