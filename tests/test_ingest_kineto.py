@@ -628,8 +628,8 @@ def _streamed_read(monkeypatch: pytest.MonkeyPatch, path: str, *, chunk_bytes: i
         raise AssertionError("the whole-file path was taken")
 
     with monkeypatch.context() as patch:
-        patch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
-        patch.setattr(kineto, "_STREAM_BLOCK", block_bytes)
+        patch.setattr(kineto.streaming, "_CHUNK_BYTES", chunk_bytes)
+        patch.setattr(kineto.streaming, "_STREAM_BLOCK", block_bytes)
         patch.setattr(kineto, "_read_file", no_whole_file_path)
         patch.setattr(kineto, "_decode", no_whole_file_path)
         return kineto.read_kineto(path)
@@ -723,7 +723,7 @@ def test_chunked_decode_falls_back_for_odd_types_late_in_the_file(
 
     events = [op(f"a{i}", i, 1, args={"External id": i}) for i in range(30)]
     events.append(op("late", 40, "1.5", args={"External id": "17"}))  # a lenient read
-    monkeypatch.setattr(kineto, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(kineto.streaming, "_CHUNK_BYTES", chunk_bytes)
     model = kineto.read_kineto(write(tmp_path, trace(events)))
     rows = {r["name"]: r for r in model.intervals.iter_rows(named=True)}
     assert len(rows) == 31
@@ -736,7 +736,7 @@ def test_chunked_decode_keeps_truncation_errors_and_salvage(
 ) -> None:
     from traceinsight.ingest import kineto
 
-    monkeypatch.setattr(kineto, "_CHUNK_BYTES", 64)
+    monkeypatch.setattr(kineto.streaming, "_CHUNK_BYTES", 64)
     text = json.dumps(trace([op(f"a{i}", i, 1) for i in range(20)]), indent=2)
     path = write(tmp_path, text[: len(text) * 2 // 3], gz=True)
     with pytest.raises(TraceInputError, match="truncated or invalid JSON"):
@@ -770,8 +770,8 @@ def test_every_real_kineto_file_streams_to_the_whole_file_result(monkeypatch: py
     for path in SMALL_KINETO_FILES:
         with monkeypatch.context() as patch:
             # Small chunks and blocks: every file is cut in many places.
-            patch.setattr(kineto, "_CHUNK_BYTES", 1 << 18)
-            patch.setattr(kineto, "_STREAM_BLOCK", 1 << 15)
+            patch.setattr(kineto.streaming, "_CHUNK_BYTES", 1 << 18)
+            patch.setattr(kineto.streaming, "_STREAM_BLOCK", 1 << 15)
             patch.setattr(kineto, "_read_streaming", recorded)
             streamed = kineto.read_kineto(path)
         _models_equal(_whole_file_read(monkeypatch, str(path)), streamed)
@@ -817,7 +817,7 @@ def test_stamps_turning_fractional_late_are_read_whole(tmp_path: Path, monkeypat
         return whole_file(*args, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(kineto, "_CHUNK_BYTES", 200)
+        patch.setattr(kineto.streaming, "_CHUNK_BYTES", 200)
         patch.setattr(kineto, "_decode", recorded)
         model = kineto.read_kineto(path)
     assert taken  # the first chunks decided integer stamps: the late fraction is read whole

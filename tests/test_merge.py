@@ -17,7 +17,8 @@ import traceinsight
 from conftest import SAMPLE_TRACES, US, annotation, build_model, kernel, launch, shared
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.cli import main
-from traceinsight.report.chrome_trace import load_merged, merged_trace, split_merged
+from traceinsight.ingest.merged import load_merged, split_merged
+from traceinsight.report.chrome_trace import merged_trace
 
 TWO_RANK = "device/h200_2rank_torch"
 DLRM = "kineto/param_dlrm_8rank_v100"

@@ -782,7 +782,7 @@ def test_whitespace_between_events_is_scanned_once(tmp_path):
     from traceinsight.ingest import kineto
 
     calls = []
-    real = kineto._EVENT_END.search
+    real = kineto.streaming._EVENT_END.search
 
     class Counting:
         def search(self, buffer, start=0):
@@ -791,7 +791,7 @@ def test_whitespace_between_events_is_scanned_once(tmp_path):
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("TRACEINSIGHT_NO_MEMORY_CHECK", "1")
-        patch.setattr(kineto, "_EVENT_END", Counting())
+        patch.setattr(kineto.streaming, "_EVENT_END", Counting())
         model = kineto.read_kineto(str(path))
     assert model.intervals.height == 2
     assert sum(calls) < 1.1 * 384 * 2**20  # bytes searched: about each byte once

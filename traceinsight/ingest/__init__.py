@@ -1,12 +1,18 @@
 """Readers that turn trace files into the normalized :class:`~traceinsight.model.TraceModel`.
 
-One module per format; none of them knows about analyses:
+One module per format; none of them knows about analyses or imports this package:
 
 - :mod:`traceinsight.ingest.nsys`: Nsight Systems SQLite exports (``nsys export --type sqlite``)
 - :mod:`traceinsight.ingest.kineto`: PyTorch profiler / Kineto Chrome-trace JSON (``.json[.gz]``)
+- :mod:`traceinsight.ingest.merged`: files written by ``traceinsight merge``, split per rank
+  and read by the Kineto reader
+
+What the readers share are leaf modules: :mod:`~traceinsight.ingest.guard` (limits on
+untrusted input), :mod:`~traceinsight.ingest.kernel_names` and :mod:`~traceinsight.ingest.ranks`.
 
 :func:`load` picks the reader by content (:func:`~traceinsight.ingest.detect.detect_format`),
-expands folders, and gives every process its own rank.
+expands folders, and gives every process its own rank. Code outside ``ingest`` reaches the
+readers through :func:`load` and :func:`read_file`.
 """
 
 from __future__ import annotations
@@ -14,10 +20,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 
-import polars as pl
-
 from traceinsight.errors import TraceInputError
 from traceinsight.ingest.detect import KINETO_JSON, NSYS_SQLITE, detect_format
+# rank_mapping and renumber are for the Ray engine, which renumbers the models its actors read.
+from traceinsight.ingest.ranks import assign_ranks, rank_mapping, renumber  # noqa: F401
 from traceinsight.model import TraceModel
 
 _TRACE_SUFFIXES = (".sqlite", ".json", ".json.gz", ".sqlite3", ".db")
@@ -105,44 +111,6 @@ def _json_head(path: str, size: int = 4096) -> bytes:
             return handle.read(size)
     except (OSError, EOFError, zlib.error):
         return b""  # the reader reports what is wrong with the file
-
-
-def rank_mapping(claimed: list[list[int]]) -> tuple[list[dict[int, int]], bool]:
-    """Per file, old rank -> new rank, and whether ranks had to be renumbered.
-
-    Files normally say their rank (``distributedInfo.rank``, ``RANK`` in the environment).
-    When two files claim the same rank, every rank is renumbered in file order.
-    """
-    flat = [rank for ranks in claimed for rank in ranks]
-    if len(flat) == len(set(flat)):
-        return [{rank: rank for rank in ranks} for ranks in claimed], False
-    mappings, next_rank = [], 0
-    for ranks in claimed:
-        mapping = {}
-        for old in ranks:
-            mapping[old] = next_rank
-            next_rank += 1
-        mappings.append(mapping)
-    return mappings, True
-
-
-def renumber(model: TraceModel, mapping: dict[int, int]) -> TraceModel:
-    """``model`` with its ranks renumbered by ``mapping`` (``rank_source`` says so)."""
-    remap = pl.col("rank").replace_strict(mapping, return_dtype=pl.Int32)
-    return TraceModel(
-        intervals=model.intervals.with_columns(remap),
-        samples=model.samples.with_columns(remap),
-        ranks=model.ranks.with_columns(remap, rank_source=pl.lit("file order (ranks in files collided)")),
-        warnings=model.warnings,
-    )
-
-
-def assign_ranks(models: list[TraceModel]) -> list[TraceModel]:
-    """Make rank numbers unique across files (see :func:`rank_mapping`)."""
-    mappings, changed = rank_mapping([m.ranks.get_column("rank").to_list() for m in models])
-    if not changed:
-        return models
-    return [renumber(model, mapping) for model, mapping in zip(models, mappings)]
 
 
 def _read_one(path: str, salvage: bool, cache_dir: str | None) -> TraceModel:

@@ -12,7 +12,7 @@ import os
 import zlib
 
 from traceinsight.errors import TraceFormatError, TraceInputError, one_line
-from traceinsight.ingest import guard
+import traceinsight.ingest.guard as guard
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 GZIP_MAGIC = b"\x1f\x8b"

@@ -46,8 +46,8 @@ def _read_bytes(path: str) -> bytes:
     if raw[:2] != b"\x1f\x8b":
         return raw
     # Inflated as the Kineto reader does: a damaged stream is one line, a gzip bomb stops early.
-    from traceinsight.ingest import guard
-    from traceinsight.ingest.kineto import _gunzip
+    import traceinsight.ingest.guard as guard
+    from traceinsight.ingest.kineto.whole_file import _gunzip
 
     budget = guard.memory_budget()
     limit = None if budget is None else budget // guard.KINETO_WHOLE_FILE_BYTES_PER_JSON_BYTE
@@ -105,7 +105,7 @@ def split_merged(path: str | os.PathLike) -> dict[int, bytes]:
 
 def load_merged(path: str | os.PathLike) -> TraceModel:
     """Read a merged file back into a multi-rank model with the project's Kineto reader."""
-    from traceinsight.ingest import assign_ranks
+    from traceinsight.ingest.ranks import assign_ranks
     from traceinsight.ingest.kineto import read_kineto
 
     documents = split_merged(path)

@@ -1,7 +1,7 @@
 """One aligned timeline for all ranks: the ``traceinsight merge`` writer (Chrome Trace Event Format).
 
 The output opens in Perfetto UI and ``chrome://tracing``, and the project's own Kineto reader
-reads it back (through :func:`split_merged` / :func:`load_merged`, see *Reading it back*).
+reads it back (:mod:`traceinsight.ingest.merged`, see *Reading it back*).
 
 Layout
 ------
@@ -65,9 +65,10 @@ Reading it back
 ---------------
 The Kineto reader gives one rank per *file* (``distributedInfo.rank``) and puts every GPU row
 under the file's main CPU process, so a file holding all ranks would come back as one rank.
-:func:`split_merged` therefore regroups the merged events by ``pid`` into one Kineto document per
-rank (with ``distributedInfo``, ``deviceProperties`` and ``baseTimeNanoseconds = epoch_ns_at_ts0``
-or ``clock_base_ns``), leaving out the findings tracks, and :func:`load_merged` reads those with
+:func:`~traceinsight.ingest.merged.split_merged` therefore regroups the merged events by ``pid``
+into one Kineto document per rank (with ``distributedInfo``, ``deviceProperties`` and
+``baseTimeNanoseconds = epoch_ns_at_ts0`` or ``clock_base_ns``), leaving out the findings
+tracks, and :func:`~traceinsight.ingest.merged.load_merged` reads those with
 :func:`~traceinsight.ingest.kineto.read_kineto`. Since every rank then shares one clock origin,
 the alignment of the reloaded model finds offsets of ~0 and the same waits.
 """
@@ -87,7 +88,7 @@ from traceinsight.analysis.pipeline import Findings
 from traceinsight.errors import TraceInputError
 from traceinsight.model import GPU_KINDS, TraceModel
 
-__all__ = ["MergedTrace", "MergeResult", "merged_trace", "write_merged", "split_merged", "load_merged"]
+__all__ = ["MergedTrace", "MergeResult", "merged_trace", "write_merged"]
 
 FORMAT_NAME = "traceinsight-merged"
 FORMAT_VERSION = 1
@@ -859,12 +860,3 @@ def write_merged(
     write_atomic(path, data)
     return MergeResult(path=str(path), bytes_written=len(data), json_bytes=len(merged.data),
                        counts=merged.counts, events=merged.events, ranks=merged.ranks, notes=merged.notes)
-
-
-# --------------------------------------------------------------------------------------------
-# Reading a merged file back
-# --------------------------------------------------------------------------------------------
-
-
-# Reading a merged file back is ingestion: it lives in traceinsight.ingest.merged.
-from traceinsight.ingest.merged import load_merged, split_merged  # noqa: E402,F401

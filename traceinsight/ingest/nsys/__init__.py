@@ -61,7 +61,8 @@ from typing import Any
 import polars as pl
 
 from traceinsight.errors import TraceFormatError, TraceInputError, one_line
-from traceinsight.ingest import guard
+import traceinsight.ingest.guard as guard
+from traceinsight.ingest.kernel_names import short_kernel_name
 from traceinsight.model import (
     INTERVAL_SCHEMA,
     RANK_SCHEMA,
@@ -676,14 +677,12 @@ def _qualified_names(frame: pl.DataFrame) -> pl.Expr:
     """The kernel's qualified name with its template head (``dpsk::ep::internode::combine<...>``)
     from the demangled signature, where it names the same function as ``shortName``; null
     elsewhere (the caller falls back to ``shortName``)."""
-    from traceinsight.ingest.kineto import _short_kernel_name
-
     pairs = frame.select("_short", "detail").unique().drop_nulls()
     mapping = {}
     for short, signature in pairs.iter_rows():
         if len(signature) > _MAX_SIGNATURE:
             continue
-        qualified = _short_kernel_name(signature)
+        qualified = short_kernel_name(signature)
         base = qualified.rsplit("::", 1)[-1].removesuffix("<...>")
         if base == short:
             mapping[(short, signature)] = qualified
