@@ -8,6 +8,7 @@ from conftest import US, annotation, build_model, kernel, launch
 from traceinsight.analysis.anomalies import flag_steps
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
+from traceinsight.report.records import anomaly_records
 
 
 S = 10  # every time below is in units of 10 µs: steps of 10 ms
@@ -61,7 +62,7 @@ def test_slow_warm_up_phase_is_not_an_anomaly():
 
 def test_sleep_inside_a_range_is_found_with_its_lag_and_cause():
     findings = analyze(build_model(_training(20, slow={7: {"pause_us": 5000, "sleep": True}})))
-    (anomaly,) = [a for a in findings.anomalies if a["kind"] == "step"]
+    (anomaly,) = [a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"]
     # ``where`` is the nesting path, from the step marker down to the range.
     assert (anomaly["step"], anomaly["where"], anomaly["cause"]) == (7, "step 7 › GroupedLinear forward layer0.fc1", "cpu_gap.blocked")
     assert anomaly["excess_ms"] == 50.0
@@ -73,14 +74,14 @@ def test_sleep_inside_a_range_is_found_with_its_lag_and_cause():
 def test_more_launches_than_usual_is_launch_overhead():
     # The same GPU work split into 16x more, smaller kernels (each launch costs the host time).
     findings = analyze(build_model(_training(20, slow={11: {"launches": 64, "gemm_us": 3}})))
-    (anomaly,) = [a for a in findings.anomalies if a["kind"] == "step"]
+    (anomaly,) = [a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"]
     assert anomaly["step"] == 11 and anomaly["cause"] == "cpu_gap.launch_overhead"
     assert "64 GPU activities vs 4 typically (16.0x)" in anomaly["evidence"]
 
 
 def test_longer_kernels_are_gpu_compute():
     findings = analyze(build_model(_training(20, slow={4: {"gemm_us": 1000}})))
-    (anomaly,) = [a for a in findings.anomalies if a["kind"] == "step"]
+    (anomaly,) = [a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"]
     assert (anomaly["step"], anomaly["cause"]) == (4, "gpu_compute")
 
 
@@ -97,8 +98,8 @@ def test_a_slow_range_is_flagged_even_when_its_step_is_not():
                                     and r["start_ns"] == S * (base + 100) * US)]
     rows.append(annotation("GroupedLinear forward layer0.fc1", S * (base + 100), S * (base + 800)))
     findings = analyze(build_model(rows))
-    assert not [a for a in findings.anomalies if a["kind"] == "step"]
-    ranges = [a for a in findings.anomalies if a["kind"] == "range"]
+    assert not [a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"]
+    ranges = [a for a in anomaly_records(findings.anomalies) if a["kind"] == "range"]
     assert [(a["step"], a["name"], a["where"]) for a in ranges] == [
         (9, "GroupedLinear forward layer0.fc1", "step 9 › GroupedLinear forward layer0.fc1")]
     assert ranges[0]["cause"].startswith("cpu_gap")

@@ -15,6 +15,7 @@ from conftest import shared
 import traceinsight
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.report.json_report import findings_to_dict
+from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records, wait_records
 
 FOLDER = "device/h200_2rank_torch"
 
@@ -35,7 +36,7 @@ def truth():
 
 def _waited(findings, rank: int, truth_steps, *, phase: str = "") -> float:
     steps = {ours(s) for s in truth_steps}
-    return sum(w["wait_ms"] for w in findings.waits
+    return sum(w["wait_ms"] for w in wait_records(findings.waits)
                if w["rank"] == rank and w["step"] in steps and phase in w["phase"])
 
 
@@ -51,13 +52,13 @@ def test_ranks_come_from_distributed_info_and_clocks_align_within_microseconds(f
 
 def test_host_stall_of_rank0_makes_rank1_wait_about_50ms_at_layer1_dispatch(findings):
     step = ours(26)
-    waits = [w for w in findings.waits if w["step"] == step and w["wait_ms"] > 10]
+    waits = [w for w in wait_records(findings.waits) if w["step"] == step and w["wait_ms"] > 10]
     assert len(waits) == 1
     wait = waits[0]
     assert (wait["rank"], wait["waiting_for_rank"]) == (1, 0)
     assert "layer1" in wait["phase"] and "dispatch" in wait["phase"]
     assert 45 <= wait["wait_ms"] <= 60
-    reason = next(s for s in findings.stragglers if s["step"] == step and s["max_wait_ms"] > 10)
+    reason = next(s for s in straggler_records(findings.stragglers) if s["step"] == step and s["max_wait_ms"] > 10)
     assert reason["straggler"] == 0 and reason["reason"] == "cpu_gap"
 
 
@@ -70,7 +71,7 @@ def test_batch_imbalance_makes_rank1_wait_and_attention_imbalance_makes_rank0_wa
     assert _waited(findings, 1, later, phase="dispatch") > 3 * max(_waited(findings, 0, later, phase="dispatch"), 0.1)
     attention = range(20, 23)
     assert _waited(findings, 0, attention, phase="dispatch") > 3 * max(_waited(findings, 1, attention, phase="dispatch"), 0.1)
-    reasons = [s for s in findings.stragglers if s["step"] in {ours(t) for t in later} and "dispatch" in (s["phase"] or "")]
+    reasons = [s for s in straggler_records(findings.stragglers) if s["step"] in {ours(t) for t in later} and "dispatch" in (s["phase"] or "")]
     assert reasons and all(s["straggler"] == 0 for s in reasons if s["max_wait_ms"] > 0.2)
 
 
@@ -79,7 +80,7 @@ def test_slow_steps_flagged_on_both_ranks_and_cause_told_apart(findings, truth):
     median = sorted(walls)[len(walls) // 2]
     slow = {ours(i) for i, w in enumerate(walls) if w > 2.5 * median}
     faulty = {ours(s) for s in (*range(10, 15), *range(20, 23), 26)}
-    flagged = {(a["rank"], a["step"]): a for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {(a["rank"], a["step"]): a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     # Every step that stalled is flagged; any other flag is a fault step or measurably slow.
     assert {step for _, step in flagged} >= slow
     for _, step in flagged:
@@ -101,10 +102,10 @@ def test_json_has_waits_offsets_and_imbalance(findings):
 
 
 def test_imbalance_model_sees_savings_only_in_imbalanced_steps(findings):
-    saving = {entry["step"]: entry["saving_ms"] for entry in findings.imbalance}
+    saving = {entry["step"]: entry["saving_ms"] for entry in imbalance_records(findings.imbalance)}
     imbalanced = [ours(s) for s in (11, 12, 13, 14, 20, 21, 22)]
     balanced = sorted(v for step, v in saving.items() if step not in imbalanced and step != ours(10))
     typical = balanced[len(balanced) // 2]
     assert all(saving[step] > max(5 * typical, 0.3) for step in imbalanced)
-    for entry in findings.imbalance:
+    for entry in imbalance_records(findings.imbalance):
         assert entry["balanced_ms"] <= entry["modeled_ms"] + 1e-6

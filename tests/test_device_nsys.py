@@ -17,6 +17,7 @@ import traceinsight
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
+from traceinsight.report.records import anomaly_records
 
 TRACE = "device/h200_single_nsys/trace.sqlite"
 TRUTH = "device/h200_single_nsys/truth.json"
@@ -71,7 +72,7 @@ def test_faults_that_slowed_their_step_show_in_cpu_gap(findings, truth):
 
 
 def test_exactly_the_slowed_steps_are_flagged_with_the_right_cause(findings, truth):
-    flagged = {a["step"]: a for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {a["step"]: a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     assert set(flagged) == _raised_steps(truth)
     for step, anomaly in flagged.items():
         kind = truth["faults"][str(step)]["kind"]
@@ -79,7 +80,7 @@ def test_exactly_the_slowed_steps_are_flagged_with_the_right_cause(findings, tru
 
 
 def test_where_names_the_faulty_grouped_linear(findings, truth):
-    flagged = {a["step"]: a for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {a["step"]: a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     for step, fault in truth["faults"].items():
         if int(step) not in flagged or "GroupedLinear" not in fault["what"]:
             continue
@@ -123,7 +124,7 @@ def test_range_lag_points_at_the_gap_before_the_gemms(findings, truth):
 
 def test_a_step_lists_every_place_that_explains_its_excess(findings, truth):
     gc_step = next(int(s) for s, f in truth["faults"].items() if f["kind"] == "gc_pause")
-    finding = next(a for a in findings.anomalies if a["kind"] == "step" and a["step"] == gc_step)
+    finding = next(a for a in anomaly_records(findings.anomalies) if a["kind"] == "step" and a["step"] == gc_step)
     wheres = [p["where"] for p in finding["places"]]
     assert wheres[0].endswith("before layer0 attention")
     assert any(w.endswith("GroupedLinear forward layer3.fc2") for w in wheres)

@@ -18,6 +18,7 @@ from conftest import shared
 import traceinsight
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
+from traceinsight.report.records import anomaly_records
 
 FOLDER = "device/h200_single_torch"
 
@@ -45,7 +46,7 @@ def test_only_the_slowed_steps_are_flagged_with_honest_causes(findings, truth):
     walls = truth["wall_ms"]
     median = sorted(walls)[len(walls) // 2]
     slowed = {int(s) + 1: f["kind"] for s, f in truth["faults"].items() if walls[int(s)] > 2 * median}
-    flagged = {a["step"]: a for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {a["step"]: a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     assert set(flagged) == set(slowed)
     for step, kind in slowed.items():
         expected = "cpu_gap.launch_overhead" if kind == "split_overhead" else "cpu_gap"
@@ -55,7 +56,7 @@ def test_only_the_slowed_steps_are_flagged_with_honest_causes(findings, truth):
 def test_excess_is_cpu_gap_and_sleep_and_malloc_are_placed_in_their_range(findings, truth):
     steps = findings.steps
     typical = steps.filter(~pl.col("anomalous"))
-    flagged = {a["step"]: a for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {a["step"]: a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     for truth_step, fault in truth["faults"].items():
         step = int(truth_step) + 1
         if step not in flagged:

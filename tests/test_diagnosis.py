@@ -21,6 +21,7 @@ from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
 from traceinsight.analysis.steps import find_steps
 from traceinsight.model import TraceModel
+from traceinsight.report.records import anomaly_records
 
 TE_NSYS = SAMPLE_TRACES / "te_moe_nsys" / "trace.sqlite"
 TE_TORCH = SAMPLE_TRACES / "te_moe_torch" / "trace.json.gz"
@@ -52,7 +53,7 @@ def dense_nsys():
 
 
 def _step_findings(findings) -> dict[int, dict]:
-    return {a["step"]: a for a in findings.anomalies if a["kind"] == "step"}
+    return {a["step"]: a for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
 
 
 # --- steps found without being told ---------------------------------------------------------
@@ -139,7 +140,7 @@ def test_the_last_step_is_not_flagged_for_draining_the_gpu_queue(folder):
 
 def test_no_flag_flood_on_a_trace_without_a_loop():
     findings = analyze(traceinsight.load(shared("nsys/fuser-h200-nvtx-2025.1.sqlite")))
-    assert len([a for a in findings.anomalies if a["kind"] == "range"]) <= 3
+    assert len([a for a in anomaly_records(findings.anomalies) if a["kind"] == "range"]) <= 3
 
 
 # --- places and causes on the labelled sets ---------------------------------------------------
@@ -157,7 +158,7 @@ def test_every_slowed_step_of_the_te_run_is_flagged_with_its_place_and_cause(te_
                 "host_sync": ("host_sync",), "gc_pause": ("cpu_gap.garbage_collection",),
                 "gpu_backward_excess": ("gpu_compute",)}
     for step, fault in faults.items():
-        anomalies = [a for a in te_nsys.anomalies if a["step"] == step]
+        anomalies = [a for a in anomaly_records(te_nsys.anomalies) if a["step"] == step]
         assert anomalies, step
         innermost = fault["where_path"][-1]
         assert any(a["where"].split(" › ")[-1].startswith(innermost) for a in anomalies), (step, anomalies[0]["where"])
@@ -179,9 +180,9 @@ def test_a_range_that_only_waited_for_the_gpu_is_not_blamed(two_rank):
     # Step 7 of the 2-rank sample: rank 1 ran its attention 4x; the router after it holds the
     # next host sync and grew as much, but launched nothing more.
     findings = two_rank
-    finding = next(a for a in findings.anomalies if a["kind"] == "step" and (a["rank"], a["step"]) == (1, 7))
+    finding = next(a for a in anomaly_records(findings.anomalies) if a["kind"] == "step" and (a["rank"], a["step"]) == (1, 7))
     assert "attention" in finding["where"] and finding["cause"] == "gpu_compute"
-    assert not [a for a in findings.anomalies if a["kind"] == "range" and a["step"] == 7 and "router" in a["where"]]
+    assert not [a for a in anomaly_records(findings.anomalies) if a["kind"] == "range" and a["step"] == 7 and "router" in a["where"]]
 
 
 def test_file_io_and_a_queue_wait_are_named_from_os_calls(dense_nsys):
@@ -209,17 +210,17 @@ def test_a_host_sync_is_the_same_cause_in_analyze_and_explain(te_nsys):
 
 def test_one_stall_is_one_finding_at_the_deepest_range(te_nsys):
     step = next(s for s, f in _faults(TE_NSYS).items() if f["kind"] == "gc_pause")
-    ranges = [a for a in te_nsys.anomalies if a["kind"] == "range" and a["step"] == step]
+    ranges = [a for a in anomaly_records(te_nsys.anomalies) if a["kind"] == "range" and a["step"] == step]
     # forward, decoder.layers.5 and self_attention all hold the pause; core_attention is named.
     assert [a["name"] for a in ranges] == ["core_attention"]
     assert ranges[0]["where"] == "train_step › forward › decoder.layers.5 › self_attention › core_attention"
 
 
 def test_evidence_never_cites_the_range_under_judgement(te_nsys):
-    for finding in te_nsys.anomalies:
+    for finding in anomaly_records(te_nsys.anomalies):
         if finding["kind"] == "range" and "ops:" in finding["evidence"]:
             assert f"ops: {finding['name']} (" not in finding["evidence"]
     torch = analyze(traceinsight.load(TE_TORCH))
-    for finding in torch.anomalies:
+    for finding in anomaly_records(torch.anomalies):
         name = finding.get("name") or finding["where"].split(" › ")[-1]
         assert f"ops: {name} (" not in finding["evidence"]

@@ -22,6 +22,8 @@ from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_step
 from traceinsight.cli import main
 from traceinsight.report.html import CATEGORY_COLORS, MAX_CARDS, esc, render_html, script_json
+from traceinsight.analysis.schemas import IMBALANCE_SCHEMA, STRAGGLER_SCHEMA, WAIT_SCHEMA, by_rank, frame_of
+from traceinsight.report.records import anomaly_records, wait_records
 
 SINGLE = SAMPLE_TRACES / "moe_single_nsys.sqlite"
 SCRIPT_NAME = "<script>alert(1)</script>"
@@ -131,7 +133,7 @@ def test_esc_escapes_and_shortens():
 
 def test_step_timeline_is_bounded_and_relative_to_the_step(single):
     model, findings, _ = single
-    anomaly = findings.anomalies[0]
+    anomaly = anomaly_records(findings.anomalies)[0]
     frame = step_timeline(model, findings, rank=anomaly["rank"], step=anomaly["step"], max_events=300)
     assert frame.schema == pl.Schema(TIMELINE_SCHEMA)
     assert 0 < frame.height <= 300 + 20
@@ -157,7 +159,7 @@ def test_unknown_step_gives_an_empty_timeline(single):
 
 def test_timelines_for_report_cover_anomalies_and_typical_steps(single):
     _, findings, timelines = single
-    for anomaly in findings.anomalies[:12]:
+    for anomaly in anomaly_records(findings.anomalies)[:12]:
         assert (anomaly["rank"], anomaly["step"]) in timelines
         typical = typical_step(findings, anomaly["rank"])
         assert (anomaly["rank"], typical) in timelines
@@ -171,15 +173,15 @@ def test_sample_report_is_self_contained_and_explains_each_anomaly(single, singl
     _, findings, _ = single
     page = single_page
     _check_self_contained(page)
-    assert findings.anomalies
-    for anomaly in findings.anomalies[:MAX_CARDS]:
+    assert anomaly_records(findings.anomalies)
+    for anomaly in anomaly_records(findings.anomalies)[:MAX_CARDS]:
         assert esc(anomaly["where"]) in page
         assert esc(anomaly["cause"]) in page
     for c in CATEGORIES:
         assert CATEGORY_COLORS[c] in page
     figures = _figures(page)
     # overview, durations, breakdown, and one timeline per anomaly card
-    assert len(figures) == 3 + min(len(findings.anomalies), 12)
+    assert len(figures) == 3 + min(len(anomaly_records(findings.anomalies)), 12)
     for figure in figures:
         layout = figure["fig"]["layout"]
         for key, axis in layout.items():
@@ -197,8 +199,8 @@ def test_h200_report_names_its_anomalies():
     findings = analyze(model)
     page = render_html(findings, timelines_for_report(model, findings))
     _check_self_contained(page)
-    assert len(findings.anomalies) >= 4
-    for anomaly in findings.anomalies:
+    assert len(anomaly_records(findings.anomalies)) >= 4
+    for anomaly in anomaly_records(findings.anomalies):
         assert esc(anomaly["where"]) in page and esc(anomaly["cause"]) in page
     assert "step 7 on rank 0 was" in page  # a headline sentence
 
@@ -220,7 +222,7 @@ def test_two_rank_report_has_waits_and_anomalies(two_rank_page):
     findings, page = two_rank_page
     _check_self_contained(page)
     assert '<section id="waits">' in page
-    for anomaly in findings.anomalies[:MAX_CARDS]:
+    for anomaly in anomaly_records(findings.anomalies)[:MAX_CARDS]:
         assert esc(anomaly["where"]) in page and esc(anomaly["cause"]) in page
     durations = _figures(page)[1]["fig"]["data"]
     assert [t["name"] for t in durations[:2]] == ["rank 0", "rank 1"]
@@ -229,7 +231,7 @@ def test_two_rank_report_has_waits_and_anomalies(two_rank_page):
 def test_hostile_names_are_only_shown_as_text(hostile):
     _, findings, page = hostile
     _check_self_contained(page)
-    assert findings.anomalies, "the slow step must be flagged"
+    assert anomaly_records(findings.anomalies), "the slow step must be flagged"
     # no raw markup from the data anywhere, and no extra script end tag
     assert "<img" not in page.lower()  # no img element at all (the plotly bundle has none either)...
     assert "<script>alert" not in page and "alert(1)</script" not in page
@@ -256,7 +258,7 @@ def test_host_names_only_with_show_host(single):
     assert secret in render_html(findings, timelines, show_host=True)
 
 
-def _synthetic_waits(findings) -> list[dict]:
+def _synthetic_waits(findings) -> pl.DataFrame:
     waits = []
     for step in findings.steps.get_column("step").to_list():
         for rank in (0, 1, 2):
@@ -267,7 +269,7 @@ def _synthetic_waits(findings) -> list[dict]:
                           "wait_ms": 1.5 + rank, "collective": "all_to_all"})
             waits.append({"step": step, "rank": rank, "waiting_for_rank": late, "phase": IMG_NAME,
                           "wait_ms": 0.25, "collective": SCRIPT_NAME})
-    return waits
+    return frame_of(waits, WAIT_SCHEMA)
 
 
 def test_waits_render_heatmap_stragglers_and_phase_table(single):
@@ -275,12 +277,14 @@ def test_waits_render_heatmap_stragglers_and_phase_table(single):
     extra = {}
     names = {f.name for f in dataclasses.fields(findings)}
     if "stragglers" in names:
-        extra["stragglers"] = [{"step": 3, "collective": SCRIPT_NAME, "phase": "layer0 dispatch", "straggler": 0,
-                                "max_wait_ms": 3.5, "reason": "cpu_gap", "reason_excess_ms": 3.4,
-                                "before_ms": {"1": 1.0, "0": 4.5}, "rows_sent": {"0": 10, "1": 2}}]
+        extra["stragglers"] = frame_of([{"step": 3, "collective": SCRIPT_NAME, "phase": "layer0 dispatch", "straggler": 0,
+                                         "max_wait_ms": 3.5, "reason": "cpu_gap", "reason_excess_ms": 3.4,
+                                         "before_ms": by_rank({"1": 1.0, "0": 4.5}, "ms"),
+                                         "rows_sent": by_rank({"0": 10, "1": 2}, "rows")}], STRAGGLER_SCHEMA)
     if "imbalance" in names:
-        extra["imbalance"] = [{"step": s, "modeled_ms": 5.0, "balanced_ms": 4.0, "saving_ms": 1.0, "measured_ms": 9.0}
-                              for s in findings.steps.get_column("step").to_list()]
+        extra["imbalance"] = frame_of([{"step": s, "modeled_ms": 5.0, "balanced_ms": 4.0, "saving_ms": 1.0,
+                                        "measured_ms": 9.0} for s in findings.steps.get_column("step").to_list()],
+                                      IMBALANCE_SCHEMA)
     findings = dataclasses.replace(findings, waits=_synthetic_waits(findings), **extra)
     page = render_html(findings, timelines)
     _check_self_contained(page)
@@ -300,7 +304,7 @@ def test_waits_render_heatmap_stragglers_and_phase_table(single):
         savings = [t for f in _figures(page) for t in f["fig"]["data"]
                    if t.get("name") == "saving with balanced load (ms)"]
         assert savings and savings[0]["type"] == "bar" and set(savings[0]["y"]) == {1.0}
-    waits_total = sum(w["wait_ms"] for w in findings.waits)
+    waits_total = sum(w["wait_ms"] for w in wait_records(findings.waits))
     assert f"{waits_total:,.0f}" in page or f"{waits_total:.1f}" in page
 
 
@@ -314,7 +318,8 @@ def test_many_ranks_use_heatmaps_and_stay_small(single):
         for r in range(64) for s in range(200)
     ], schema=findings.steps.schema)
     ranks = pl.concat([findings.ranks.with_columns(rank=pl.lit(r, pl.Int32)) for r in range(64)])
-    big = dataclasses.replace(findings, steps=steps, ranks=ranks, anomalies=[], waits=[])
+    big = dataclasses.replace(findings, steps=steps, ranks=ranks, anomalies=findings.anomalies.clear(),
+                              waits=findings.waits.clear())
     page = render_html(big, {})
     figures = _figures(page)
     durations = figures[1]["fig"]["data"]

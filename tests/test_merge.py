@@ -19,6 +19,7 @@ from traceinsight.analysis.pipeline import analyze
 from traceinsight.cli import main
 from traceinsight.ingest.merged import load_merged, split_merged
 from traceinsight.report.chrome_trace import merged_trace
+from traceinsight.report.records import anomaly_records
 
 TWO_RANK = "device/h200_2rank_torch"
 DLRM = "kineto/param_dlrm_8rank_v100"
@@ -294,7 +295,7 @@ def test_anomalous_steps_are_named_with_their_cause(two_rank, two_rank_merged):
     _, findings = two_rank
     steps = [e for e in _events(two_rank_merged[0]) if e.get("cat") == "traceinsight.step"]
     assert len(steps) == findings.steps.height
-    flagged = {(a["rank"], a["step"]): a["cause"] for a in findings.anomalies if a["kind"] == "step"}
+    flagged = {(a["rank"], a["step"]): a["cause"] for a in anomaly_records(findings.anomalies) if a["kind"] == "step"}
     assert flagged
     named = {(e["pid"] - 1, e["args"]["step"]): e["name"] for e in steps}
     for (rank, step), cause in flagged.items():

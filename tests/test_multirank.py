@@ -10,6 +10,7 @@ from conftest import US, annotation, build_model, kernel, launch, shared
 import traceinsight
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.model import TraceModel
+from traceinsight.report.records import straggler_records, wait_records
 
 MS = 1000 * US
 
@@ -45,12 +46,12 @@ def test_offsets_recover_a_shifted_clock_and_waits_are_exact(shift_us):
     assert findings.alignment.offsets == {0: 0, 1: int(-shift_us * US)}
     assert findings.alignment.corrections[1] == int(shift_us * US)
     assert findings.alignment.residual_max_ns == 0
-    waits = sorted((w["rank"], w["waiting_for_rank"], w["wait_ms"], w["phase"]) for w in findings.waits)
+    waits = sorted((w["rank"], w["waiting_for_rank"], w["wait_ms"], w["phase"]) for w in wait_records(findings.waits))
     assert waits == [(0, 1, 0.3, "layer0.dispatch"), (1, 0, 0.4, "layer1.dispatch")]
     breakdown = findings.steps.sort("rank")
     # The waits are exposed communication on each waiting rank.
     assert breakdown.get_column("cross_rank_wait_ns").to_list() == [300 * US, 400 * US]
-    stragglers = {(s["phase"], s["straggler"]) for s in findings.stragglers}
+    stragglers = {(s["phase"], s["straggler"]) for s in straggler_records(findings.stragglers)}
     assert stragglers == {("layer0.dispatch", 1), ("layer1.dispatch", 0)}
 
 
@@ -66,7 +67,7 @@ def test_collectives_match_by_step_and_name_not_by_time():
     rank1 = TraceModel(intervals=pl.concat([rank1.intervals, extra.intervals]), ranks=rank1.ranks)
     findings = analyze(TraceModel.concat([rank0, rank1]))
     assert findings.alignment.matched == 1
-    assert [(w["rank"], w["wait_ms"]) for w in findings.waits] == [(0, 0.2)]
+    assert [(w["rank"], w["wait_ms"]) for w in wait_records(findings.waits)] == [(0, 0.2)]
 
 
 def test_real_two_rank_trace_with_rank1_clock_shifted_by_3ms():
@@ -84,8 +85,8 @@ def test_real_two_rank_trace_with_rank1_clock_shifted_by_3ms():
     moved = analyze(shifted)
     assert abs(moved.alignment.offsets[1] - (baseline.alignment.offsets[1] - shift)) <= 1_000
     assert moved.alignment.residual_p50_ns == pytest.approx(baseline.alignment.residual_p50_ns, abs=1_000)
-    before = {(w["step"], w["rank"], w["key"]): w["wait_ms"] for w in baseline.waits}
-    after = {(w["step"], w["rank"], w["key"]): w["wait_ms"] for w in moved.waits}
+    before = {(w["step"], w["rank"], w["key"]): w["wait_ms"] for w in wait_records(baseline.waits)}
+    after = {(w["step"], w["rank"], w["key"]): w["wait_ms"] for w in wait_records(moved.waits)}
     common = before.keys() & after.keys()
     assert len(common) >= 0.95 * len(before)
     assert max(abs(before[k] - after[k]) for k in common) <= 0.002  # within 2 µs
@@ -102,7 +103,7 @@ def test_eight_rank_dlrm_allreduce_ends_align_within_microseconds():
     assert findings.alignment.residual_max_ns <= 10_000  # the format notes: 1-7 µs
     # The files' absolute clocks already agree: the skew correction is tiny.
     assert max(abs(c) for c in findings.alignment.corrections.values()) <= 10_000
-    ranks_waiting = {w["rank"] for w in findings.waits if "SendRecv" in w["collective"]}
+    ranks_waiting = {w["rank"] for w in wait_records(findings.waits) if "SendRecv" in w["collective"]}
     assert len(ranks_waiting) >= 6
 
 

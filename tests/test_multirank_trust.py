@@ -22,6 +22,7 @@ from traceinsight.model import TraceModel
 from traceinsight.report.html import render_html
 from traceinsight.report.json_report import findings_to_dict
 from traceinsight.report.terminal import render_findings
+from traceinsight.report.records import imbalance_records, straggler_records, wait_records
 
 MS = 1000 * US
 
@@ -44,7 +45,7 @@ def test_unrelated_runs_are_not_paired(unrelated):
     # An 8-rank A100 job and a 2-rank V100 job recorded nine days apart: before the fix, a
     # -735,003 s "correction", 60 matched collectives and up to 38 ms of waiting per step.
     findings = analyze(unrelated)
-    assert findings.waits == [] and findings.collectives.is_empty() and findings.stragglers == []
+    assert wait_records(findings.waits) == [] and findings.collectives.is_empty() and straggler_records(findings.stragglers) == []
     assert findings.steps.get_column("cross_rank_wait_ns").sum() == 0
     assert not findings.alignment.trusted
     assert all(c == 0 for c in findings.alignment.corrections.values())
@@ -61,7 +62,7 @@ def test_unrelated_runs_of_equal_world_size_are_told_apart_by_their_wall_clock_w
     same_size = TraceModel(intervals=unrelated.intervals, samples=unrelated.samples,
                            ranks=unrelated.ranks.with_columns(world_size=pl.lit(8, pl.Int32)))
     findings = analyze(same_size)
-    assert findings.waits == [] and not findings.alignment.trusted
+    assert wait_records(findings.waits) == [] and not findings.alignment.trusted
     notes = [w for w in findings.warnings if "do not overlap in time" in w]
     assert len(notes) == 1
     gap_s = float(notes[0].split(" starts ")[1].split(" s after")[0].replace(",", ""))
@@ -84,7 +85,7 @@ def test_sampled_trace_is_paired_by_time_not_off_by_one():
     # Every reported pair overlaps in time on the aligned clock.
     assert (per.get_column("last") <= per.get_column("first_end") + PAIR_SLACK_NS).all()
     assert set(per.get_column("straggler").to_list()) == {1}
-    waited_551 = sum(w["wait_ms"] for w in findings.waits if w["rank"] == 0 and w["step"] == 551)
+    waited_551 = sum(w["wait_ms"] for w in wait_records(findings.waits) if w["rank"] == 0 and w["step"] == 551)
     assert 0 < waited_551 <= 8.3
     assert alignment.residual_p50_ns < 1 * MS  # was 21 ms
     note = next(w for w in findings.warnings if "never overlapped in time" in w)
@@ -116,7 +117,7 @@ def test_sequence_numbers_pair_collectives_when_one_rank_lost_an_event(seq_on_op
     rank1 = _rank(1, [(3300, 3600), (5800, 6500)], seq=[2, 3], seq_on_op=seq_on_op)
     findings = analyze(TraceModel.concat([rank0, rank1]))
     assert findings.alignment.pairing == "sequence numbers"
-    waits = sorted((w["key"], w["rank"], w["waiting_for_rank"], w["wait_ms"]) for w in findings.waits)
+    waits = sorted((w["key"], w["rank"], w["waiting_for_rank"], w["wait_ms"]) for w in wait_records(findings.waits))
     assert waits == [("seq/0/2", 0, 1, 0.3), ("seq/0/3", 1, 0, 0.2)]
 
 
@@ -127,7 +128,7 @@ def test_waits_are_refused_with_the_residual_when_no_pairing_is_possible():
     rank1 = _rank(1, [(2000, 2100), (3500, 3600), (7000, 7100)])
     findings = analyze(TraceModel.concat([rank0, rank1]))
     assert not findings.alignment.trusted
-    assert findings.waits == [] and findings.collectives.is_empty()
+    assert wait_records(findings.waits) == [] and findings.collectives.is_empty()
     assert findings.steps.get_column("cross_rank_wait_ns").sum() == 0
     assert findings.alignment.offsets == {0: 0, 1: 0} and findings.alignment.method == "clock origin"
     note = next(w for w in findings.warnings if "could not be paired" in w)
@@ -198,8 +199,8 @@ def test_balanced_model_counts_a_kernel_once_under_nested_attention_ranges():
     # attention was modelled at 256.98 ms, more than the rank's whole GPU compute (253.7 ms).
     findings = analyze(traceinsight.load(shared("nsys/nsysai-h100x2-nccl-2026.2.sqlite")))
     compute = dict(zip(findings.steps.get_column("rank").to_list(), findings.steps.get_column("gpu_compute_ns").to_list()))
-    assert findings.imbalance
-    for entry in findings.imbalance:
+    assert imbalance_records(findings.imbalance)
+    for entry in imbalance_records(findings.imbalance):
         attention = entry["phases"]["attention"]
         assert 0 < attention["max_ms"] * 1e6 <= max(compute.values())
         assert attention["balanced_ms"] * 1e6 <= sum(compute.values()) / len(compute)
@@ -243,7 +244,7 @@ def test_dispatch_payload_tokens_are_the_hidden_state_all_to_all_not_the_count_e
     # Checked against the answer key: tokens received per layer at dispatch, summed over layers
     # (ProfilerStep#k is the key's step k-1).
     checked = 0
-    for entry in h200.imbalance:
+    for entry in imbalance_records(h200.imbalance):
         tokens = entry.get("tokens", {}).get("dispatch")
         if tokens is None or entry["step"] - 1 >= len(h200_truth[0]["steps"]):
             continue
@@ -262,7 +263,7 @@ def test_imbalance_is_in_the_terminal_with_tokens_and_ratios(h200, h200_truth):
     text = " ".join(_terminal(h200).split())
     assert "Load imbalance" in text
     heavy = [s["step"] + 1 for s in h200_truth[0]["steps"] if s["tokens"] > 1.5 * h200_truth[1]["steps"][s["step"]]["tokens"]]
-    entry = max((e for e in h200.imbalance if e["step"] in heavy), key=lambda e: e["saving_ms"])
+    entry = max((e for e in imbalance_records(h200.imbalance) if e["step"] in heavy), key=lambda e: e["saving_ms"])
     dispatch = entry["tokens"]["dispatch"]
     # The rank with the large batch sends the most at dispatch; balanced is the mean.
     assert dispatch["rank"] == 0 and dispatch["direction"] == "sends"
@@ -271,7 +272,7 @@ def test_imbalance_is_in_the_terminal_with_tokens_and_ratios(h200, h200_truth):
     assert (f"rank 0 sends {dispatch['tokens']:,} tokens, balanced {dispatch['balanced_tokens']:,.0f}: "
             f"expected time ratio {dispatch['expected_ratio']:.2f}, measured ratio {dispatch['measured_ratio']:.2f}") in text
     # Straggler reasons name the payload's tokens (thousands), not the count exchange's rows (2).
-    reasons = [r for r in h200.stragglers if r["step"] in heavy and r.get("rows_sent")]
+    reasons = [r for r in straggler_records(h200.stragglers) if r["step"] in heavy and r.get("rows_sent")]
     assert reasons and all(min(r["rows_sent"].values()) > 100 for r in reasons)
 
 

@@ -30,6 +30,8 @@ from traceinsight.ingest.guard import MAX_ABS_TIME_NS
 from traceinsight.ingest.kineto import KIND_BY_CATEGORY, read_kineto
 from traceinsight.ingest.nsys import read_nsys
 from traceinsight.model import INTERVAL_KINDS, INTERVAL_SCHEMA, RANK_SCHEMA, SAMPLE_SCHEMA, TraceModel
+from traceinsight.analysis.schemas import WAIT_SCHEMA
+from traceinsight.report.records import wait_records
 
 # Hypothesis keeps its caches out of the checkout.
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "traceinsight-hypothesis"))
@@ -510,7 +512,7 @@ wait_entry = st.fixed_dictionaries({
     "collective": st.one_of(st.none(), READ_TEXT),
     "wait_ms": st.floats(0, 1e4),
     "transfer_ms": st.floats(0, 1e3),
-    "key": st.one_of(st.none(), st.integers(0, 10**6)),
+    "key": st.one_of(st.none(), st.integers(0, 10**6).map(str)),
     "start_ns": st.one_of(st.none(), st.integers(0, 2**60)),
 })
 
@@ -529,7 +531,7 @@ def test_every_renderer_accepts_waits_the_contract_allows(two_rank_analysis, wai
     model, findings = two_rank_analysis
     if null_steps_only:
         waits = [{**wait, "step": None} for wait in waits]
-    changed = replace(findings, waits=waits)
+    changed = replace(findings, waits=pl.DataFrame(waits, schema=WAIT_SCHEMA))
     html = render_html(changed, {})
     assert '<section id="waits"' in html or not waits
     assert json.loads(render_json(changed))["waits"] == json.loads(json.dumps(waits))
@@ -545,9 +547,9 @@ def test_html_of_a_real_pair_with_waits_outside_every_step(two_rank_analysis):
     from traceinsight.report.html import render_html
 
     model, findings = two_rank_analysis
-    assert len(findings.waits) > 36
-    waits = [{**wait, "step": None} if index % 8 == 0 else wait for index, wait in enumerate(findings.waits)]
-    html = render_html(replace(findings, waits=waits), {})
+    assert len(wait_records(findings.waits)) > 36
+    waits = [{**wait, "step": None} if index % 8 == 0 else wait for index, wait in enumerate(wait_records(findings.waits))]
+    html = render_html(replace(findings, waits=pl.DataFrame(waits, schema=WAIT_SCHEMA)), {})
     assert 'id="waits"' in html
 
 

@@ -18,6 +18,7 @@ from traceinsight.analysis.pipeline import analyze
 from traceinsight.cli import main
 from traceinsight.progress import _offsets
 from traceinsight.report.terminal import middle, render_findings, render_info
+from traceinsight.report.records import wait_records
 
 TWO_RANK = SAMPLE_TRACES / "moe_2rank"
 NARROW = {"COLUMNS": "80"}
@@ -127,10 +128,10 @@ def test_html_before_the_paths_takes_no_trace_and_says_where_the_report_went(tmp
 
 def test_waits_come_largest_first():
     findings = analyze(traceinsight.load(TWO_RANK))
-    waits = [w["wait_ms"] for w in findings.waits]
+    waits = [w["wait_ms"] for w in wait_records(findings.waits)]
     assert len(waits) > 10 and waits == sorted(waits, reverse=True)
-    top = max(findings.waits, key=lambda w: w["wait_ms"])
-    assert findings.waits[0] == top and top["wait_ms"] > 10
+    top = max(wait_records(findings.waits), key=lambda w: w["wait_ms"])
+    assert wait_records(findings.waits)[0] == top and top["wait_ms"] > 10
 
 
 def test_explain_lists_only_kernels_beyond_the_noise():

@@ -1,6 +1,6 @@
 """Before/after comparison of two runs, with a verdict that knows the step-to-step noise.
 
-Each side is the :class:`~traceinsight.analysis.pipeline.Findings` of one run (one or more
+Each side is the :class:`~traceinsight.analysis.findings.Findings` of one run (one or more
 files), optionally restricted to a range of step numbers. Three families of quantities are
 compared, each as *time per step*:
 
@@ -48,7 +48,7 @@ import polars as pl
 import traceinsight
 from traceinsight.analysis.anomalies import assign_to_steps
 from traceinsight.analysis.breakdown import CATEGORIES
-from traceinsight.analysis.pipeline import Findings
+from traceinsight.analysis.findings import Findings
 from traceinsight.errors import TraceInputError
 
 __all__ = [

@@ -60,8 +60,11 @@ from traceinsight.analysis.multirank import (
     reasons_from_windows,
     straggler_windows,
     wait_intervals,
+    wait_table,
 )
+from traceinsight.analysis.findings import Findings
 from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
 from traceinsight.analysis.steps import find_steps
 from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel
@@ -186,10 +189,8 @@ def run_phases(call, options: Options):
 
     ``call`` runs ``RankWorker.<method>`` on every rank (here or remotely) with that rank's
     arguments from ``per_rank_args`` (a dict rank -> tuple) and returns the results by rank.
-    Returns :class:`~traceinsight.analysis.pipeline.Findings`.
+    Returns :class:`~traceinsight.analysis.findings.Findings`.
     """
-    from traceinsight.analysis.pipeline import Findings, wait_records
-
     first = call("steps_and_collectives", None)
     ranks_order = sorted(first)
     if not ranks_order:
@@ -237,7 +238,8 @@ def run_phases(call, options: Options):
         (a for r in ranks_order for a in done[r]["range_anomalies"]),
         key=lambda a: (-a["excess_ms"], a["rank"], a["step"], a["where"]),
     )
-    anomalies = [{"kind": "step", **a} for r in ranks_order for a in done[r]["step_anomalies"]] + range_anomalies
+    anomalies = frame_of([{"kind": "step", **a} for r in ranks_order for a in done[r]["step_anomalies"]]
+                         + range_anomalies, ANOMALY_SCHEMA)
     instances = _frames([done[r]["range_instances"] for r in ranks_order])
     return Findings(
         ranks=ranks.with_columns(
@@ -257,7 +259,7 @@ def run_phases(call, options: Options):
         **_place_frames([done[r] for r in ranks_order]),
         launch_counts=_frames([done[r]["launch_counts"] for r in ranks_order]),
         anomalies=anomalies,
-        waits=wait_records(collectives),
+        waits=wait_table(collectives),
         alignment=alignment,
         collectives=collectives,
         stragglers=reasons_from_windows(collectives, _frames([done[r]["broken_windows"] for r in ranks_order])),

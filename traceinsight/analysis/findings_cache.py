@@ -185,7 +185,7 @@ def _read(folder: str, name: str):
 def load(entry: str, *, with_timelines: bool = False):
     """``(findings, timelines)`` kept in ``entry`` (see :func:`entry_path`); ``timelines``
     is ``None`` unless asked for and present. ``None`` when there is no valid entry."""
-    from traceinsight.analysis.pipeline import Findings
+    from traceinsight.analysis.findings import Findings
 
     if not os.path.exists(os.path.join(entry, "findings.json")):
         return None

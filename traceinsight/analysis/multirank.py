@@ -61,6 +61,14 @@ import polars as pl
 
 from traceinsight.analysis.anomalies import LIBRARY_RANGES, assign_to_steps
 from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.schemas import (
+    IMBALANCE_SCHEMA,
+    STRAGGLER_SCHEMA,
+    WAIT_SCHEMA,
+    by_rank,
+    frame_of,
+    rank_mapping,
+)
 from traceinsight.model import TraceModel
 
 
@@ -649,12 +657,38 @@ def straggler_windows(
     )
 
 
-def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> list[dict]:
+def wait_table(collectives: pl.DataFrame, *, min_wait_ns: int = 1_000) -> pl.DataFrame:
+    """Who waited for whom (:data:`~traceinsight.analysis.schemas.WAIT_SCHEMA`): one row per
+    (collective, rank) that waited at least 1 µs, largest wait first (``head(3)`` are the
+    three that cost most).
+
+    Reads :func:`match_waits`' collectives; returns ``step, rank, waiting_for_rank, phase,
+    wait_ms, collective, transfer_ms, key, start_ns``."""
+    if collectives.is_empty():
+        return pl.DataFrame(schema=WAIT_SCHEMA)
+    rows = collectives.filter((pl.col("wait_ns") >= min_wait_ns) & (pl.col("rank") != pl.col("straggler"))).sort(
+        ["wait_ns", "step", "rank", "start_ns"], descending=[True, False, False, False], nulls_last=True)
+    # Rounded by Python's round(), as every other figure of the findings is.
+    return frame_of([
+        {
+            "step": r["step"], "rank": r["rank"], "waiting_for_rank": r["straggler"],
+            "phase": r["phase"] or r["label"], "wait_ms": round(r["wait_ns"] / 1e6, 4),
+            "collective": r["label"], "transfer_ms": round(r["transfer_ns"] / 1e6, 4),
+            "key": r["key"], "start_ns": r["start_ns"],
+        }
+        for r in rows.iter_rows(named=True)
+    ], WAIT_SCHEMA)
+
+
+def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> pl.DataFrame:
     """Why each straggler was late, from the windows of :func:`straggler_windows` broken down
     per rank (:func:`~traceinsight.analysis.breakdown.window_breakdown`): the category in
-    which the straggler exceeds the median of the others most."""
+    which the straggler exceeds the median of the others most.
+
+    Reads the matched collectives and the broken-down windows; returns
+    :data:`~traceinsight.analysis.schemas.STRAGGLER_SCHEMA`."""
     if waits.is_empty() or broken.is_empty():
-        return []
+        return pl.DataFrame(schema=STRAGGLER_SCHEMA)
     per_key = (
         waits.group_by("key", maintain_order=True)
         .agg(step=pl.col("step").first(), label=pl.col("label").first(), phase=pl.col("phase").drop_nulls().first(),
@@ -677,10 +711,11 @@ def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> list[dict
             "key": row["key"], "step": row["step"], "collective": row["label"], "phase": row["phase"],
             "straggler": row["straggler"], "max_wait_ms": round(row["max_wait_ns"] / 1e6, 3),
             "reason": category, "reason_excess_ms": round(deltas[category] / 1e6, 3),
-            "before_ms": {str(r["rank"]): round((r["end_ns"] - r["start_ns"]) / 1e6, 3) for r in windows.iter_rows(named=True)},
-            "rows_sent": {str(k): v for k, v in tokens.items()} if any(v is not None for v in tokens.values()) else None,
+            "before_ms": [{"rank": r["rank"], "ms": round((r["end_ns"] - r["start_ns"]) / 1e6, 3)}
+                          for r in windows.iter_rows(named=True)],
+            "rows_sent": by_rank(tokens, "rows") if any(v is not None for v in tokens.values()) else None,
         })
-    return reasons
+    return frame_of(reasons, STRAGGLER_SCHEMA)
 
 
 def _payload_rows(waits: pl.DataFrame, step, phase, key) -> dict:
@@ -801,7 +836,7 @@ def compute_phase_times(model: TraceModel, gpu: pl.DataFrame, steps: pl.DataFram
     )
 
 
-def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> list[dict]:
+def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
     """Per step: what balanced load across ranks would save, from measured per-rank rates.
 
     Each MoE phase's time per rank: attention and experts from the GPU time of the work
@@ -812,11 +847,15 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
     Balanced, compute phases cost the ranks' mean. A collective's transfer is set by the rank
     receiving the most rows (``t = max rows / bandwidth``, the measured transfer); balanced,
     each rank receives the mean, so it takes ``t * mean rows / max rows`` (where the trace
-    records no row counts, the mean transfer time). Returns ``modeled_ms``, ``balanced_ms``,
-    ``saving_ms`` and the ``measured_ms`` of the slowest rank's step, with per-phase figures.
+    records no row counts, the mean transfer time).
+
+    Reads per-rank compute times (:func:`compute_phase_times`), the matched collectives and
+    the steps; returns :data:`~traceinsight.analysis.schemas.IMBALANCE_SCHEMA`: per step
+    ``modeled_ms``, ``balanced_ms``, ``saving_ms``, the ``measured_ms`` of the slowest rank's
+    step, per-phase figures and the tokens of dispatch and combine.
     """
     if waits.is_empty() or compute_times.is_empty():
-        return []
+        return pl.DataFrame(schema=IMBALANCE_SCHEMA)
     compute = compute_times.sort("t", "rank", descending=[True, False]).group_by("step", "phase").agg(
         max_ns=pl.col("t").max(), balanced_ns=pl.col("t").mean(), max_rank=pl.col("rank").first()
     )
@@ -844,23 +883,23 @@ def imbalance_from(compute_times: pl.DataFrame, waits: pl.DataFrame, steps: pl.D
     )
     summary = pl.concat([compute, per_collective], how="diagonal_relaxed")
     if summary.is_empty():
-        return []
+        return pl.DataFrame(schema=IMBALANCE_SCHEMA)
     measured = steps.group_by("step").agg(measured=pl.col("duration_ns").max())
     out = []
     for (step,), part in summary.sort("step").group_by(["step"], maintain_order=True):
         modeled = float(part.get_column("max_ns").sum())
         balanced = float(part.get_column("balanced_ns").sum())
         measured_row = measured.filter(pl.col("step") == step)
-        phases = {r["phase"]: {"max_ms": round(r["max_ns"] / 1e6, 3), "balanced_ms": round(r["balanced_ns"] / 1e6, 3),
-                               **({"max_rank": r["max_rank"]} if r.get("max_rank") is not None else {})}
-                  for r in part.sort("phase").iter_rows(named=True)}
+        phases = [{"phase": r["phase"], "max_ms": round(r["max_ns"] / 1e6, 3),
+                   "balanced_ms": round(r["balanced_ns"] / 1e6, 3), "max_rank": r.get("max_rank")}
+                  for r in part.sort("phase").iter_rows(named=True)]
         out.append({
             "step": step, "phases": phases,
             "modeled_ms": round(modeled / 1e6, 3), "balanced_ms": round(balanced / 1e6, 3),
             "saving_ms": round((modeled - balanced) / 1e6, 3),
             "measured_ms": round(measured_row.item(0, "measured") / 1e6, 3) if measured_row.height else None,
         })
-    return _with_payload(out, waits)
+    return frame_of(_with_payload(out, waits), IMBALANCE_SCHEMA)
 
 
 def payload_tokens(waits: pl.DataFrame) -> dict[tuple[int, str], dict]:
@@ -908,7 +947,7 @@ def _with_payload(entries: list[dict], waits: pl.DataFrame) -> list[dict]:
     N, the balanced M (mean over ranks), the expected time ratio N/M (transfer time grows with
     the tokens of the busiest receiver) and the measured ratio: this step's payload transfer
     time per balanced token over the median of all steps (what the ratio would be if the
-    model holds)."""
+    model holds). A step without token counts keeps ``tokens`` null."""
     tokens = payload_tokens(waits)
     if not tokens:
         return entries
@@ -933,15 +972,14 @@ def _with_payload(entries: list[dict], waits: pl.DataFrame) -> list[dict]:
             measured = None
             if balanced > 0 and found["transfer_ns"] and typical.get(phase):
                 measured = round(found["transfer_ns"] / balanced / typical[phase], 3)
-            entry.setdefault("tokens", {})[phase] = {
-                "received": {str(r): v for r, v in received.items()},
-                "sent": {str(r): v for r, v in sent.items()},
+            entry.setdefault("tokens", []).append({
+                "phase": phase, "received": by_rank(received, "rows"), "sent": by_rank(sent, "rows"),
                 "rank": busiest, "direction": direction, "tokens": tokens_busiest,
                 "balanced_tokens": round(balanced, 1),
                 "expected_ratio": round(tokens_busiest / balanced, 3) if balanced > 0 else None,
                 "measured_ratio": measured,
                 "transfer_ms": round(found["transfer_ns"] / 1e6, 4),
-            }
+            })
     return entries
 
 
@@ -957,7 +995,7 @@ def step_straggler(collectives: pl.DataFrame, step: int) -> int | None:
     return None if caused.is_empty() else int(caused.item(0, "straggler"))
 
 
-def who_waited_for_whom(collectives: pl.DataFrame, stragglers: list[dict], imbalance: list[dict],
+def who_waited_for_whom(collectives: pl.DataFrame, stragglers: pl.DataFrame, imbalance: pl.DataFrame,
                         step: int) -> list[dict]:
     """Every matched collective of one step, in the order they completed: each rank's arrival
     (ms after the first rank arrived, on the common clock) and wait, the straggler, and why it
@@ -968,8 +1006,9 @@ def who_waited_for_whom(collectives: pl.DataFrame, stragglers: list[dict], imbal
     part = collectives.filter(pl.col("step") == step)
     if part.is_empty():
         return []
-    reasons = {r.get("key"): r for r in stragglers if r.get("step") == step}
-    phases = next((e["phases"] for e in imbalance if e["step"] == step), {})
+    reasons = {r["key"]: r for r in stragglers.filter(pl.col("step") == step).iter_rows(named=True)}
+    phases = next(({p["phase"]: p for p in e["phases"]} for e in imbalance.filter(pl.col("step") == step)
+                   .iter_rows(named=True)), {})
     out = []
     for (key,), rows in part.sort("last_arrival_ns").group_by(["key"], maintain_order=True):
         rows = rows.sort("arrival_ns", "rank")
@@ -995,8 +1034,8 @@ def who_waited_for_whom(collectives: pl.DataFrame, stragglers: list[dict], imbal
                 others = (n * figures["balanced_ms"] - figures["max_ms"]) / (n - 1)
                 why += (f"; its {phase} took {figures['max_ms']:.2f} ms of GPU time in this step, "
                         f"the others' {others:.2f} ms" + (f" ({figures['max_ms'] / others:.1f}x)" if others > 0 else ""))
-            if reason.get("rows_sent"):
-                why += f"; tokens sent per rank (payload all-to-all) {reason['rows_sent']}"
+            if reason["rows_sent"]:
+                why += f"; tokens sent per rank (payload all-to-all) {rank_mapping(reason['rows_sent'], 'rows')}"
             entry["why"] = why
         out.append(entry)
     return out

@@ -13,7 +13,7 @@ import polars as pl
 from traceinsight.analysis.anomalies import Places, assign_to_steps, explain_steps
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.multirank import step_straggler, who_waited_for_whom
-from traceinsight.analysis.pipeline import Findings
+from traceinsight.analysis.findings import Findings
 from traceinsight.errors import TraceInputError
 
 

@@ -318,10 +318,13 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     ).sort("lane_order", "start_ms")
 
 
-def report_anomalies(findings, limit: int | None = None) -> list[dict]:
-    """The anomalies in report order: largest excess first (``limit`` of them)."""
-    ordered = sorted(findings.anomalies, key=lambda a: (-(a.get("excess_ms") or 0), a.get("rank", 0), a.get("step", 0)))
-    return ordered if limit is None else ordered[:limit]
+def report_anomalies(findings, limit: int | None = None) -> pl.DataFrame:
+    """The anomalies in report order: largest excess first (``limit`` of them); ties keep
+    the findings' order."""
+    ordered = findings.anomalies.sort(
+        [pl.col("excess_ms").fill_null(0), pl.col("rank").fill_null(0), pl.col("step").fill_null(0)],
+        descending=[True, False, False], maintain_order=True)
+    return ordered if limit is None else ordered.head(limit)
 
 
 def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12, max_events: int = 600,
@@ -335,8 +338,7 @@ def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12
     anomalies, or a rank's typical step, appears once.
     """
     wanted: list[tuple[int, int]] = []
-    for anomaly in report_anomalies(findings, max_anomalies):
-        rank, step = anomaly.get("rank"), anomaly.get("step")
+    for rank, step in report_anomalies(findings, max_anomalies).select("rank", "step").iter_rows():
         if rank is None or step is None:
             continue
         typical = typical_step(findings, rank)

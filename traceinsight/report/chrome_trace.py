@@ -84,7 +84,8 @@ import polars as pl
 
 import traceinsight
 from traceinsight.analysis.anomalies import anomaly_range
-from traceinsight.analysis.pipeline import Findings
+from traceinsight.analysis.findings import Findings
+from traceinsight.report.records import anomaly_records
 from traceinsight.errors import TraceInputError
 from traceinsight.model import GPU_KINDS, TraceModel
 
@@ -530,7 +531,7 @@ def _interval_lines(intervals: pl.DataFrame, offsets: dict[int, int], base: int)
 def _step_events(findings: Findings, ranks: list[int], steps: tuple[int, int] | None,
                  offsets: dict[int, int]) -> list[tuple[int, int, int, str, dict]]:
     """One ``(rank, aligned_start, aligned_end, name, args)`` per step slice to draw."""
-    anomalies = {(a["rank"], a["step"]): a for a in findings.anomalies if a.get("kind") == "step"}
+    anomalies = {(a["rank"], a["step"]): a for a in anomaly_records(findings.anomalies.filter(pl.col("kind") == "step"))}
     frame = findings.steps.filter(pl.col("rank").is_in(ranks))
     if steps is not None:
         frame = frame.filter(pl.col("step").is_between(*steps))
@@ -553,7 +554,7 @@ def _step_events(findings: Findings, ranks: list[int], steps: tuple[int, int] | 
 
 def _anomaly_range_events(findings: Findings, ranks: list[int], steps: tuple[int, int] | None,
                           offsets: dict[int, int]) -> list[tuple[int, int, int, str, dict]]:
-    ranges = [a for a in findings.anomalies if a.get("kind") == "range" and a["rank"] in ranks
+    ranges = [a for a in anomaly_records(findings.anomalies.filter(pl.col("kind") == "range")) if a["rank"] in ranks
               and (steps is None or (a["step"] is not None and steps[0] <= a["step"] <= steps[1]))]
     if not ranges or findings.range_instances.is_empty():
         return []

@@ -15,8 +15,15 @@ import msgspec
 import polars as pl
 
 import traceinsight
+from traceinsight.analysis.findings import Findings
 from traceinsight.analysis.multirank import collective_summary
-from traceinsight.analysis.pipeline import Findings, breakdown_ms
+from traceinsight.report.records import (
+    anomaly_records,
+    breakdown_ms,
+    imbalance_records,
+    straggler_records,
+    wait_records,
+)
 
 
 def _ms(ns) -> float | None:
@@ -29,9 +36,9 @@ def _us(ns) -> float | None:
 
 def step_stragglers(findings: Findings) -> list[dict]:
     """Per step: the rank the others waited for most, and the total waiting it caused."""
-    if not findings.waits:
+    if findings.waits.is_empty():
         return []
-    waits = pl.DataFrame(findings.waits)
+    waits = findings.waits
     per = waits.group_by("step", "waiting_for_rank").agg(caused_ms=pl.col("wait_ms").sum())
     best = per.sort(["step", "caused_ms"], descending=[False, True]).unique("step", keep="first", maintain_order=True)
     phases = (
@@ -101,8 +108,8 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
         "step_source": findings.step_source,
         "step_pattern": findings.step_pattern,
         "steps": steps,
-        "anomalies": findings.anomalies,
-        "waits": findings.waits,
+        "anomalies": anomaly_records(findings.anomalies),
+        "waits": wait_records(findings.waits),
         "alignment": None if alignment is None else {
             "reference_rank": alignment.reference_rank,
             "method": alignment.method,
@@ -119,10 +126,10 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
                                   "residual_max_us": _us(v["residual_max_ns"])}
                          for k, v in alignment.per_rank.items()},
         },
-        "stragglers": findings.stragglers,
+        "stragglers": straggler_records(findings.stragglers),
         "collectives": collective_summary(findings.collectives),
         "step_stragglers": step_stragglers(findings),
-        "imbalance": findings.imbalance,
+        "imbalance": imbalance_records(findings.imbalance),
         "cpu_gap_causes": causes,
         "ranges": ranges,
         "top_kernels": kernels,

@@ -12,7 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from traceinsight.analysis.breakdown import CATEGORIES
-from traceinsight.analysis.pipeline import Findings
+from traceinsight.analysis.findings import Findings
+from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records
 from traceinsight.errors import printable
 
 MAX_STEP_ROWS = 60
@@ -149,13 +150,15 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
 
     _render_steps(findings, steps, console, all_steps=all_steps)
 
-    if findings.anomalies:
+    anomalies = anomaly_records(findings.anomalies.head(20))
+    if anomalies:
         rows = [[str(a["rank"]), str(a["step"]), a["kind"], f"{a['excess_ms']:+.1f}", plain(middle(a["where"])),
-                 plain(a["cause"])] for a in findings.anomalies[:20]]
-        caption = f"{len(findings.anomalies)} in all (the JSON has every one)" if len(findings.anomalies) > 20 else None
+                 plain(a["cause"])] for a in anomalies]
+        total = findings.anomalies.height
+        caption = f"{total} in all (the JSON has every one)" if total > 20 else None
         print_table(console, "Anomalies", ["rank", "step", "kind", "excess ms", "where", "cause"], rows,
                     numeric={0, 1, 3}, caption=caption)
-        for anomaly in findings.anomalies[:5]:
+        for anomaly in anomalies[:5]:
             console.print(Text(f"rank {anomaly['rank']} step {anomaly['step']}: ", style="bold").append(
                 plain_paragraph(anomaly["evidence"])), overflow="fold")
         console.print()
@@ -244,11 +247,11 @@ def _render_steps(findings: Findings, steps: pl.DataFrame, console: Console, *, 
 def _render_waits(findings: Findings, console: Console) -> None:
     """Multi-rank: alignment, a rank x step table of waiting, stragglers, worst phases."""
     _render_alignment(findings, console)
-    if not findings.waits:
+    if findings.waits.is_empty():
         return
     import polars as pl
 
-    waits = pl.DataFrame(findings.waits)
+    waits = findings.waits
     per = waits.group_by("step", "rank").agg(ms=pl.col("wait_ms").sum())
     ranks = sorted(per.get_column("rank").unique().to_list())
     steps = sorted(per.get_column("step").drop_nulls().unique().to_list())
@@ -276,7 +279,7 @@ def _render_waits(findings: Findings, console: Console) -> None:
             for row in phases.iter_rows(named=True)]
     print_table(console, "Where ranks waited (phases)", ["phase", "total wait ms", "waits", "largest ms"], rows,
                 numeric={1, 2, 3})
-    for reason in sorted(findings.stragglers, key=lambda r: -r["max_wait_ms"])[:3]:
+    for reason in sorted(straggler_records(findings.stragglers), key=lambda r: -r["max_wait_ms"])[:3]:
         console.print(Text(
             f"step {reason['step']}: rank {reason['straggler']} arrived {reason['max_wait_ms']:.2f} ms late at "
             f"{reason['phase'] or reason['collective']}; before it, its {reason['reason']} exceeded the others' "
@@ -292,7 +295,7 @@ MAX_IMBALANCE_ROWS = 8
 def _render_imbalance(findings: Findings, console: Console) -> None:
     """Multi-rank MoE: what balanced load would save, the steps that would save most first,
     with the phase that would save most and the token payload behind dispatch and combine."""
-    entries = [e for e in findings.imbalance or [] if e.get("modeled_ms") is not None]
+    entries = [e for e in imbalance_records(findings.imbalance) if e.get("modeled_ms") is not None]
     if not entries:
         return
     if all(round(e["saving_ms"], 2) <= 0 for e in entries):

@@ -17,6 +17,7 @@ import traceinsight
 from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.timeline import report_anomalies, typical_step
+from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, _AXIS, _BASE_LAYOUT, Cell, _layout, _ms
 from traceinsight.report.html.shell import _Page, _signed_ms, _table, esc, num_cell, page_shell, text_cell
 
@@ -135,7 +136,7 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
         f"<dt>steps</dt><dd>{steps_text}</dd>"
         f"<dt>time span</dt><dd>{_ms(span_ms)} ms of steps per rank (longest)</dd>{recorded}"
         f"<dt>anomalies</dt><dd>{n_anomalous} anomalous step(s), "
-        f"{sum(1 for a in findings.anomalies if a.get('kind') == 'range')} anomalous range instance(s)</dd></dl>"
+        f"{findings.anomalies.filter(pl.col('kind') == 'range').height} anomalous range instance(s)</dd></dl>"
     )
 
     lines = []
@@ -145,16 +146,15 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
     worst = max((c for c in CATEGORIES if c != "gpu_compute"), key=lambda c: totals[c])
     lines.append(f"The GPUs computed during {busy:.0%} of step time; the largest other share is "
                  f"{worst} ({totals[worst] / whole:.0%}).")
-    anomalies = report_anomalies(findings)
+    anomalies = anomaly_records(report_anomalies(findings))
     for anomaly in anomalies[:MAX_HEADLINES]:
         lines.append(headline(anomaly, findings) + ".")
     if not anomalies:
         lines.append("No step and no range instance stood out from its neighbours.")
     elif len(anomalies) > MAX_HEADLINES:
         lines.append(f"… and {len(anomalies) - MAX_HEADLINES} more anomalies (see below).")
-    waits = findings.waits or []
-    if waits:
-        frame = pl.DataFrame(waits, infer_schema_length=None)
+    if findings.waits.height:
+        frame = findings.waits
         top = frame.group_by("waiting_for_rank").agg(ms=pl.col("wait_ms").sum()).sort("ms", descending=True).row(0)
         lines.append(f"Ranks waited {_ms(float(frame.get_column('wait_ms').sum()))} ms in all for other ranks; "
                      f"most for rank {top[0]} ({_ms(top[1])} ms).")
@@ -442,14 +442,13 @@ def _step_breakdown(findings, page: _Page) -> str:
 # ----------------------------------------------------------------------------- multi-rank
 
 def _waits(findings, page: _Page) -> str:
-    waits = findings.waits or []
     n_ranks = findings.steps.get_column("rank").n_unique() if findings.steps.height else 0
-    if not waits:
+    if findings.waits.is_empty():
         if n_ranks > 1:
             return ('<section id="waits"><h2>Cross-rank waiting</h2><p class="note">These findings hold no '
                     f"cross-rank wait measurements.</p>{_alignment_note(findings)}</section>")
         return ""
-    frame = pl.DataFrame(waits, infer_schema_length=None).with_columns(
+    frame = findings.waits.with_columns(
         pl.col("wait_ms").cast(pl.Float64), pl.col("rank").cast(pl.Int64), pl.col("step").cast(pl.Int64),
         pl.col("waiting_for_rank").cast(pl.Int64),
         pl.col("phase").cast(pl.String).fill_null("?"), pl.col("collective").cast(pl.String).fill_null("?"),
@@ -585,7 +584,7 @@ def _rank_key(value) -> tuple:
 
 def _straggler_reasons(findings) -> str:
     """Why the straggler of each costly collective was late (``findings.stragglers``), largest wait first."""
-    reasons = [r for r in (getattr(findings, "stragglers", None) or []) if isinstance(r, dict)]
+    reasons = straggler_records(findings.stragglers)
     if not reasons:
         return ""
     reasons = sorted(reasons, key=lambda r: -(r.get("max_wait_ms") or 0))
@@ -608,8 +607,8 @@ def _straggler_reasons(findings) -> str:
 
 def _imbalance(findings, page: _Page) -> str:
     """Measured step time against the modeled and the balanced estimate (``findings.imbalance``)."""
-    rows = [r for r in (getattr(findings, "imbalance", None) or [])
-            if isinstance(r, dict) and r.get("step") is not None and r.get("modeled_ms") is not None]
+    rows = [r for r in imbalance_records(findings.imbalance)
+            if r.get("step") is not None and r.get("modeled_ms") is not None]
     if not rows:
         return ""
     rows.sort(key=lambda r: r["step"])
@@ -908,7 +907,7 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
 
 
 def _anomalies(findings, timelines: dict | None, page: _Page) -> str:
-    anomalies = report_anomalies(findings)
+    anomalies = anomaly_records(report_anomalies(findings))
     if not anomalies:
         return ('<section id="anomalies"><h2>Anomalies</h2><p class="note">No step and no range instance stood out '
                 "from its neighbours.</p></section>")
@@ -1034,7 +1033,7 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
         _summary(findings, page, show_host=show_host),
         _step_durations(findings, page) if findings.steps.height else "",
         _step_breakdown(findings, page) if findings.steps.height else "",
-        _waits(findings, page) if findings.steps.height or findings.waits else "",
+        _waits(findings, page) if findings.steps.height or findings.waits.height else "",
         _anomalies(findings, timelines, page),
         _cpu_gaps(findings),
         _kernels_and_ranges(findings),
@@ -1045,10 +1044,10 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
                 else [("steps", "Step durations"), ("breakdown", "Breakdown")])
     if any(s.startswith('<section id="waits"') for s in sections):
         nav.append(("waits", "Cross-rank waiting"))
-    nav += [("anomalies", f"Anomalies ({len(findings.anomalies)})"), ("cpu-gaps", "CPU gaps"),
+    nav += [("anomalies", f"Anomalies ({findings.anomalies.height})"), ("cpu-gaps", "CPU gaps"),
             ("kernels", "Kernels & ranges")]
     n_ranks = findings.steps.get_column("rank").n_unique() if findings.steps.height else 0
-    subtitle = (f"{n_ranks} rank(s) · {findings.steps.height} step window(s) · {len(findings.anomalies)} anomalies · "
+    subtitle = (f"{n_ranks} rank(s) · {findings.steps.height} step window(s) · {findings.anomalies.height} anomalies · "
                 f"traceinsight {esc(traceinsight.__version__)}")
     return page_shell(page, title=title, subtitle=subtitle, nav=nav, sections=sections,
                       footer="times in milliseconds (ms) unless stated")
