@@ -526,8 +526,8 @@ def test_an_endless_view_in_place_of_a_table_is_ignored_not_run(tmp_path, comman
 def test_every_nsys_query_has_a_deadline(tmp_path, monkeypatch):
     from traceinsight.ingest import nsys
 
-    monkeypatch.setattr(nsys, "SQLITE_DEADLINE_S", 0.0)  # past as soon as a query runs a while
-    monkeypatch.setattr(nsys, "SQLITE_DEADLINE_S_PER_MIB", 0.0)
+    monkeypatch.setattr(nsys.sqlite_export, "SQLITE_DEADLINE_S", 0.0)  # past as soon as a query runs a while
+    monkeypatch.setattr(nsys.sqlite_export, "SQLITE_DEADLINE_S_PER_MIB", 0.0)
     assert _one_error(_cli("analyze", SINGLE)) == (
         f"traceinsight: error: {SINGLE}: reading the SQLite file did not finish within 0 s (a query "
         "over it does not end); it is damaged or built to hang; export it again (nsys export --type sqlite)")
