@@ -12,8 +12,8 @@ from traceinsight import _allocators
 
 _allocators.configure()  # before polars is imported below
 
+from traceinsight._version import __version__  # noqa: E402
 from traceinsight.ingest import load  # noqa: E402
 from traceinsight.model import TraceModel  # noqa: E402
 
 __all__ = ["load", "TraceModel", "__version__"]
-__version__ = "0.1.0"

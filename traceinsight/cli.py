@@ -113,7 +113,7 @@ def main(debug: bool, cache_dir: str | None, no_cache: bool, jobs: int) -> None:
     """
     global _debug
     _debug = debug
-    from traceinsight.report.output import exit_cleanly_on_sigterm
+    from traceinsight.errors import exit_cleanly_on_sigterm
 
     exit_cleanly_on_sigterm()  # SIGTERM removes temporary files as SIGINT does
     _loading.update(cache_dir=None if no_cache else (cache_dir or _default_cache_dir()), jobs=jobs)

@@ -13,6 +13,8 @@ worker process survives pickling back to the parent unchanged.
 from __future__ import annotations
 
 import re
+import signal
+import threading
 
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
@@ -146,3 +148,31 @@ def check_rank_bounds(first: int, last: int, *, text: str, option: str = "--rank
     if already + last - first + 1 > MAX_RANKS_LISTED:
         raise OptionError(f"{option} '{one_line(text, limit=60)}' names more than {MAX_RANKS_LISTED:,} "
                           "ranks; list fewer")
+
+
+#: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports it.
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(SystemExit):
+    """Raised in the main thread when SIGTERM arrives (a ``SystemExit`` with status 143)."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_TERMINATED)
+
+
+def _raise_terminated(signum, frame):  # noqa: ARG001 - the signal module's signature
+    raise Terminated()
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (where Python runs signal
+    handlers), unless someone else already handles it. Idempotent."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        current = signal.getsignal(signal.SIGTERM)
+        if current in (signal.SIG_DFL, None) or current is _raise_terminated:
+            signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):  # not the main interpreter, or no signals here
+        pass

@@ -117,6 +117,8 @@ def judged_durations(steps: pl.DataFrame, gpu: pl.DataFrame | None) -> pl.DataFr
     """Add ``launched_gpu_ns`` (busy time of the GPU work launched inside each step's marker)
     and ``judged_ns``: the step's duration, except for the last step of each rank, which is
     judged on the longer of its marker and its launched GPU work (never more than its window).
+
+    Reads the step table and the GPU activities; returns the step table with the two columns.
     """
     if "duration_ns" not in steps.columns:  # no breakdown (nothing to break down)
         steps = steps.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"))
@@ -165,6 +167,8 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
     Examples
     --------
     >>> flag_steps(breakdown.steps).filter("anomalous").select("rank", "step")  # doctest: +SKIP
+
+    Reads one rank's step table; returns it with the flag columns.
     """
     frames = []
     column = "judged_ns" if "judged_ns" in steps.columns else "duration_ns"
@@ -207,6 +211,8 @@ def flag_job_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions
     Ranks of one job meet at every collective, so a step that stands out on one rank is a
     slow step of the job: it is flagged on every rank where it is also ``min_ratio`` slower
     than that rank's baseline.
+
+    Reads every rank's flagged steps; returns them with the job's flags.
     """
     job_slow = pl.col("anomalous").any().over("step") & (pl.col("ratio") >= options.min_ratio)
     return steps.with_columns(anomalous=pl.col("anomalous") | job_slow)
@@ -235,6 +241,9 @@ def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = Anom
     the rule. With ``first_is_warmup`` (a trace without a loop: no steps to set the first
     calls apart) the first instance of each name is not judged: first calls pay one-time
     costs (lazy module loading, library handles, autotuning).
+
+    Reads the range instances (with their step and window breakdown); returns them with the two
+    columns.
     """
     if instances.is_empty():
         return instances.with_columns(typical_ns=pl.lit(None, pl.Float64), anomalous=pl.lit(False))
@@ -788,7 +797,9 @@ def explain_steps(
 
 
 def launches_per_step(gpu: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
-    """GPU activities launched per (rank, step), by the launch call's time."""
+    """GPU activities launched per (rank, step), by the launch call's time.
+
+    Reads the GPU activities and the steps; returns ``rank, step, launches``."""
     launched = gpu.filter(pl.col("launch_start_ns").is_not_null()).select("rank", "launch_start_ns")
     if launched.is_empty():
         return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "launches": pl.UInt32})
@@ -931,6 +942,9 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
     that work where it was launched. Nested flagged ranges of one stall are folded into the
     deepest (:func:`_fold_nested`). At most ``max_per_step`` per (rank, step) are listed, the
     largest; ``others_in_step`` counts the anomalous instances of the step left out.
+
+    Reads the flagged range instances, the CPU gaps and the steps; returns one record per
+    finding (:data:`~traceinsight.analysis.schemas.ANOMALY_SCHEMA`, ``kind == "range"``).
     """
     flagged = instances.filter(pl.col("anomalous"))
     if flagged.is_empty():

@@ -93,7 +93,9 @@ class Breakdown:
 
 
 def window_breakdown(sets: dict[int, dict[str, iv.IntervalSet]], windows: pl.DataFrame) -> pl.DataFrame:
-    """The categories inside each window; ``idle`` is the rest of the window."""
+    """The categories inside each window; ``idle`` is the rest of the window.
+
+    Reads a rank's interval sets and windows; returns the windows with ``<category>_ns`` columns."""
     frames = []
     ranks = windows.get_column("rank").unique() if "rank" in windows.columns else None
     # A rank's worker sees its own windows only: no split into per-rank frames and back.
@@ -121,6 +123,8 @@ def gpu_activities(
 
     Columns added: ``is_comm``, ``launch_start_ns``, ``launch_end_ns``, ``launch_pid``,
     ``launch_tid``, ``launch_name``.
+
+    Reads the model's intervals; returns one row per GPU activity.
     """
     intervals = model.intervals
     gpu = intervals.filter(pl.col("kind").is_in(GPU_ACTIVITY_KINDS))

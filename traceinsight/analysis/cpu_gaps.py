@@ -614,7 +614,9 @@ def _join_sorted_runs(frame: pl.DataFrame, *, key: str, column: str, separator: 
 
 
 def summarize_causes(attributed: pl.DataFrame) -> pl.DataFrame:
-    """Total CPU-gap time per (rank, step, cause), with the heaviest evidence of each."""
+    """Total CPU-gap time per (rank, step, cause), with the heaviest evidence of each.
+
+    Reads the attributed CPU gaps; returns ``rank, step, cause, gap_ns, gaps, evidence``."""
     if attributed.is_empty():
         return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "cause": pl.String, "gap_ns": pl.Int64, "gaps": pl.UInt32, "evidence": pl.String})
     return (

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import polars as pl
 
-import traceinsight
+from traceinsight._version import __version__
 from traceinsight.analysis.anomalies import assign_to_steps
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.findings import Findings
@@ -523,7 +523,7 @@ def diff_to_dict(diff: FindingsDiff, *, max_rows: int | None = 500) -> dict:
     ``max_rows`` caps the ranges and kernels lists (changed rows come first, so they are kept).
     """
     return {
-        "traceinsight_version": traceinsight.__version__,
+        "traceinsight_version": __version__,
         "before": diff.before,
         "after": diff.after,
         "options": asdict(diff.options),

@@ -34,6 +34,8 @@ import tempfile
 
 import polars as pl
 
+from traceinsight._version import __version__
+
 #: Bump when the layout of an entry changes.
 FORMAT = 1
 _TIMELINES = "timelines.json"
@@ -42,11 +44,10 @@ _TIMELINES = "timelines.json"
 @functools.lru_cache(maxsize=1)
 def code_fingerprint() -> str:
     """The package version and a hash of the source files that compute findings."""
-    import traceinsight
-
-    root = os.path.dirname(os.path.abspath(traceinsight.__file__))
+    # The package folder: the parent of the folder this module is in.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{traceinsight.__version__}:{FORMAT}".encode())
+    digest.update(f"{__version__}:{FORMAT}".encode())
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(d for d in subfolders if d not in ("report", "__pycache__"))
         for name in sorted(files):

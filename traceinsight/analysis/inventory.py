@@ -9,7 +9,9 @@ from traceinsight.model import INTERVAL_KINDS, TraceModel
 
 
 def top_kernels(model: TraceModel, *, limit: int = 10) -> pl.DataFrame:
-    """Kernels by total GPU time per rank: ``rank, name, count, total_ms, mean_us, share``."""
+    """Kernels by total GPU time per rank: ``rank, name, count, total_ms, mean_us, share``.
+
+    Reads the model's kernels; returns that frame."""
     kernels = (
         model.intervals.lazy().filter(pl.col("kind") == "kernel").select("rank", "name", "start_ns", "end_ns").collect()
     )

@@ -135,6 +135,8 @@ def communication_kernels(gpu: pl.DataFrame, steps: pl.DataFrame, ops: pl.DataFr
     launched where the kernel itself carries none.
 
     Columns added: ``step``, ``group``, ``label`` (collective name), ``occurrence``, ``key``.
+
+    Reads the GPU activities, the steps and the collective ops; returns the communication kernels.
     """
     comm = gpu.filter(pl.col("is_comm")).with_columns(
         _when=pl.coalesce("launch_start_ns", "start_ns")
@@ -430,6 +432,9 @@ def pair_collectives(comm: pl.DataFrame, ranks: pl.DataFrame) -> tuple[pl.DataFr
     fewer impossible pairs is kept. Impossible pairs are then left unpaired; when they are
     the majority the pairing is wrong as a whole, and the waits are refused with a note
     giving the residual.
+
+    Reads every rank's collectives and the ranks; returns the paired collectives and the
+    :class:`Alignment`.
     """
     alignment = align_clocks(comm, ranks)
     if comm.is_empty() or ranks.height < 2:
@@ -553,7 +558,10 @@ def _tokens(model: TraceModel, comm: pl.DataFrame) -> pl.DataFrame:
 
 
 def enrich_collectives(model: TraceModel, comm: pl.DataFrame, *, step_labels: list[str]) -> pl.DataFrame:
-    """Per-rank part of the waits: add each collective's phase and row counts."""
+    """Per-rank part of the waits: add each collective's phase and row counts.
+
+    Reads the model's annotations and the communication kernels; returns the kernels with
+    ``phase`` and row counts."""
     if comm.is_empty():
         return comm
     return _tokens(model, _phases(model, comm, step_labels))
@@ -622,6 +630,8 @@ def straggler_windows(
     For every collective where some rank waited at least ``min_wait_ns``: each rank's span
     from the end of the previous collective of the step (or the step's start) to its own
     arrival, on the rank's own clock. Columns ``key, rank, start_ns, end_ns, rows_sent``.
+
+    Reads the matched collectives, the steps and the alignment; returns the windows.
     """
     empty = pl.DataFrame(schema={"key": pl.String, "rank": pl.Int32, "start_ns": pl.Int64,
                                  "end_ns": pl.Int64, "rows_sent": pl.Int64})
@@ -799,7 +809,10 @@ def compute_phase_times(model: TraceModel, gpu: pl.DataFrame, steps: pl.DataFram
 
     Every compute kernel counts once: it belongs to the innermost attention or expert
     annotation around its launch, however the annotations nest (``FlashAttnFunc`` around
-    ``flash_attn::_flash_attn_forward`` is one attention, not two)."""
+    ``flash_attn::_flash_attn_forward`` is one attention, not two).
+
+    Reads the model's annotations, the GPU activities and the steps; returns ``step, rank,
+    phase, t``."""
     empty = pl.DataFrame(schema={"step": pl.Int64, "rank": pl.Int32, "phase": pl.String, "t": pl.Int64})
     if gpu.is_empty() or steps.is_empty():
         return empty

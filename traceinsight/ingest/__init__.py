@@ -154,7 +154,7 @@ def read_files(
 
     # fork would copy whatever the parent holds; spawn starts clean workers.
     context = multiprocessing.get_context("spawn")
-    from traceinsight.report.output import exit_cleanly_on_sigterm
+    from traceinsight.errors import exit_cleanly_on_sigterm
 
     # Workers end on SIGTERM as the parent does: a cache entry being written is removed.
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=context,

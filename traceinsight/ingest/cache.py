@@ -10,7 +10,7 @@ place when complete, so a crash never leaves a half-written entry that a later r
 an entry whose files do not match it (cut short by a crash of the machine before the data
 reached the disk, or damaged later) is dropped and the trace read again. A temporary
 folder left by a killed run is removed by a later store once it is a day old; SIGTERM
-removes it at once (see :func:`traceinsight.report.output.exit_cleanly_on_sigterm`).
+removes it at once (see :func:`traceinsight.errors.exit_cleanly_on_sigterm`).
 
 The default location is ``$TRACEINSIGHT_CACHE_DIR``, else ``$XDG_CACHE_HOME/traceinsight``,
 else ``~/.cache/traceinsight``.
@@ -26,6 +26,7 @@ import tempfile
 
 import polars as pl
 
+from traceinsight._version import __version__
 from traceinsight.model import INTERVAL_SCHEMA, RANK_SCHEMA, SAMPLE_SCHEMA, TraceModel
 
 #: Bump when the normalized model or a reader changes what it produces.
@@ -64,11 +65,9 @@ def default_cache_dir() -> str:
 
 def cache_key(path: str, *, salvage: bool = False) -> str:
     """The entry name for ``path``: size, mtime, edge-content hash, versions, options."""
-    import traceinsight
-
     stat = os.stat(path)
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:{traceinsight.__version__}:{CACHE_FORMAT}:{salvage}".encode())
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}:{__version__}:{CACHE_FORMAT}:{salvage}".encode())
     schema = ",".join(f"{k}={v}" for k, v in {**INTERVAL_SCHEMA, **SAMPLE_SCHEMA, **RANK_SCHEMA}.items())
     digest.update(schema.encode())
     with open(path, "rb") as handle:

@@ -82,7 +82,7 @@ from dataclasses import dataclass, field
 import msgspec
 import polars as pl
 
-import traceinsight
+from traceinsight._version import __version__
 from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.findings import Findings
 from traceinsight.report.records import anomaly_records
@@ -818,7 +818,7 @@ def merged_trace(
     metadata = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
-        "traceinsight_version": traceinsight.__version__,
+        "traceinsight_version": __version__,
         "clock_base_ns": base,
         "reference_rank": reference,
         "offsets_ns": {str(r): offsets.get(r, 0) for r in all_ranks},

@@ -14,7 +14,7 @@ from __future__ import annotations
 import msgspec
 import polars as pl
 
-import traceinsight
+from traceinsight._version import __version__
 from traceinsight.analysis.findings import Findings
 from traceinsight.analysis.multirank import collective_summary
 from traceinsight.report.records import (
@@ -103,7 +103,7 @@ def findings_to_dict(findings: Findings, *, show_host: bool = False) -> dict:
     ]
     alignment = findings.alignment
     return {
-        "traceinsight_version": traceinsight.__version__,
+        "traceinsight_version": __version__,
         "ranks": ranks,
         "step_source": findings.step_source,
         "step_pattern": findings.step_pattern,

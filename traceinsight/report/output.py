@@ -5,46 +5,18 @@
 - :func:`refuse_inputs_as_outputs`: an output path that is one of the input traces (the same
   file, also through a symbolic or hard link, or a trace inside an input folder) is refused
   before anything is read.
-- :func:`exit_cleanly_on_sigterm`: SIGTERM ends the process as SIGINT does, by an exception,
-  so that every ``finally``/``except BaseException`` that removes temporary files runs.
+
+SIGTERM ends the process as SIGINT does (:func:`traceinsight.errors.exit_cleanly_on_sigterm`),
+so that every ``finally``/``except BaseException`` that removes temporary files runs.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import signal
 import tempfile
-import threading
 
 from traceinsight.errors import OutputError
-
-#: Exit status of a process ended by SIGTERM (128 + 15), as a shell reports it.
-EXIT_TERMINATED = 128 + signal.SIGTERM
-
-
-class Terminated(SystemExit):
-    """Raised in the main thread when SIGTERM arrives (a ``SystemExit`` with status 143)."""
-
-    def __init__(self) -> None:
-        super().__init__(EXIT_TERMINATED)
-
-
-def _raise_terminated(signum, frame):  # noqa: ARG001 - the signal module's signature
-    raise Terminated()
-
-
-def exit_cleanly_on_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (where Python runs signal
-    handlers), unless someone else already handles it. Idempotent."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    try:
-        current = signal.getsignal(signal.SIGTERM)
-        if current in (signal.SIG_DFL, None) or current is _raise_terminated:
-            signal.signal(signal.SIGTERM, _raise_terminated)
-    except (ValueError, OSError):  # not the main interpreter, or no signals here
-        pass
 
 
 def write_atomic(path: str, data: bytes | str) -> None:

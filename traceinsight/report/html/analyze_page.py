@@ -13,7 +13,7 @@ import numpy as np
 import plotly.graph_objects as go
 import polars as pl
 
-import traceinsight
+from traceinsight._version import __version__
 from traceinsight.analysis.anomalies import anomaly_range
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.analysis.timeline import report_anomalies, typical_step
@@ -1048,6 +1048,6 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
             ("kernels", "Kernels & ranges")]
     n_ranks = findings.steps.get_column("rank").n_unique() if findings.steps.height else 0
     subtitle = (f"{n_ranks} rank(s) · {findings.steps.height} step window(s) · {findings.anomalies.height} anomalies · "
-                f"traceinsight {esc(traceinsight.__version__)}")
+                f"traceinsight {esc(__version__)}")
     return page_shell(page, title=title, subtitle=subtitle, nav=nav, sections=sections,
                       footer="times in milliseconds (ms) unless stated")

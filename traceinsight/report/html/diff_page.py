@@ -12,7 +12,7 @@ from collections import Counter
 
 import plotly.graph_objects as go
 
-import traceinsight
+from traceinsight._version import __version__
 from traceinsight.analysis.breakdown import CATEGORIES
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, Cell, _layout, _ms, _Page, _table, esc
 from traceinsight.report.html.shell import num_cell, page_shell, text_cell
@@ -515,7 +515,7 @@ def render_diff_html(diff, *, before_label: str = "before", after_label: str = "
     verdict = summary.get("step_verdict")
     subtitle = (f"before: {esc(side_text(before))} · after: {esc(side_text(after))}"
                 + (f" · median step {esc(verdict)}" if verdict else "")
-                + f" · traceinsight {esc(traceinsight.__version__)}")
+                + f" · traceinsight {esc(__version__)}")
     title = f"traceinsight diff: {before_label[:80]} → {after_label[:80]}"
     return page_shell(page, title=title, subtitle=subtitle, nav=nav, sections=sections, css=_DIFF_CSS,
                       footer="times in milliseconds (ms) per step, medians over each side's steps")

@@ -1,0 +1,109 @@
+"""The analyses the engine runs, in the order it runs them: one entry per analysis.
+
+Each entry names the function, the frames it reads, what it returns and the
+:class:`~traceinsight.analysis.findings.Findings` field its result lands in, so a newcomer
+sees the whole analysis on one screen, and a new analysis is one function plus one entry
+here (and its call in :mod:`traceinsight.analysis.engine`). ``tests/test_layout.py`` checks
+that every analysis function the engine calls is listed here, and that each says in its
+docstring what it returns.
+
+Phases (see :mod:`traceinsight.analysis.engine`): ``rank 1`` steps and collectives, ``job 1``
+clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-level flags,
+``rank 3`` causes, ranges and findings, ``job 3`` stragglers and imbalance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from traceinsight.analysis.anomalies import (
+    explain_range_instances,
+    explain_steps,
+    flag_job_steps,
+    flag_range_instances,
+    flag_steps,
+    judged_durations,
+    launches_per_step,
+)
+from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
+from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
+from traceinsight.analysis.inventory import top_kernels
+from traceinsight.analysis.multirank import (
+    communication_kernels,
+    compute_phase_times,
+    enrich_collectives,
+    imbalance_from,
+    match_waits,
+    pair_collectives,
+    reasons_from_windows,
+    straggler_windows,
+    wait_table,
+)
+from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.steps import find_steps
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One analysis: ``function`` reads ``reads`` and returns ``returns``, which becomes the
+    ``field`` of the findings (or feeds a later analysis where ``field`` is empty)."""
+
+    name: str
+    phase: str
+    function: Callable
+    reads: tuple[str, ...]
+    returns: str
+    field: str = ""
+
+
+ANALYSES: tuple[Analysis, ...] = (
+    Analysis("steps", "rank 1", find_steps, ("intervals",), "step windows and where they came from", "steps"),
+    Analysis("GPU activities", "rank 1", gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
+             "gpu"),
+    Analysis("communication kernels", "rank 1", communication_kernels, ("gpu", "steps"),
+             "collective kernels per step"),
+    Analysis("collective details", "rank 1", enrich_collectives, ("intervals", "communication kernels"),
+             "collectives with phase, group and row counts"),
+    Analysis("collective pairing", "job 1", pair_collectives, ("collectives of every rank", "ranks"),
+             "paired collectives and the clock alignment", "alignment"),
+    Analysis("waits", "job 1", match_waits, ("paired collectives", "alignment"),
+             "arrival, wait and transfer per (collective, rank)", "collectives"),
+    Analysis("who waited for whom", "job 1", wait_table, ("collectives",), "one row per wait", "waits"),
+    Analysis("step breakdown", "rank 2", step_breakdown, ("intervals", "steps", "gpu", "wait spans"),
+             "time per category per step, and the gap pieces"),
+    Analysis("judged durations", "rank 2", judged_durations, ("step breakdown", "gpu"),
+             "the time each step is judged on"),
+    Analysis("step flags", "rank 2", flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
+    Analysis("job step flags", "job 2", flag_job_steps, ("every rank's flagged steps",), "the job's flags", "steps"),
+    Analysis("CPU-gap causes", "rank 3", attribute_cpu_gaps, ("intervals", "samples", "gap pieces"),
+             "every CPU gap with cause and evidence", "cpu_gaps"),
+    Analysis("cause totals", "rank 3", summarize_causes, ("cpu_gaps",), "CPU-gap time per (step, cause)",
+             "cpu_gap_causes"),
+    Analysis("range instances", "rank 3", range_instances, ("intervals", "gpu"),
+             "one row per annotation instance with its GPU work", "range_instances"),
+    Analysis("range flags", "rank 3", flag_range_instances, ("range instances", "steps"),
+             "instances with typical time and flag", "range_instances"),
+    Analysis("launch counts", "rank 3", launches_per_step, ("gpu", "steps"), "launches per step", "launch_counts"),
+    Analysis("step findings", "rank 3", explain_steps, ("steps", "range_instances", "cpu_gaps", "gpu"),
+             "where each flagged step's time went and why", "anomalies"),
+    Analysis("range findings", "rank 3", explain_range_instances, ("range_instances", "cpu_gaps", "steps"),
+             "why each flagged range instance was long", "anomalies"),
+    Analysis("range statistics", "rank 3", range_statistics, ("range_instances",), "statistics per range name",
+             "ranges"),
+    Analysis("top kernels", "rank 3", top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
+    Analysis("straggler windows", "job 2", straggler_windows, ("collectives", "steps", "alignment"),
+             "the window before each costly collective, per rank"),
+    Analysis("window breakdown", "rank 3", window_breakdown, ("interval sets", "straggler windows"),
+             "time per category in each window"),
+    Analysis("straggler reasons", "job 3", reasons_from_windows, ("collectives", "window breakdown"),
+             "why each straggler was late", "stragglers"),
+    Analysis("compute phase times", "rank 3", compute_phase_times, ("intervals", "gpu", "steps"),
+             "GPU time of attention and experts per (step, rank)"),
+    Analysis("load imbalance", "job 3", imbalance_from, ("compute phase times", "collectives", "steps"),
+             "modeled step time now and balanced", "imbalance"),
+)
+"""Every analysis, in the order the engine runs it."""
+
+
+__all__ = ["ANALYSES", "Analysis"]
