@@ -74,7 +74,7 @@ def test_other_options_files_or_code_miss(tmp_path, monkeypatch):
     assert findings_cache.entry_path(cache_dir, [str(trace)], Options()) != base
     touched = findings_cache.entry_path(cache_dir, [str(trace)], Options())
     findings_cache.code_fingerprint.cache_clear()
-    monkeypatch.setattr("traceinsight.__version__", "0.0.0-other")
+    monkeypatch.setattr("traceinsight.analysis.findings_cache.__version__", "0.0.0-other")
     try:
         assert findings_cache.entry_path(cache_dir, [str(trace)], Options()) != touched
     finally:

@@ -811,3 +811,19 @@ def test_arrow_reading_hands_what_it_cannot_read_the_same_to_sqlite3(tmp_path: P
     assert names == ["step", "forward", "1234", "a\ufffdb"]
     assert fast.of_kind("annotation").sort("start_ns").get_column("start_ns").to_list() == [0, 10, 20, 30]
     _assert_same_models(fast, _read_with_sqlite3_only(path, monkeypatch))
+
+
+def test_reading_reserves_no_address_space_beyond_the_tables(tmp_path: Path) -> None:
+    # The Arrow driver reserves a batch's rows up front: a batch sized far past the table
+    # once reserved hundreds of GiB of address space, and every fork after it (a subprocess
+    # with preexec_fn) failed with ENOMEM. Sized to the table, the peak stays ordinary.
+    import subprocess
+    import sys
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs /proc")
+    code = ("import sys\nfrom traceinsight.ingest.nsys import read_nsys\nread_nsys(sys.argv[1])\n"
+            "print(next(l for l in open('/proc/self/status') if l.startswith('VmPeak')).split()[1])")
+    sample = Path(__file__).resolve().parents[1] / "sample_traces" / "moe_single_nsys.sqlite"
+    done = subprocess.run([sys.executable, "-c", code, str(sample)], capture_output=True, text=True, check=True)
+    assert int(done.stdout.strip()) < 8 * 2**20  # KiB: 8 GiB (polars' thread pool alone is ~1 GiB)

@@ -65,8 +65,9 @@ _SIDECARS = ("-wal", "-journal")
 #: runs at tens of MiB per second). Only a database built to hang gets there.
 SQLITE_DEADLINE_S = 120.0
 SQLITE_DEADLINE_S_PER_MIB = 1.0
-#: Rows of one Arrow batch: more than any table holds, so each result is one batch.
-ARROW_BATCH_ROWS = 1_000_000_000
+#: The most rows the Arrow read takes in its one batch (the driver's limit is below 2**31);
+#: a larger table is read through sqlite3.
+ARROW_MAX_ROWS = 1_000_000_000
 
 
 def _open_untouched(path: str) -> tuple[sqlite3.Connection, str | None]:
@@ -323,7 +324,7 @@ class _Export:
                 expression = f"CAST({quoted} AS TEXT)"
             converted.append(f'{expression} AS "{alias}"')
         suffix = f' FROM "{table}"' + (f" WHERE {where}" if where else "")
-        arrow = self._arrow_read(fields, present, suffix)
+        arrow = self._arrow_read(table, fields, present, suffix)
         if arrow is not None:
             return arrow
         try:
@@ -343,7 +344,7 @@ class _Export:
             )
 
     def _arrow_read(
-        self, fields: list[tuple[str, str, pl.DataType]], present: set[str], suffix: str
+        self, table: str, fields: list[tuple[str, str, pl.DataType]], present: set[str], suffix: str
     ) -> pl.DataFrame | None:
         """The rows of a table read straight into Arrow columns (ADBC's SQLite driver), or
         ``None`` where this fast path cannot give the same frame as the sqlite3 one.
@@ -365,7 +366,13 @@ class _Export:
                 columns.append(f'"{column}" AS "{alias}"')
             else:
                 columns.append(f'CAST("{column}" AS BLOB) AS "{alias}"')
-        frame = self._arrow_query(connection, f"SELECT {', '.join(columns)}{suffix}")
+        # One batch for the whole result: the driver infers each column's type from its
+        # first batch (a later batch of another type is an error), and it reserves memory
+        # for a batch's rows up front, so the batch is sized to the table, not to a limit.
+        (rows,) = self.rows(f'SELECT count(*) FROM "{table}"')[0]
+        if not isinstance(rows, int) or rows >= ARROW_MAX_ROWS:
+            return None
+        frame = self._arrow_query(connection, f"SELECT {', '.join(columns)}{suffix}", batch_rows=rows + 1)
         if frame is None or frame.width != len(fields):
             return None
         out = []
@@ -412,7 +419,8 @@ class _Export:
                     return None
         return self._adbc
 
-    def _arrow_query(self, connection: Any, sql: str, *, frame: bool = True) -> pl.DataFrame | None:
+    def _arrow_query(self, connection: Any, sql: str, *, frame: bool = True,
+                     batch_rows: int = 1) -> pl.DataFrame | None:
         """Run ``sql`` on the ADBC connection in a worker thread, waiting in short slices:
         the driver cannot be interrupted, so a query still running at the read's deadline
         is abandoned (it raises the same interruption the sqlite3 progress handler does),
@@ -426,9 +434,7 @@ class _Export:
         def run() -> None:
             statement = adbc_driver_manager.AdbcStatement(connection)
             try:
-                # One batch for the whole result: the driver infers each column's type
-                # from its first batch, and a later batch of another type is an error.
-                statement.set_options(**{"adbc.sqlite.query.batch_rows": str(ARROW_BATCH_ROWS)})
+                statement.set_options(**{"adbc.sqlite.query.batch_rows": str(batch_rows)})
                 statement.set_sql_query(sql)
                 if frame:
                     stream, _ = statement.execute_query()
