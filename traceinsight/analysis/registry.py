@@ -17,31 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from traceinsight.analysis.anomalies import (
-    explain_range_instances,
-    explain_steps,
-    flag_job_steps,
-    flag_range_instances,
-    flag_steps,
-    judged_durations,
-    launches_per_step,
-)
-from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
-from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
-from traceinsight.analysis.inventory import top_kernels
-from traceinsight.analysis.multirank import (
-    communication_kernels,
-    compute_phase_times,
-    enrich_collectives,
-    imbalance_from,
-    match_waits,
-    pair_collectives,
-    reasons_from_windows,
-    straggler_windows,
-    wait_table,
-)
-from traceinsight.analysis.ranges import range_instances, range_statistics
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges, steps
 
 
 @dataclass(frozen=True)
@@ -58,49 +34,49 @@ class Analysis:
 
 
 ANALYSES: tuple[Analysis, ...] = (
-    Analysis("steps", "rank 1", find_steps, ("intervals",), "step windows and where they came from", "steps"),
-    Analysis("GPU activities", "rank 1", gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
+    Analysis("steps", "rank 1", steps.find_steps, ("intervals",), "step windows and where they came from", "steps"),
+    Analysis("GPU activities", "rank 1", breakdown.gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
              "gpu"),
-    Analysis("communication kernels", "rank 1", communication_kernels, ("gpu", "steps"),
+    Analysis("communication kernels", "rank 1", multirank.communication_kernels, ("gpu", "steps"),
              "collective kernels per step"),
-    Analysis("collective details", "rank 1", enrich_collectives, ("intervals", "communication kernels"),
+    Analysis("collective details", "rank 1", multirank.enrich_collectives, ("intervals", "communication kernels"),
              "collectives with phase, group and row counts"),
-    Analysis("collective pairing", "job 1", pair_collectives, ("collectives of every rank", "ranks"),
+    Analysis("collective pairing", "job 1", multirank.pair_collectives, ("collectives of every rank", "ranks"),
              "paired collectives and the clock alignment", "alignment"),
-    Analysis("waits", "job 1", match_waits, ("paired collectives", "alignment"),
+    Analysis("waits", "job 1", multirank.match_waits, ("paired collectives", "alignment"),
              "arrival, wait and transfer per (collective, rank)", "collectives"),
-    Analysis("who waited for whom", "job 1", wait_table, ("collectives",), "one row per wait", "waits"),
-    Analysis("step breakdown", "rank 2", step_breakdown, ("intervals", "steps", "gpu", "wait spans"),
+    Analysis("who waited for whom", "job 1", multirank.wait_table, ("collectives",), "one row per wait", "waits"),
+    Analysis("step breakdown", "rank 2", breakdown.step_breakdown, ("intervals", "steps", "gpu", "wait spans"),
              "time per category per step, and the gap pieces"),
-    Analysis("judged durations", "rank 2", judged_durations, ("step breakdown", "gpu"),
+    Analysis("judged durations", "rank 2", anomalies.judged_durations, ("step breakdown", "gpu"),
              "the time each step is judged on"),
-    Analysis("step flags", "rank 2", flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
-    Analysis("job step flags", "job 2", flag_job_steps, ("every rank's flagged steps",), "the job's flags", "steps"),
-    Analysis("CPU-gap causes", "rank 3", attribute_cpu_gaps, ("intervals", "samples", "gap pieces"),
+    Analysis("step flags", "rank 2", anomalies.flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
+    Analysis("job step flags", "job 2", anomalies.flag_job_steps, ("every rank's flagged steps",), "the job's flags", "steps"),
+    Analysis("CPU-gap causes", "rank 3", cpu_gaps.attribute_cpu_gaps, ("intervals", "samples", "gap pieces"),
              "every CPU gap with cause and evidence", "cpu_gaps"),
-    Analysis("cause totals", "rank 3", summarize_causes, ("cpu_gaps",), "CPU-gap time per (step, cause)",
+    Analysis("cause totals", "rank 3", cpu_gaps.summarize_causes, ("cpu_gaps",), "CPU-gap time per (step, cause)",
              "cpu_gap_causes"),
-    Analysis("range instances", "rank 3", range_instances, ("intervals", "gpu"),
+    Analysis("range instances", "rank 3", ranges.range_instances, ("intervals", "gpu"),
              "one row per annotation instance with its GPU work", "range_instances"),
-    Analysis("range flags", "rank 3", flag_range_instances, ("range instances", "steps"),
+    Analysis("range flags", "rank 3", anomalies.flag_range_instances, ("range instances", "steps"),
              "instances with typical time and flag", "range_instances"),
-    Analysis("launch counts", "rank 3", launches_per_step, ("gpu", "steps"), "launches per step", "launch_counts"),
-    Analysis("step findings", "rank 3", explain_steps, ("steps", "range_instances", "cpu_gaps", "gpu"),
+    Analysis("launch counts", "rank 3", anomalies.launches_per_step, ("gpu", "steps"), "launches per step", "launch_counts"),
+    Analysis("step findings", "rank 3", anomalies.explain_steps, ("steps", "range_instances", "cpu_gaps", "gpu"),
              "where each flagged step's time went and why", "anomalies"),
-    Analysis("range findings", "rank 3", explain_range_instances, ("range_instances", "cpu_gaps", "steps"),
+    Analysis("range findings", "rank 3", anomalies.explain_range_instances, ("range_instances", "cpu_gaps", "steps"),
              "why each flagged range instance was long", "anomalies"),
-    Analysis("range statistics", "rank 3", range_statistics, ("range_instances",), "statistics per range name",
+    Analysis("range statistics", "rank 3", ranges.range_statistics, ("range_instances",), "statistics per range name",
              "ranges"),
-    Analysis("top kernels", "rank 3", top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
-    Analysis("straggler windows", "job 2", straggler_windows, ("collectives", "steps", "alignment"),
+    Analysis("top kernels", "rank 3", inventory.top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
+    Analysis("straggler windows", "job 2", multirank.straggler_windows, ("collectives", "steps", "alignment"),
              "the window before each costly collective, per rank"),
-    Analysis("window breakdown", "rank 3", window_breakdown, ("interval sets", "straggler windows"),
+    Analysis("window breakdown", "rank 3", breakdown.window_breakdown, ("interval sets", "straggler windows"),
              "time per category in each window"),
-    Analysis("straggler reasons", "job 3", reasons_from_windows, ("collectives", "window breakdown"),
+    Analysis("straggler reasons", "job 3", multirank.reasons_from_windows, ("collectives", "window breakdown"),
              "why each straggler was late", "stragglers"),
-    Analysis("compute phase times", "rank 3", compute_phase_times, ("intervals", "gpu", "steps"),
+    Analysis("compute phase times", "rank 3", multirank.compute_phase_times, ("intervals", "gpu", "steps"),
              "GPU time of attention and experts per (step, rank)"),
-    Analysis("load imbalance", "job 3", imbalance_from, ("compute phase times", "collectives", "steps"),
+    Analysis("load imbalance", "job 3", multirank.imbalance_from, ("compute phase times", "collectives", "steps"),
              "modeled step time now and balanced", "imbalance"),
 )
 """Every analysis, in the order the engine runs it."""
