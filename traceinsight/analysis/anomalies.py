@@ -164,11 +164,11 @@ def flag_steps(steps: pl.DataFrame, options: AnomalyOptions = AnomalyOptions()) 
     spread estimate; every step is then judged against the median of its usable neighbours.
     Steps are judged on ``judged_ns`` where present (:func:`judged_durations`).
 
+    Reads one rank's step table; returns it with the flag columns.
+
     Examples
     --------
     >>> flag_steps(breakdown.steps).filter("anomalous").select("rank", "step")  # doctest: +SKIP
-
-    Reads one rank's step table; returns it with the flag columns.
     """
     frames = []
     column = "judged_ns" if "judged_ns" in steps.columns else "duration_ns"

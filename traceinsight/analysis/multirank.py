@@ -765,9 +765,10 @@ def phase_expr(column: str = "name") -> pl.Expr:
     """:func:`phase_class` as a polars expression (every distinct name at once).
 
     One Aho-Corasick search per phase, ASCII case folded: the same answer as Python's
-    ``lower()`` for these all-ASCII words (the only non-ASCII letter that lowercases to an
-    ASCII one is the Kelvin sign, to ``k``, which no word holds), at a fifth of the cost
-    of lowercasing every name and searching each word apart."""
+    ``lower()`` for these all-ASCII words (of the non-ASCII letters whose lowercase holds an
+    ASCII letter, the Kelvin sign gives ``k``, which no word holds, and ``İ`` gives ``i`` and a
+    combining dot, which no word ends before), at a fifth of the cost of lowercasing every
+    name and searching each word apart."""
     name = pl.col(column)
     expr = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
     for phase, words in PHASE_WORDS:

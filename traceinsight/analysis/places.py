@@ -54,10 +54,9 @@ class RangeTree:
         # child, if it is on the same thread and has not ended: a sorted search per level.
         depth = ranges.get_column("depth").to_numpy()
         end = ranges.get_column("end_ns").to_numpy()
-        thread_first = (
-            ranges.select(pl.col("node").min().over(THREAD)).to_series().to_numpy()
-            if ranges.height else np.zeros(0, dtype=np.int64)
-        )
+        runs = _thread_runs(ranges)
+        thread_first = ranges.select(THREAD).join(runs, on=THREAD, how="left", nulls_equal=True, maintain_order="left") \
+            .get_column("_first").to_numpy()
         parent = np.full(ranges.height, -1, dtype=np.int64)
         levels = np.unique(depth) if ranges.height else []
         for level in levels:
@@ -69,7 +68,7 @@ class RangeTree:
             candidate = np.where(at >= 0, above[np.maximum(at, 0)], -1)
             ok = (candidate >= thread_first[children]) & (end[np.maximum(candidate, 0)] >= end[children])
             parent[children] = np.where(ok, candidate, -1)
-        self._adopt(ranges.with_columns(parent=pl.Series(parent).replace(-1, None)))
+        self._adopt(ranges.with_columns(parent=pl.Series(parent).replace(-1, None)), runs)
 
     @classmethod
     def from_frame(cls, frame: pl.DataFrame) -> RangeTree:
@@ -79,14 +78,14 @@ class RangeTree:
         tree._adopt(frame)
         return tree
 
-    def _adopt(self, frame: pl.DataFrame) -> None:
+    def _adopt(self, frame: pl.DataFrame, runs: pl.DataFrame | None = None) -> None:
         self.frame = frame
+        self._runs = runs if runs is not None else _thread_runs(frame)
         self.parent = self.frame.get_column("parent").fill_null(-1).to_numpy()
         self.start = self.frame.get_column("start_ns").to_numpy()
         self.end = self.frame.get_column("end_ns").to_numpy()
         self.names = self.frame.get_column("name")
         self._paths: pl.Series | None = None
-        self._runs: pl.DataFrame | None = None
         self.max_depth = int(self.frame.get_column("depth").max() or 0) if self.frame.height else 0
 
     def innermost(self, points: pl.DataFrame, *, time_column: str, until: str | None = None) -> np.ndarray:
@@ -104,7 +103,7 @@ class RangeTree:
             *[pl.col(c).cast(self.frame.schema[c]) for c in THREAD],
             pl.col(time_column).alias("_t"),
             (pl.col(until) if until else pl.col(time_column)).alias("_until"),
-        ).join(self._thread_runs(), on=THREAD, how="left", maintain_order="left")
+        ).join(self._runs, on=THREAD, how="left", maintain_order="left")
         # A point without a time is in no range; a span without an end is held by any.
         timed = keyed.get_column("_t").is_not_null().to_numpy()
         times = keyed.get_column("_t").fill_null(0).to_numpy()
@@ -127,12 +126,6 @@ class RangeTree:
                 break
             node = np.where(outside, self.parent[safe], node)
         return node
-
-    def _thread_runs(self) -> pl.DataFrame:
-        """Per thread, its first and last node number."""
-        if self._runs is None:
-            self._runs = self.frame.group_by(THREAD).agg(_first=pl.col("node").min(), _last=pl.col("node").max())
-        return self._runs
 
     def path(self, node: int, *, skip: tuple[str, ...] = ()) -> list[str]:
         """Names from the outermost range down to ``node``."""
@@ -181,6 +174,11 @@ class RangeTree:
                     paths = paths.scatter(children, joined)
             self._paths = paths
         return self._paths
+
+
+def _thread_runs(nodes: pl.DataFrame) -> pl.DataFrame:
+    """Per thread, its first and last node number (a thread's nodes are one run)."""
+    return nodes.group_by(THREAD).agg(_first=pl.col("node").min(), _last=pl.col("node").max())
 
 
 def sorted_rows(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:

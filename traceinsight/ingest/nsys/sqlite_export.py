@@ -442,8 +442,8 @@ class _Export:
                 else:
                     statement.execute_update()
                     result["frame"] = pl.DataFrame()
-            except Exception as exc:  # noqa: BLE001 - any failure means: use sqlite3
-                result["error"] = exc
+            except Exception:  # noqa: BLE001 - any failure means: use sqlite3 (no "frame")
+                pass
             finally:
                 statement.close()
 
