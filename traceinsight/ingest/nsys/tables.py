@@ -283,21 +283,25 @@ class _EventTables:
             return None
         return frame.with_columns(kind=pl.lit("memset"), name=pl.lit("Memset"))
 
-    def cuda_api(self) -> pl.DataFrame | None:
-        table = self.export.table(RUNTIME_TABLE)
+    def _thread_events(self, base: str, extra: list[tuple[str, str, pl.DataType]]) -> pl.DataFrame | None:
+        """Start, end and ``_global_tid`` of a table of CPU-thread events, with ``extra``
+        fields; ``None`` where the table or those columns are missing."""
+        table = self.export.table(base)
         if not self._usable(table, "start", "end", "globalTid"):
             return None
-        frame = self.export.read(
+        return self.export.read(
             table,
-            [
-                ("start_ns", "start", _INT),
-                ("end_ns", "end", _INT),
-                ("_global_tid", "globalTid", _INT),
-                ("correlation", "correlationId", _INT),
-                ("_name_id", "nameId", _INT),
-                ("_event_class", "eventClass", _INT),
-            ],
+            [("start_ns", "start", _INT), ("end_ns", "end", _INT), ("_global_tid", "globalTid", _INT), *extra],
         )
+
+    def cuda_api(self) -> pl.DataFrame | None:
+        frame = self._thread_events(RUNTIME_TABLE, [
+            ("correlation", "correlationId", _INT),
+            ("_name_id", "nameId", _INT),
+            ("_event_class", "eventClass", _INT),
+        ])
+        if frame is None:
+            return None
         # Strip the version suffix once per distinct name, not once per call.
         used_ids = frame.select(pl.col("_name_id").unique().alias("id"))
         names = self.strings.join(used_ids, on="id", how="semi").select(
@@ -450,19 +454,9 @@ class _EventTables:
         )
 
     def osrt_calls(self) -> pl.DataFrame | None:
-        table = self.export.table(OSRT_TABLE)
-        if not self._usable(table, "start", "end", "globalTid"):
+        frame = self._thread_events(OSRT_TABLE, [("_name_id", "nameId", _INT), ("_callchain", "callchainId", _INT)])
+        if frame is None:
             return None
-        frame = self.export.read(
-            table,
-            [
-                ("start_ns", "start", _INT),
-                ("end_ns", "end", _INT),
-                ("_global_tid", "globalTid", _INT),
-                ("_name_id", "nameId", _INT),
-                ("_callchain", "callchainId", _INT),
-            ],
-        )
         frame = self._with_string(frame, "_name_id", "name").with_columns(
             *_process_columns("_global_tid", with_thread=True), kind=pl.lit("osrt")
         )
