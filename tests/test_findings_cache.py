@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 
@@ -132,3 +133,30 @@ def test_explain_from_kept_places_equals_explain_that_builds_them():
     for rank, step in flagged + calm:
         kept = step_postmortem(findings, step=step, rank=rank)
         assert kept == step_postmortem(rebuilt, step=step, rank=rank), (rank, step)
+
+
+def test_a_stored_frame_is_checked_column_by_column_against_the_analysis(tmp_path):
+    # The check after writing reads each stored frame a column at a time (the flood's range
+    # instances are 100 MB); it must still catch any difference of schema, order or value.
+    frame = pl.DataFrame({"a": [1, None, 3], "b": ["x", "y", None], "c": [0.5, float("nan"), 2.0]})
+    path = str(tmp_path / "f.arrow")
+    frame.write_ipc(path, compression="lz4")
+    assert findings_cache._stored_frame_equals(path, frame)
+    assert not findings_cache._stored_frame_equals(path, frame.with_columns(pl.col("c").fill_nan(1.0)))
+    assert not findings_cache._stored_frame_equals(path, frame.with_columns(pl.col("a").cast(pl.Int32)))
+    assert not findings_cache._stored_frame_equals(path, frame.select("b", "a", "c"))
+    assert not findings_cache._stored_frame_equals(path, frame.head(2))
+    empty = pl.DataFrame()
+    empty.write_ipc(path)
+    assert findings_cache._stored_frame_equals(path, empty)
+    # Within a whole entry: a frame changed on disk after writing makes the entry unequal.
+    frames: dict = {"prefix": "t"}
+    value = {"x": frame, "y": [1, 2]}
+    document = findings_cache._encode(value, frames)
+    for name, stored in frames.items():
+        if name != "prefix":
+            stored.write_ipc(str(tmp_path / name))
+    (tmp_path / "t.json").write_text(json.dumps(document))
+    assert findings_cache._reads_back_equal(str(tmp_path), "t.json", value)
+    frame.with_columns(pl.col("a").fill_null(2)).write_ipc(str(tmp_path / document["x"]["__frame__"]))
+    assert not findings_cache._reads_back_equal(str(tmp_path), "t.json", value)

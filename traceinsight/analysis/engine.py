@@ -111,6 +111,12 @@ class RankWorker:
 
     def finish(self, steps: pl.DataFrame, windows: pl.DataFrame, *, keep_details: bool) -> dict:
         model, options = self.model, self.options
+        # The analyses that need only the model and the GPU activities run first, so that
+        # their temporaries are freed before the range instances and CPU gaps pile up.
+        compute_times = compute_phase_times(model, self.gpu, steps, step_labels=self.marker_names)
+        kernels = top_kernels(model, limit=10)
+        launch_counts = launches_per_step(self.gpu, steps)
+        release_freed_memory()
         gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
         # Step markers are annotations too, but the step table already covers them. Names
         # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
@@ -123,7 +129,6 @@ class RankWorker:
             self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options,
             first_is_warmup=self.table.source == "whole trace",
         )
-        launch_counts = launches_per_step(self.gpu, steps)
         sync_gaps = self.result.gaps.filter(pl.col("category") == "host_sync")
         places = None
         if steps.get_column("anomalous").any() or instances.get_column("anomalous").any():
@@ -151,13 +156,13 @@ class RankWorker:
             **details,
             "cpu_gap_causes": summarize_causes(gaps),
             "ranges": range_statistics(instances),
-            "top_kernels": top_kernels(model, limit=10),
+            "top_kernels": kernels,
             "launch_counts": launch_counts,
             "step_anomalies": step_anomalies,
             "range_anomalies": range_anomalies,
             "notes": notes,
             "broken_windows": broken,
-            "compute_times": compute_phase_times(model, self.gpu, steps, step_labels=self.marker_names),
+            "compute_times": compute_times,
         }
 
 

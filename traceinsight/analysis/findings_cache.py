@@ -132,8 +132,29 @@ def _decode(value, frames: dict[str, pl.DataFrame]):
     return {key: _decode(item, frames) for key, item in value.items()}
 
 
+class _StoredFrame:
+    """A frame of an entry, named but not read: :func:`_same` reads it when it compares it,
+    so that checking an entry holds one stored frame in memory at a time, not all of them."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class _StoredFrames(dict):
+    """``_decode``'s frames for checking a folder: each name stands for its file."""
+
+    def __init__(self, folder: str) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def __missing__(self, name: str) -> _StoredFrame:
+        return _StoredFrame(os.path.join(self.folder, name))
+
+
 def _same(a, b) -> bool:
     """Equal values of identical types, all the way down (frames: schema and values)."""
+    if type(a) is _StoredFrame:
+        return isinstance(b, pl.DataFrame) and _stored_frame_equals(a.path, b)
     if type(a) is not type(b):
         return False
     if isinstance(a, pl.DataFrame):
@@ -159,6 +180,26 @@ def _write(folder: str, name: str, value) -> None:
             frame.write_ipc(os.path.join(folder, frame_name), compression="lz4")
     with open(os.path.join(folder, name), "w", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def _stored_frame_equals(path: str, frame: pl.DataFrame) -> bool:
+    """Whether the Arrow IPC file at ``path`` holds ``frame`` (schema and values), read one
+    column at a time: the largest findings hold 100 MB frames, checked beside the analysis."""
+    if list(pl.read_ipc_schema(path).items()) != list(frame.schema.items()):
+        return False
+    if not frame.width:
+        return pl.read_ipc(path).height == frame.height
+    return all(
+        pl.read_ipc(path, columns=[name]).to_series().equals(frame.get_column(name), null_equal=True)
+        for name in frame.columns
+    )
+
+
+def _reads_back_equal(folder: str, name: str, value) -> bool:
+    """Whether ``name`` in ``folder`` holds ``value`` exactly, reading its frames one by one."""
+    with open(os.path.join(folder, name), encoding="utf-8") as handle:
+        document = json.load(handle)
+    return _same(_decode(document, _StoredFrames(folder)), value)
 
 
 def _read(folder: str, name: str):
@@ -217,11 +258,11 @@ def store(entry: str, findings, timelines: dict | None = None) -> bool:
         staging = tempfile.mkdtemp(prefix=".staging-", dir=model_entry)
         try:
             _write(staging, "findings.json", fields)
-            if not _same(_read(staging, "findings.json"), fields):
+            if not _reads_back_equal(staging, "findings.json", fields):
                 raise _Unstorable("findings do not read back equal")
             if timelines is not None:
                 _write(staging, _TIMELINES, timelines)
-                if not _same(_read(staging, _TIMELINES), timelines):
+                if not _reads_back_equal(staging, _TIMELINES, timelines):
                     raise _Unstorable("timelines do not read back equal")
             os.rename(staging, final)
         except BaseException:
@@ -240,7 +281,7 @@ def store_timelines(entry: str, timelines: dict) -> bool:
         staging = tempfile.mkdtemp(prefix=".staging-", dir=entry)
         try:
             _write(staging, _TIMELINES, timelines)
-            if not _same(_read(staging, _TIMELINES), timelines):
+            if not _reads_back_equal(staging, _TIMELINES, timelines):
                 raise _Unstorable("timelines do not read back equal")
             for name in sorted(os.listdir(staging), key=lambda n: n == _TIMELINES):
                 os.replace(os.path.join(staging, name), os.path.join(entry, name))

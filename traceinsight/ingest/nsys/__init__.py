@@ -170,13 +170,18 @@ def _build_model(export: _Export, *, warnings: list[str]) -> TraceModel:
     )
 
     if parts:
-        intervals = pl.concat(
-            [part.with_columns(rank=to_rank) for part in parts], how="diagonal_relaxed"
+        intervals = _conformed(
+            pl.concat([part.with_columns(rank=to_rank) for part in parts], how="diagonal_relaxed"),
+            INTERVAL_SCHEMA,
         )
-        intervals = _conformed(intervals, INTERVAL_SCHEMA).sort(
+        # Peak memory: the tables are dropped once they are one frame, and the rows are
+        # checked before the sort (a stable sort keeps the same order either way): at most
+        # two copies of the intervals exist at once, not four.
+        del parts, runtime
+        intervals = guard.valid_intervals(intervals, warnings).sort(
             ["rank", "start_ns"], nulls_last=True, maintain_order=True
         )
-        intervals = with_depth(guard.valid_intervals(intervals, warnings))
+        intervals = with_depth(intervals)
     else:
         intervals = empty_frame(INTERVAL_SCHEMA)
 
