@@ -205,20 +205,23 @@ def _reads_back_equal(folder: str, name: str, value) -> bool:
 def _read(folder: str, name: str):
     with open(os.path.join(folder, name), encoding="utf-8") as handle:
         document = json.load(handle)
-    frames: dict[str, pl.DataFrame] = {}
+    names: list[str] = []
 
     def collect(node) -> None:
         if type(node) is list:
             for item in node:
                 collect(item)
         elif type(node) is dict:
-            if "__frame__" in node and node["__frame__"] not in frames:
-                frames[node["__frame__"]] = pl.read_ipc(os.path.join(folder, node["__frame__"]))
+            if "__frame__" in node and node["__frame__"] not in names:
+                names.append(node["__frame__"])
             for item in node.values():
                 collect(item)
 
     collect(document)
-    return _decode(document, frames)
+    # All frames in one collect: polars decodes the files on all cores at once (a second
+    # question's time is mostly this and the imports).
+    read = pl.collect_all([pl.scan_ipc(os.path.join(folder, name)) for name in names])
+    return _decode(document, dict(zip(names, read)))
 
 
 # -- entries -----------------------------------------------------------------------------------
