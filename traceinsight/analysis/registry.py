@@ -14,23 +14,8 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges, steps
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """One analysis: ``function`` reads ``reads`` and returns ``returns``, which becomes the
-    ``field`` of the findings (or feeds a later analysis where ``field`` is empty)."""
-
-    name: str
-    phase: str
-    function: Callable
-    reads: tuple[str, ...]
-    returns: str
-    field: str = ""
+from traceinsight.analysis.descriptor import Analysis
 
 
 ANALYSES: tuple[Analysis, ...] = (
@@ -82,4 +67,4 @@ ANALYSES: tuple[Analysis, ...] = (
 """Every analysis, in the order the engine runs it."""
 
 
-__all__ = ["ANALYSES", "Analysis"]
+__all__ = ["ANALYSES"]
