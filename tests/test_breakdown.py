@@ -7,7 +7,7 @@ import pytest
 
 from conftest import US, annotation, build_model, kernel, launch
 from traceinsight.analysis.breakdown import CATEGORIES, step_breakdown
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.analyzers.steps import find_steps
 
 
 def _breakdown(model, **kwargs):

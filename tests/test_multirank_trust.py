@@ -209,7 +209,7 @@ def test_balanced_model_counts_a_kernel_once_under_nested_attention_ranges():
 def test_nested_phase_ranges_count_their_kernel_once_hand_built():
     from traceinsight.analysis.breakdown import gpu_activities
     from traceinsight.analysis.multirank import compute_phase_times
-    from traceinsight.analysis.steps import find_steps
+    from traceinsight.analysis.analyzers.steps import find_steps
 
     model = build_model([
         annotation("step 1", 0, 1000),

@@ -40,7 +40,7 @@ import polars as pl
 
 from traceinsight.analysis import intervals as iv
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, comm_kernel_expr, host_sync_expr
-from traceinsight.analysis.steps import StepTable
+from traceinsight.analysis.step_table import StepTable
 from traceinsight.model import TraceModel, compact_nulls
 
 CATEGORIES = (

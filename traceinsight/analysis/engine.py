@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.analysis.anomalies import (
     AnomalyOptions,
     assign_to_steps,
@@ -65,7 +66,6 @@ from traceinsight.analysis.multirank import (
 from traceinsight.analysis.findings import Findings
 from traceinsight.analysis.ranges import range_instances, range_statistics
 from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
-from traceinsight.analysis.steps import find_steps
 from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel
 

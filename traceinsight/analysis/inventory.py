@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.model import INTERVAL_KINDS, TraceModel
 
 

@@ -14,12 +14,13 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges, steps
+from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges
+from traceinsight.analysis.analyzers import steps
 from traceinsight.analysis.descriptor import Analysis
 
 
 ANALYSES: tuple[Analysis, ...] = (
-    Analysis("steps", "rank 1", steps.find_steps, ("intervals",), "step windows and where they came from", "steps"),
+    steps.ANALYSIS,
     Analysis("GPU activities", "rank 1", breakdown.gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
              "gpu"),
     Analysis("communication kernels", "rank 1", multirank.communication_kernels, ("gpu", "steps"),

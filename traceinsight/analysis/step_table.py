@@ -1,0 +1,55 @@
+"""The step table the analyses pass along: :class:`StepTable`, what
+:func:`~traceinsight.analysis.analyzers.steps.find_steps` returns, and its schema."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import polars as pl
+
+
+STEP_SCHEMA = {
+    "rank": pl.Int32,
+    "step": pl.Int64,
+    "label": pl.String,
+    "start_ns": pl.Int64,
+    "end_ns": pl.Int64,
+    "marker_end_ns": pl.Int64,
+    "pid": pl.Int64,
+    "tid": pl.Int64,
+}
+
+
+@dataclass
+class StepTable:
+    """Steps of every rank.
+
+    Attributes
+    ----------
+    steps
+        One row per (rank, step): ``rank, step, label, start_ns, end_ns`` (the accounting
+        window), ``marker_end_ns`` (the marker's own CPU-side end), ``pid, tid``.
+    source
+        ``"marker"`` when numbered markers were found, ``"repeated range 'NAME'"`` when an
+        un-numbered range around every iteration was, ``"whole trace"`` for the fallback.
+    pattern
+        The regular expression used.
+    """
+
+    steps: pl.DataFrame
+    source: str
+    pattern: str
+
+    def marker_names(self, intervals: pl.DataFrame) -> list[str]:
+        """Every annotation name that is a step marker (``ProfilerStep#3`` and ``step 3``
+        may both mark one step); ranges analyses leave them out."""
+        # The regex first, then the few matches made unique: an emit_nvtx trace has
+        # hundreds of thousands of distinct annotation names.
+        return (
+            intervals.lazy()
+            .filter(pl.col("kind") == "annotation")
+            .select(pl.col("name").filter(pl.col("name").str.contains(self.pattern)).unique())
+            .collect()
+            .to_series()
+            .to_list()
+        )
