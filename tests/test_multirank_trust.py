@@ -207,7 +207,7 @@ def test_balanced_model_counts_a_kernel_once_under_nested_attention_ranges():
 
 
 def test_nested_phase_ranges_count_their_kernel_once_hand_built():
-    from traceinsight.analysis.breakdown import gpu_activities
+    from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
     from traceinsight.analysis.multirank import compute_phase_times
     from traceinsight.analysis.analyzers.steps import find_steps
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.classify import GAP_CAUSES
 from traceinsight.analysis.places import LIBRARY_RANGES, PATH_SEPARATOR, RangeTree, join_path
 

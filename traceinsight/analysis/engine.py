@@ -28,7 +28,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
 from traceinsight.analysis.analyzers.steps import find_steps
+from traceinsight.analysis.analyzers.window_breakdown import window_breakdown
 from traceinsight.analysis.anomalies import (
     AnomalyOptions,
     assign_to_steps,
@@ -42,7 +45,6 @@ from traceinsight.analysis.anomalies import (
     launches_per_step,
     Places,
 )
-from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
 from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
 from traceinsight.analysis.inventory import top_kernels

@@ -60,7 +60,7 @@ import numpy as np
 import polars as pl
 
 from traceinsight.analysis.anomalies import LIBRARY_RANGES, assign_to_steps
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.schemas import (
     IMBALANCE_SCHEMA,
     STRAGGLER_SCHEMA,

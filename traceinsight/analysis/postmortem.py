@@ -11,7 +11,7 @@ from __future__ import annotations
 import polars as pl
 
 from traceinsight.analysis.anomalies import Places, assign_to_steps, explain_steps
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.multirank import step_straggler, who_waited_for_whom
 from traceinsight.analysis.findings import Findings
 from traceinsight.errors import TraceInputError

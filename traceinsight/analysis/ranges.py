@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.breakdown import gpu_activities
+from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
 from traceinsight.model import TraceModel
 
 INSTANCE_KEYS = ["rank", "pid", "tid"]

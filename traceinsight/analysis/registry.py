@@ -14,15 +14,14 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges
-from traceinsight.analysis.analyzers import steps
+from traceinsight.analysis import anomalies, cpu_gaps, inventory, multirank, ranges
+from traceinsight.analysis.analyzers import gpu_activities, step_breakdown, steps, window_breakdown
 from traceinsight.analysis.descriptor import Analysis
 
 
 ANALYSES: tuple[Analysis, ...] = (
     steps.ANALYSIS,
-    Analysis("GPU activities", "rank 1", breakdown.gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
-             "gpu"),
+    gpu_activities.ANALYSIS,
     Analysis("communication kernels", "rank 1", multirank.communication_kernels, ("gpu", "steps"),
              "collective kernels per step"),
     Analysis("collective details", "rank 1", multirank.enrich_collectives, ("intervals", "communication kernels"),
@@ -32,8 +31,7 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("waits", "job 1", multirank.match_waits, ("paired collectives", "alignment"),
              "arrival, wait and transfer per (collective, rank)", "collectives"),
     Analysis("who waited for whom", "job 1", multirank.wait_table, ("collectives",), "one row per wait", "waits"),
-    Analysis("step breakdown", "rank 2", breakdown.step_breakdown, ("intervals", "steps", "gpu", "wait spans"),
-             "time per category per step, and the gap pieces"),
+    step_breakdown.ANALYSIS,
     Analysis("judged durations", "rank 2", anomalies.judged_durations, ("step breakdown", "gpu"),
              "the time each step is judged on"),
     Analysis("step flags", "rank 2", anomalies.flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
@@ -56,8 +54,7 @@ ANALYSES: tuple[Analysis, ...] = (
     Analysis("top kernels", "rank 3", inventory.top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
     Analysis("straggler windows", "job 2", multirank.straggler_windows, ("collectives", "steps", "alignment"),
              "the window before each costly collective, per rank"),
-    Analysis("window breakdown", "rank 3", breakdown.window_breakdown, ("interval sets", "straggler windows"),
-             "time per category in each window"),
+    window_breakdown.ANALYSIS,
     Analysis("straggler reasons", "job 3", multirank.reasons_from_windows, ("collectives", "window breakdown"),
              "why each straggler was late", "stragglers"),
     Analysis("compute phase times", "rank 3", multirank.compute_phase_times, ("intervals", "gpu", "steps"),
