@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 
 from traceinsight.analysis.classify import cause_of_name
-from traceinsight.analysis.cpu_gaps import _weights_from_intervals
-from traceinsight.analysis.ranges import range_statistics
+from traceinsight.analysis.analyzers.cpu_gap_causes import _weights_from_intervals
+from traceinsight.analysis.analyzers.range_statistics import range_statistics
 
 NAMES = [
     "malloc", "MALLOC", "free", "_int_malloc", "mmap64", "futex", "pthread_mutex_lock", "nanosleep",

@@ -40,7 +40,7 @@ LAUNCH_API = re.compile(
 
 #: Causes of a CPU gap, in the order they are tried on a stack (innermost frame first).
 #: ``host_sync`` is not read from stacks: it is a gap that follows a synchronizing call
-#: which drained the GPU queue (:mod:`traceinsight.analysis.cpu_gaps`).
+#: which drained the GPU queue (:mod:`traceinsight.analysis.analyzers.cpu_gap_causes`).
 GAP_CAUSES = (
     "garbage_collection",
     "module_loading",

@@ -28,9 +28,14 @@ from dataclasses import dataclass
 
 import polars as pl
 
+from traceinsight.analysis.analyzers.cause_totals import summarize_causes
+from traceinsight.analysis.analyzers.cpu_gap_causes import attribute_cpu_gaps
 from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+from traceinsight.analysis.analyzers.range_instances import range_instances
+from traceinsight.analysis.analyzers.range_statistics import range_statistics
 from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
 from traceinsight.analysis.analyzers.steps import find_steps
+from traceinsight.analysis.analyzers.top_kernels import top_kernels
 from traceinsight.analysis.analyzers.window_breakdown import window_breakdown
 from traceinsight.analysis.anomalies import (
     AnomalyOptions,
@@ -46,8 +51,6 @@ from traceinsight.analysis.anomalies import (
     Places,
 )
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
-from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
-from traceinsight.analysis.inventory import top_kernels
 from traceinsight.analysis.multirank import (
     Alignment,
     collective_ops,
@@ -66,7 +69,6 @@ from traceinsight.analysis.multirank import (
     wait_table,
 )
 from traceinsight.analysis.findings import Findings
-from traceinsight.analysis.ranges import range_instances, range_statistics
 from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
 from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel

@@ -14,8 +14,18 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from traceinsight.analysis import anomalies, cpu_gaps, inventory, multirank, ranges
-from traceinsight.analysis.analyzers import gpu_activities, step_breakdown, steps, window_breakdown
+from traceinsight.analysis import anomalies, multirank
+from traceinsight.analysis.analyzers import (
+    cause_totals,
+    cpu_gap_causes,
+    gpu_activities,
+    range_instances,
+    range_statistics,
+    step_breakdown,
+    steps,
+    top_kernels,
+    window_breakdown,
+)
 from traceinsight.analysis.descriptor import Analysis
 
 
@@ -36,12 +46,9 @@ ANALYSES: tuple[Analysis, ...] = (
              "the time each step is judged on"),
     Analysis("step flags", "rank 2", anomalies.flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
     Analysis("job step flags", "job 2", anomalies.flag_job_steps, ("every rank's flagged steps",), "the job's flags", "steps"),
-    Analysis("CPU-gap causes", "rank 3", cpu_gaps.attribute_cpu_gaps, ("intervals", "samples", "gap pieces"),
-             "every CPU gap with cause and evidence", "cpu_gaps"),
-    Analysis("cause totals", "rank 3", cpu_gaps.summarize_causes, ("cpu_gaps",), "CPU-gap time per (step, cause)",
-             "cpu_gap_causes"),
-    Analysis("range instances", "rank 3", ranges.range_instances, ("intervals", "gpu"),
-             "one row per annotation instance with its GPU work", "range_instances"),
+    cpu_gap_causes.ANALYSIS,
+    cause_totals.ANALYSIS,
+    range_instances.ANALYSIS,
     Analysis("range flags", "rank 3", anomalies.flag_range_instances, ("range instances", "steps"),
              "instances with typical time and flag", "range_instances"),
     Analysis("launch counts", "rank 3", anomalies.launches_per_step, ("gpu", "steps"), "launches per step", "launch_counts"),
@@ -49,9 +56,8 @@ ANALYSES: tuple[Analysis, ...] = (
              "where each flagged step's time went and why", "anomalies"),
     Analysis("range findings", "rank 3", anomalies.explain_range_instances, ("range_instances", "cpu_gaps", "steps"),
              "why each flagged range instance was long", "anomalies"),
-    Analysis("range statistics", "rank 3", ranges.range_statistics, ("range_instances",), "statistics per range name",
-             "ranges"),
-    Analysis("top kernels", "rank 3", inventory.top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
+    range_statistics.ANALYSIS,
+    top_kernels.ANALYSIS,
     Analysis("straggler windows", "job 2", multirank.straggler_windows, ("collectives", "steps", "alignment"),
              "the window before each costly collective, per rank"),
     window_breakdown.ANALYSIS,

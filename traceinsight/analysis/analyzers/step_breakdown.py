@@ -24,7 +24,7 @@ rank is the union of its kernels, copies and memsets on all its streams.
 ``cpu_gap``
     The GPU is idle because the host had not yet launched the next GPU work: the launch call of
     the activity that ends the idle period started after the GPU ran dry (within
-    :data:`LAUNCH_LATENCY_NS`). :mod:`traceinsight.analysis.cpu_gaps` says what the host did.
+    :data:`LAUNCH_LATENCY_NS`). :mod:`traceinsight.analysis.analyzers.cpu_gap_causes` says what the host did.
 ``idle``
     Everything else: the GPU is idle although its next work was already queued (waiting on an
     event or another stream), the launch of the next work is not in the trace, or no GPU work
