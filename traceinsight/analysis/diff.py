@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 
 from traceinsight._version import __version__
-from traceinsight.analysis.anomalies import assign_to_steps
 from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.findings import Findings
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight.errors import TraceInputError
 
 __all__ = [

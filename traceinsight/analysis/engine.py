@@ -31,25 +31,20 @@ import polars as pl
 from traceinsight.analysis.analyzers.cause_totals import summarize_causes
 from traceinsight.analysis.analyzers.cpu_gap_causes import attribute_cpu_gaps
 from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+from traceinsight.analysis.analyzers.job_step_flags import flag_job_steps
+from traceinsight.analysis.analyzers.judged_durations import judged_durations
+from traceinsight.analysis.analyzers.launch_counts import launches_per_step
+from traceinsight.analysis.analyzers.range_findings import MAX_RANGE_FINDINGS_PER_STEP, explain_range_instances
+from traceinsight.analysis.analyzers.range_flags import flag_range_instances
 from traceinsight.analysis.analyzers.range_instances import range_instances
 from traceinsight.analysis.analyzers.range_statistics import range_statistics
 from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
+from traceinsight.analysis.analyzers.step_findings import explain_steps
+from traceinsight.analysis.analyzers.step_flags import flag_steps
 from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.analysis.analyzers.top_kernels import top_kernels
 from traceinsight.analysis.analyzers.window_breakdown import window_breakdown
-from traceinsight.analysis.anomalies import (
-    AnomalyOptions,
-    assign_to_steps,
-    MAX_RANGE_FINDINGS_PER_STEP,
-    explain_range_instances,
-    explain_steps,
-    flag_job_steps,
-    flag_range_instances,
-    flag_steps,
-    judged_durations,
-    launches_per_step,
-    Places,
-)
+from traceinsight.analysis.anomaly_options import AnomalyOptions
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
 from traceinsight.analysis.multirank import (
     Alignment,
@@ -69,7 +64,9 @@ from traceinsight.analysis.multirank import (
     wait_table,
 )
 from traceinsight.analysis.findings import Findings
+from traceinsight.analysis.places import Places
 from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel
 

@@ -59,8 +59,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.anomalies import LIBRARY_RANGES, assign_to_steps
 from traceinsight.analysis.categories import CATEGORIES
+from traceinsight.analysis.places import LIBRARY_RANGES
 from traceinsight.analysis.schemas import (
     IMBALANCE_SCHEMA,
     STRAGGLER_SCHEMA,
@@ -69,6 +69,7 @@ from traceinsight.analysis.schemas import (
     frame_of,
     rank_mapping,
 )
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight.model import TraceModel
 
 

@@ -1,5 +1,6 @@
 """The step table the analyses pass along: :class:`StepTable`, what
-:func:`~traceinsight.analysis.analyzers.steps.find_steps` returns, and its schema."""
+:func:`~traceinsight.analysis.analyzers.steps.find_steps` returns, its schema, and
+:func:`assign_to_steps`, which gives the rows of any frame the step whose window holds them."""
 
 from __future__ import annotations
 
@@ -53,3 +54,18 @@ class StepTable:
             .to_series()
             .to_list()
         )
+
+
+def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: str = "start_ns") -> pl.DataFrame:
+    """Add ``step``: the step whose window holds ``time_column`` on the same rank (else null)."""
+    windows = steps.select("rank", pl.col("start_ns").alias("_w_start"), pl.col("end_ns").alias("_w_end"),
+                           pl.col("step")).sort("_w_start")
+    if "step" in frame.columns:
+        frame = frame.drop("step")
+    return (
+        frame.sort(time_column)
+        .join_asof(windows, left_on=time_column, right_on="_w_start", by="rank",
+                   strategy="backward", check_sortedness=False)
+        .with_columns(step=pl.when(pl.col(time_column) < pl.col("_w_end")).then(pl.col("step")))
+        .drop("_w_start", "_w_end")
+    )
