@@ -97,7 +97,7 @@ def test_phase_expr_classifies_as_phase_class():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from traceinsight.analysis.multirank import PHASE_WORDS, phase_class, phase_expr
+    from traceinsight.analysis.classify import PHASE_WORDS, phase_class, phase_expr
 
     def check(names):
         got = pl.DataFrame({"name": pl.Series(names, dtype=pl.String)}).select(phase_expr()).to_series().to_list()

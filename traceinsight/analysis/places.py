@@ -598,3 +598,30 @@ def _kernel_text(kernel: dict) -> str:
     if kernel["count"] != round(kernel["typical_count"]):
         text += f" ({kernel['count']} launches vs {kernel['typical_count']:.0f})"
     return text
+
+
+def _innermost_names(annotations: pl.DataFrame, rows: pl.DataFrame) -> list:
+    """For each row (``rank, pid, tid, t``), the name of the deepest annotation of its thread
+    that contains ``t`` (None where none does)."""
+    names_out = np.full(rows.height, None, dtype=object)
+    if annotations.is_empty() or rows.is_empty():
+        return names_out.tolist()
+    rows = rows.with_row_index("_i").filter(pl.col("tid").is_not_null())
+    # Ranges of one depth on one thread do not overlap: a sorted search finds the candidate
+    # at each depth; the deepest one that contains the time wins.
+    for (rank, pid, tid), part in rows.group_by("rank", "pid", "tid"):
+        thread = annotations.filter((pl.col("rank") == rank) & (pl.col("pid") == pid) & (pl.col("tid") == tid))
+        if thread.is_empty():
+            continue
+        times = part.get_column("t").to_numpy()
+        best = np.full(times.size, None, dtype=object)
+        for depth in sorted(thread.get_column("depth").unique().to_list()):
+            level = thread.filter(pl.col("depth") == depth).sort("start_ns")
+            starts = level.get_column("start_ns").to_numpy()
+            ends = level.get_column("end_ns").to_numpy()
+            names = level.get_column("name").to_numpy()
+            at = np.searchsorted(starts, times, side="right") - 1
+            inside = (at >= 0) & (times <= ends[np.clip(at, 0, None)])
+            best[inside] = names[at[inside]]
+        names_out[part.get_column("_i").to_numpy()] = best
+    return names_out.tolist()

@@ -14,14 +14,18 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from traceinsight.analysis import multirank
 from traceinsight.analysis.analyzers import (
     cause_totals,
+    collective_details,
+    collective_pairing,
+    communication_kernels,
+    compute_phase_times,
     cpu_gap_causes,
     gpu_activities,
     job_step_flags,
     judged_durations,
     launch_counts,
+    load_imbalance,
     range_findings,
     range_flags,
     range_instances,
@@ -30,7 +34,11 @@ from traceinsight.analysis.analyzers import (
     step_findings,
     step_flags,
     steps,
+    straggler_reasons,
+    straggler_windows,
     top_kernels,
+    wait_table,
+    waits,
     window_breakdown,
 )
 from traceinsight.analysis.descriptor import Analysis
@@ -39,15 +47,11 @@ from traceinsight.analysis.descriptor import Analysis
 ANALYSES: tuple[Analysis, ...] = (
     steps.ANALYSIS,
     gpu_activities.ANALYSIS,
-    Analysis("communication kernels", "rank 1", multirank.communication_kernels, ("gpu", "steps"),
-             "collective kernels per step"),
-    Analysis("collective details", "rank 1", multirank.enrich_collectives, ("intervals", "communication kernels"),
-             "collectives with phase, group and row counts"),
-    Analysis("collective pairing", "job 1", multirank.pair_collectives, ("collectives of every rank", "ranks"),
-             "paired collectives and the clock alignment", "alignment"),
-    Analysis("waits", "job 1", multirank.match_waits, ("paired collectives", "alignment"),
-             "arrival, wait and transfer per (collective, rank)", "collectives"),
-    Analysis("who waited for whom", "job 1", multirank.wait_table, ("collectives",), "one row per wait", "waits"),
+    communication_kernels.ANALYSIS,
+    collective_details.ANALYSIS,
+    collective_pairing.ANALYSIS,
+    waits.ANALYSIS,
+    wait_table.ANALYSIS,
     step_breakdown.ANALYSIS,
     judged_durations.ANALYSIS,
     step_flags.ANALYSIS,
@@ -61,15 +65,11 @@ ANALYSES: tuple[Analysis, ...] = (
     range_findings.ANALYSIS,
     range_statistics.ANALYSIS,
     top_kernels.ANALYSIS,
-    Analysis("straggler windows", "job 2", multirank.straggler_windows, ("collectives", "steps", "alignment"),
-             "the window before each costly collective, per rank"),
+    straggler_windows.ANALYSIS,
     window_breakdown.ANALYSIS,
-    Analysis("straggler reasons", "job 3", multirank.reasons_from_windows, ("collectives", "window breakdown"),
-             "why each straggler was late", "stragglers"),
-    Analysis("compute phase times", "rank 3", multirank.compute_phase_times, ("intervals", "gpu", "steps"),
-             "GPU time of attention and experts per (step, rank)"),
-    Analysis("load imbalance", "job 3", multirank.imbalance_from, ("compute phase times", "collectives", "steps"),
-             "modeled step time now and balanced", "imbalance"),
+    straggler_reasons.ANALYSIS,
+    compute_phase_times.ANALYSIS,
+    load_imbalance.ANALYSIS,
 )
 """Every analysis, in the order the engine runs it."""
 
