@@ -355,12 +355,15 @@ def _deepest_covering(hits: pl.DataFrame, gaps: pl.DataFrame) -> np.ndarray:
 def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: list[str] = ()) -> pl.DataFrame:
     """Give every ``cpu_gap`` piece a cause and evidence.
 
+    Reads the model's intervals and CPU samples and the breakdown's gap pieces; returns the
+    CPU gaps with their cause and evidence.
+
     Parameters
     ----------
     model
         The trace model.
     gaps
-        ``Breakdown.gaps`` from :func:`~traceinsight.analysis.breakdown.step_breakdown`.
+        ``Breakdown.gaps`` from :func:`~traceinsight.analysis.analyzers.step_breakdown.step_breakdown`.
     marker_names
         Step-marker annotations: they hold every gap of their step and so say nothing.
 

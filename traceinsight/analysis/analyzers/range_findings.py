@@ -71,7 +71,7 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
     """Each anomalous range instance as its own finding (inside flagged steps too).
 
     ``instances`` must carry the ``<category>_ns`` columns of their own window
-    (:meth:`~traceinsight.analysis.breakdown.Breakdown.window_breakdown`): the category that
+    (:meth:`~traceinsight.analysis.breakdown_result.Breakdown.window_breakdown`): the category that
     grew most against the median instance of the same name decides the cause. Left out: a
     range on a thread that never launches GPU work (a loader or metrics thread cannot hold
     up the GPU), and a range that only *waited* for GPU work launched elsewhere (its window

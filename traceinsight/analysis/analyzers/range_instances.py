@@ -69,6 +69,8 @@ def range_instances(
 ) -> pl.DataFrame:
     """One row per annotation instance with its launched GPU work.
 
+    Reads the model's annotations and the GPU activities; returns one row per instance.
+
     Parameters
     ----------
     model

@@ -14,6 +14,8 @@ __all__ = ["range_statistics"]
 def range_statistics(instances: pl.DataFrame) -> pl.DataFrame:
     """Per (rank, name): count and duration percentiles, lag and GPU time.
 
+    Reads the range instances; returns one row per (rank, name).
+
     Returns
     -------
     polars.DataFrame

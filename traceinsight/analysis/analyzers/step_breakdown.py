@@ -66,12 +66,15 @@ def step_breakdown(
 ) -> Breakdown:
     """Partition every step window of every rank into :data:`CATEGORIES`.
 
+    Reads the model's intervals, the steps, the GPU activities and the wait spans; returns the
+    time per category of every step and the GPU-idle pieces.
+
     Parameters
     ----------
     model
         The trace model.
     steps
-        From :func:`~traceinsight.analysis.steps.find_steps`.
+        From :func:`~traceinsight.analysis.analyzers.steps.find_steps`.
     waits
         Optional intervals (``rank, start_ns, end_ns``) during which a rank waited for others
         inside a collective (multi-rank analysis); their overlap with exposed communication

@@ -32,6 +32,9 @@ def explain_steps(
 ) -> list[dict]:
     """Where the time of each anomalous step went, and why (or of the steps in ``which``).
 
+    Reads the flagged steps, the range instances, the CPU gaps and the GPU activities; returns
+    one record per step finding.
+
     Parameters
     ----------
     steps
@@ -39,7 +42,7 @@ def explain_steps(
     instances
         Range instances with a ``step`` column (:func:`assign_to_steps`).
     cpu_gaps
-        Attributed CPU gaps (:func:`~traceinsight.analysis.cpu_gaps.attribute_cpu_gaps`).
+        Attributed CPU gaps (:func:`~traceinsight.analysis.analyzers.cpu_gap_causes.attribute_cpu_gaps`).
     launch_counts
         GPU activities launched per (rank, step) (:func:`launches_per_step`).
     gpu

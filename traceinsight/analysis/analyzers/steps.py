@@ -106,6 +106,9 @@ def _last_launched_gpu_end(intervals: pl.DataFrame, markers: pl.DataFrame) -> pl
 def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
     """Find each rank's steps and their accounting windows.
 
+    Reads the model's annotations, launch calls and GPU activities; returns the steps of every
+    rank and where they came from.
+
     Parameters
     ----------
     model

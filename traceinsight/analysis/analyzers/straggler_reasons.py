@@ -16,7 +16,7 @@ __all__ = ["reasons_from_windows"]
 
 def reasons_from_windows(waits: pl.DataFrame, broken: pl.DataFrame) -> pl.DataFrame:
     """Why each straggler was late, from the windows of :func:`straggler_windows` broken down
-    per rank (:func:`~traceinsight.analysis.breakdown.window_breakdown`): the category in
+    per rank (:func:`~traceinsight.analysis.analyzers.window_breakdown.window_breakdown`): the category in
     which the straggler exceeds the median of the others most.
 
     Reads the matched collectives and the broken-down windows; returns

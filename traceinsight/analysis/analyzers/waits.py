@@ -20,6 +20,9 @@ def match_waits(comm: pl.DataFrame, alignment: Alignment) -> pl.DataFrame:
     """Per matched collective and rank: arrival, wait, transfer and straggler (common clock),
     from the enriched collectives of all ranks (:func:`enrich_collectives`).
 
+    Reads the paired collectives of every rank and the alignment; returns one row per
+    (collective, rank).
+
     Returns
     -------
     polars.DataFrame
