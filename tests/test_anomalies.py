@@ -5,7 +5,7 @@ from __future__ import annotations
 import polars as pl
 
 from conftest import US, annotation, build_model, kernel, launch
-from traceinsight.analysis.anomalies import flag_steps
+from traceinsight.analysis.analyzers.step_flags import flag_steps
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
 from traceinsight.report.records import anomaly_records

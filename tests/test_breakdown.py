@@ -6,8 +6,9 @@ import polars as pl
 import pytest
 
 from conftest import US, annotation, build_model, kernel, launch
-from traceinsight.analysis.breakdown import CATEGORIES, step_breakdown
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
+from traceinsight.analysis.analyzers.steps import find_steps
+from traceinsight.analysis.categories import CATEGORIES
 
 
 def _breakdown(model, **kwargs):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import polars as pl
 
 from conftest import US, annotation, build_model, kernel, launch
-from traceinsight.analysis.breakdown import step_breakdown
-from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.analyzers.cause_totals import summarize_causes
+from traceinsight.analysis.analyzers.cpu_gap_causes import attribute_cpu_gaps
+from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
+from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.model import SAMPLE_SCHEMA, TraceModel, conform
 
 

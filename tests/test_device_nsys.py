@@ -14,7 +14,7 @@ import pytest
 
 from conftest import shared
 import traceinsight
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
 from traceinsight.report.records import anomaly_records

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import shared
 import traceinsight
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.report.records import anomaly_records
 

@@ -15,11 +15,11 @@ import pytest
 
 import traceinsight
 from conftest import SAMPLE_TRACES, shared
-from traceinsight.analysis.anomalies import flag_steps
+from traceinsight.analysis.analyzers.step_flags import flag_steps
+from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.analysis.classify import range_group_expr
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.postmortem import step_postmortem
-from traceinsight.analysis.steps import find_steps
 from traceinsight.model import TraceModel
 from traceinsight.report.records import anomaly_records
 

@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE_TRACES, SHARED_TRACES, annotation, build_model, kernel, launch, shared
 import traceinsight
-from traceinsight.analysis.anomalies import anomaly_range
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
+from traceinsight.analysis.places import anomaly_range
 from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_step
 from traceinsight.cli import main
 from traceinsight.report.html import CATEGORY_COLORS, MAX_CARDS, esc, render_html, script_json

@@ -14,7 +14,7 @@ import traceinsight
 from conftest import SAMPLE_TRACES, annotation, build_model, kernel, launch
 from test_html import (CHROMIUM, IMG_NAME, LINE_SEP_NAME, SCRIPT_NAME, _browser_dom, _check_self_contained,
                        _figures, _outside_scripts, _root_attributes)
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.diff import diff_findings, diff_to_dict
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.cli import main

@@ -1,9 +1,12 @@
 """The house rules of the source tree: data flows one way, no import circles, readers are
-reached through ``traceinsight.ingest``, and the registry lists what the engine runs."""
+reached through ``traceinsight.ingest``, the registry lists what the engine runs, and every
+analysis is a module of ``analysis/analyzers/`` with one public function that says what it
+reads and returns."""
 
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 from pathlib import Path
 
@@ -124,6 +127,57 @@ def test_registry_lists_every_analysis_the_engine_runs():
     missing = sorted(name for name in imported - plumbing
                      if callable(getattr(engine, name, None)) and name.islower() and getattr(engine, name) not in listed)
     assert not missing, f"analyses the engine runs but the registry does not list: {missing}"
+
+
+def _analyzer_modules() -> list[str]:
+    """The modules of ``analysis/analyzers/``, by file (the package itself left out)."""
+    folder = PACKAGE / "analysis" / "analyzers"
+    return sorted(f"traceinsight.analysis.analyzers.{path.stem}" for path in folder.glob("*.py")
+                  if path.stem != "__init__")
+
+
+def test_each_analyzer_module_defines_its_one_analysis_and_nothing_else_public():
+    from traceinsight.analysis.descriptor import Analysis
+
+    wrong = []
+    for name in _analyzer_modules():
+        module = importlib.import_module(name)
+        defined = sorted(key for key, value in vars(module).items()
+                         if not key.startswith("_") and (inspect.isfunction(value) or inspect.isclass(value))
+                         and value.__module__ == name)
+        descriptor = getattr(module, "ANALYSIS", None)
+        if not isinstance(descriptor, Analysis):
+            wrong.append(f"{name}: no ANALYSIS descriptor")
+            continue
+        function = descriptor.function
+        if defined != [function.__name__] or getattr(module, function.__name__, None) is not function:
+            wrong.append(f"{name}: defines {defined}, its ANALYSIS names {function.__module__}.{function.__name__}")
+        if getattr(module, "__all__", None) != [function.__name__]:
+            wrong.append(f"{name}: __all__ is {getattr(module, '__all__', None)}, not [{function.__name__!r}]")
+    assert not wrong, wrong
+
+
+def test_registry_lists_every_analyzer_module_once_and_nothing_else():
+    from traceinsight.analysis.registry import ANALYSES, MODULES
+
+    listed = [module.__name__ for module in MODULES]
+    assert len(set(listed)) == len(listed), f"listed twice: {sorted({m for m in listed if listed.count(m) > 1})}"
+    assert sorted(listed) == _analyzer_modules(), "the registry's MODULES and the files of analysis/analyzers/ differ"
+    assert ANALYSES == tuple(module.ANALYSIS for module in MODULES)
+    names = [analysis.name for analysis in ANALYSES]
+    assert len(set(names)) == len(names), f"two analyses share a name: {names}"
+
+
+def test_each_analysis_says_what_it_reads_and_returns():
+    """A paragraph "Reads ...; returns ..." (or a "Reads ..." paragraph and a numpydoc
+    Returns section)."""
+    from traceinsight.analysis.registry import ANALYSES
+
+    wrong = []
     for analysis in ANALYSES:
         doc = inspect.getdoc(analysis.function) or ""
-        assert "return" in doc.lower(), f"{analysis.function.__name__} does not say what it returns"
+        reads = [paragraph for paragraph in doc.split("\n\n") if paragraph.startswith("Reads ")]
+        returns = any("returns" in paragraph for paragraph in reads) or "\nReturns\n-------\n" in f"\n{doc}"
+        if not reads or not returns:
+            wrong.append(f"{analysis.function.__name__}: {'no Reads paragraph' if not reads else 'returns not said'}")
+    assert not wrong, wrong

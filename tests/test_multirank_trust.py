@@ -16,7 +16,7 @@ from rich.console import Console
 
 from conftest import US, annotation, build_model, kernel, launch, shared
 import traceinsight
-from traceinsight.analysis.multirank import PAIR_SLACK_NS
+from traceinsight.analysis.alignment import PAIR_SLACK_NS
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.model import TraceModel
 from traceinsight.report.html import render_html
@@ -207,9 +207,9 @@ def test_balanced_model_counts_a_kernel_once_under_nested_attention_ranges():
 
 
 def test_nested_phase_ranges_count_their_kernel_once_hand_built():
-    from traceinsight.analysis.breakdown import gpu_activities
-    from traceinsight.analysis.multirank import compute_phase_times
-    from traceinsight.analysis.steps import find_steps
+    from traceinsight.analysis.analyzers.compute_phase_times import compute_phase_times
+    from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+    from traceinsight.analysis.analyzers.steps import find_steps
 
     model = build_model([
         annotation("step 1", 0, 1000),

@@ -8,7 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from conftest import SAMPLE_TRACES
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.analyzers.steps import find_steps
 from traceinsight.ingest.nsys import read_nsys
 
 _spec = importlib.util.spec_from_file_location(

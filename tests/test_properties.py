@@ -159,7 +159,7 @@ def gaps_and_items(draw):
 @FAST
 @given(gaps_and_items(), st.sampled_from([1, 2, 1 << 16]))
 def test_per_thread_overlaps_is_the_brute_force_join(case, block):
-    from traceinsight.analysis import cpu_gaps
+    from traceinsight.analysis.analyzers import cpu_gap_causes
 
     gaps, items = case
     expected = sorted(
@@ -170,8 +170,8 @@ def test_per_thread_overlaps_is_the_brute_force_join(case, block):
         and min(item["end_ns"], gap["end_ns"]) > max(item["start_ns"], gap["start_ns"])
     )
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_gaps, "_ITEM_BLOCK", block)
-        hits = cpu_gaps._per_thread_overlaps(gaps, items)
+        patch.setattr(cpu_gap_causes, "_ITEM_BLOCK", block)
+        hits = cpu_gap_causes._per_thread_overlaps(gaps, items)
     found = sorted(hits.select("gap_id", "overlap_ns", "name").iter_rows()) if hits.height else []
     assert found == expected
 
@@ -179,22 +179,22 @@ def test_per_thread_overlaps_is_the_brute_force_join(case, block):
 @FAST
 @given(gaps_and_items(), st.lists(st.integers(0, 3), min_size=25, max_size=25))
 def test_deepest_covering_matches_the_window_definition(case, depths):
-    from traceinsight.analysis import cpu_gaps
+    from traceinsight.analysis.analyzers import cpu_gap_causes
 
     gaps, items = case
     items = items.with_columns(specificity=pl.Series(depths[: items.height], dtype=pl.Int32))
-    hits = cpu_gaps._per_thread_overlaps(gaps, items.with_columns(pl.col("name").cast(pl.Categorical)))
+    hits = cpu_gap_causes._per_thread_overlaps(gaps, items.with_columns(pl.col("name").cast(pl.Categorical)))
     assume(hits.height)
     # The definition, as polars windows: the names covering MIN_SHARE of the gap, then the
     # most specific of those.
     expected = (
         hits.with_columns(pl.col("name").cast(pl.String), _row=pl.int_range(pl.len()))
         .join(gaps.select("gap_id", "duration_ns"), on="gap_id")
-        .filter(pl.col("overlap_ns").sum().over("gap_id", "name") >= cpu_gaps.MIN_SHARE * pl.col("duration_ns"))
+        .filter(pl.col("overlap_ns").sum().over("gap_id", "name") >= cpu_gap_causes.MIN_SHARE * pl.col("duration_ns"))
         .filter(pl.col("specificity") == pl.col("specificity").max().over("gap_id"))
         .get_column("_row").sort().to_list()
     )
-    mask = cpu_gaps._deepest_covering(hits, gaps)
+    mask = cpu_gap_causes._deepest_covering(hits, gaps)
     assert np.flatnonzero(mask).tolist() == expected
 
 
@@ -202,13 +202,13 @@ def test_deepest_covering_matches_the_window_definition(case, depths):
 @given(st.lists(st.tuples(st.integers(0, 5), st.sampled_from(["x", "yy", None, "zzz"])), max_size=60),
        st.sampled_from([1, 16]))
 def test_join_sorted_runs_matches_a_group_by(rows, widest):
-    from traceinsight.analysis import cpu_gaps
+    from traceinsight.analysis.analyzers import cpu_gap_causes
 
     frame = pl.DataFrame(sorted(rows, key=lambda r: r[0]), schema={"k": pl.Int64, "v": pl.String}, orient="row")
     expected = frame.group_by("k", maintain_order=True).agg(pl.col("v").str.join(", "))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cpu_gaps, "_MAX_SHIFTED_RUN", widest)
-        joined = cpu_gaps._join_sorted_runs(frame, key="k", column="v", separator=", ")
+        patch.setattr(cpu_gap_causes, "_MAX_SHIFTED_RUN", widest)
+        joined = cpu_gap_causes._join_sorted_runs(frame, key="k", column="v", separator=", ")
     assert joined.rows() == expected.rows()
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import polars as pl
 
 from conftest import US, annotation, build_model, kernel, launch
-from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.analyzers.range_instances import range_instances
+from traceinsight.analysis.analyzers.range_statistics import range_statistics
 
 
 def test_lag_from_range_start_to_first_kernel_and_gpu_time():

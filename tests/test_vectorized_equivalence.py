@@ -6,8 +6,8 @@ import numpy as np
 import polars as pl
 
 from traceinsight.analysis.classify import cause_of_name
-from traceinsight.analysis.cpu_gaps import _weights_from_intervals
-from traceinsight.analysis.ranges import range_statistics
+from traceinsight.analysis.analyzers.cpu_gap_causes import _weights_from_intervals
+from traceinsight.analysis.analyzers.range_statistics import range_statistics
 
 NAMES = [
     "malloc", "MALLOC", "free", "_int_malloc", "mmap64", "futex", "pthread_mutex_lock", "nanosleep",
@@ -97,7 +97,7 @@ def test_phase_expr_classifies_as_phase_class():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from traceinsight.analysis.multirank import PHASE_WORDS, phase_class, phase_expr
+    from traceinsight.analysis.classify import PHASE_WORDS, phase_class, phase_expr
 
     def check(names):
         got = pl.DataFrame({"name": pl.Series(names, dtype=pl.String)}).select(phase_expr()).to_series().to_list()

@@ -1,7 +1,8 @@
 """Name-based classification rules shared by the analyses.
 
 Each rule is a regular expression over names that come out of traces: kernel names,
-CUDA API names, CPU-sample frames, OS-runtime calls, Python functions and framework ops.
+CUDA API names, CPU-sample frames, OS-runtime calls, Python functions, framework ops and
+annotation names (the MoE phase of a range: :func:`phase_class`).
 They live in one place so that users can extend them (``--comm-pattern``) and so that every
 analysis agrees on what "a communication kernel" or "an allocation" is.
 """
@@ -40,7 +41,7 @@ LAUNCH_API = re.compile(
 
 #: Causes of a CPU gap, in the order they are tried on a stack (innermost frame first).
 #: ``host_sync`` is not read from stacks: it is a gap that follows a synchronizing call
-#: which drained the GPU queue (:mod:`traceinsight.analysis.cpu_gaps`).
+#: which drained the GPU queue (:mod:`traceinsight.analysis.analyzers.cpu_gap_causes`).
 GAP_CAUSES = (
     "garbage_collection",
     "module_loading",
@@ -286,3 +287,35 @@ def host_sync_expr() -> pl.Expr:
 def launch_expr() -> pl.Expr:
     """Polars expression: is this CPU row a launch of GPU work?"""
     return (pl.col("kind") == "cuda_api") & pl.col("name").str.contains(LAUNCH_API.pattern)
+
+
+#: The coarse MoE phases and the words in a range name that mark them, tried in order.
+PHASE_WORDS = (
+    ("dispatch", ("dispatch",)),
+    ("combine", ("combine",)),
+    ("attention", ("attention", "attn")),
+    ("experts", ("expert", "grouped", "moe_mlp", "ffn", "mlp")),
+)
+
+
+def phase_class(name: str | None) -> str | None:
+    """Coarse MoE phase of an annotation name: attention, dispatch, experts, combine."""
+    if not name:
+        return None
+    lowered = name.lower()
+    return next((phase for phase, words in PHASE_WORDS if any(word in lowered for word in words)), None)
+
+
+def phase_expr(column: str = "name") -> pl.Expr:
+    """:func:`phase_class` as a polars expression (every distinct name at once).
+
+    One Aho-Corasick search per phase, ASCII case folded: the same answer as Python's
+    ``lower()`` for these all-ASCII words (of the non-ASCII letters whose lowercase holds an
+    ASCII letter, the Kelvin sign gives ``k``, which no word holds, and ``İ`` gives ``i`` and a
+    combining dot, which no word ends before), at a fifth of the cost of lowercasing every
+    name and searching each word apart."""
+    name = pl.col(column)
+    expr = pl.when(pl.lit(False)).then(pl.lit(None, pl.String))
+    for phase, words in PHASE_WORDS:
+        expr = expr.when(name.str.contains_any(list(words), ascii_case_insensitive=True)).then(pl.lit(phase))
+    return expr.otherwise(pl.lit(None, pl.String))

@@ -5,7 +5,7 @@ files), optionally restricted to a range of step numbers. Three families of quan
 compared, each as *time per step*:
 
 - **categories**: the step's total (``step``) and each breakdown category
-  (:data:`~traceinsight.analysis.breakdown.CATEGORIES`) of the step window;
+  (:data:`~traceinsight.analysis.categories.CATEGORIES`) of the step window;
 - **ranges**: per annotation name (``layer1.attention``), the summed CPU-side duration of its
   instances in the step;
 - **kernels**: per kernel name (the short name), the summed GPU time of the kernels launched in
@@ -46,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 import polars as pl
 
 from traceinsight._version import __version__
-from traceinsight.analysis.anomalies import assign_to_steps
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.findings import Findings
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight.errors import TraceInputError
 
 __all__ = [

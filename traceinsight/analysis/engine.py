@@ -28,44 +28,40 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from traceinsight.analysis.anomalies import (
-    AnomalyOptions,
-    assign_to_steps,
-    MAX_RANGE_FINDINGS_PER_STEP,
-    explain_range_instances,
-    explain_steps,
-    flag_job_steps,
-    flag_range_instances,
-    flag_steps,
-    judged_durations,
-    launches_per_step,
-    Places,
-)
-from traceinsight.analysis.breakdown import gpu_activities, step_breakdown, window_breakdown
+from traceinsight.analysis.alignment import Alignment
+from traceinsight.analysis.analyzers.cause_totals import summarize_causes
+from traceinsight.analysis.analyzers.collective_details import enrich_collectives
+from traceinsight.analysis.analyzers.collective_pairing import pair_collectives
+from traceinsight.analysis.analyzers.communication_kernels import communication_kernels
+from traceinsight.analysis.analyzers.compute_phase_times import compute_phase_times
+from traceinsight.analysis.analyzers.cpu_gap_causes import attribute_cpu_gaps
+from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+from traceinsight.analysis.analyzers.job_step_flags import flag_job_steps
+from traceinsight.analysis.analyzers.judged_durations import judged_durations
+from traceinsight.analysis.analyzers.launch_counts import launches_per_step
+from traceinsight.analysis.analyzers.load_imbalance import imbalance_from
+from traceinsight.analysis.analyzers.range_findings import MAX_RANGE_FINDINGS_PER_STEP, explain_range_instances
+from traceinsight.analysis.analyzers.range_flags import flag_range_instances
+from traceinsight.analysis.analyzers.range_instances import range_instances
+from traceinsight.analysis.analyzers.range_statistics import range_statistics
+from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
+from traceinsight.analysis.analyzers.step_findings import explain_steps
+from traceinsight.analysis.analyzers.step_flags import flag_steps
+from traceinsight.analysis.analyzers.steps import find_steps
+from traceinsight.analysis.analyzers.straggler_reasons import reasons_from_windows
+from traceinsight.analysis.analyzers.straggler_windows import straggler_windows
+from traceinsight.analysis.analyzers.top_kernels import top_kernels
+from traceinsight.analysis.analyzers.wait_table import wait_table
+from traceinsight.analysis.analyzers.waits import match_waits
+from traceinsight.analysis.analyzers.window_breakdown import window_breakdown
+from traceinsight.analysis.anomaly_options import AnomalyOptions
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
-from traceinsight.analysis.cpu_gaps import attribute_cpu_gaps, summarize_causes
-from traceinsight.analysis.inventory import top_kernels
-from traceinsight.analysis.multirank import (
-    Alignment,
-    collective_ops,
-    communication_kernels,
-    compute_phase_times,
-    disjoint_ranks_note,
-    enrich_collectives,
-    imbalance_from,
-    job_identity_note,
-    match_waits,
-    pair_collectives,
-    partial_job_note,
-    reasons_from_windows,
-    straggler_windows,
-    wait_intervals,
-    wait_table,
-)
+from traceinsight.analysis.collectives import collective_ops, wait_intervals
 from traceinsight.analysis.findings import Findings
-from traceinsight.analysis.ranges import range_instances, range_statistics
+from traceinsight.analysis.job_notes import disjoint_ranks_note, job_identity_note, partial_job_note
+from traceinsight.analysis.places import Places
 from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
-from traceinsight.analysis.steps import find_steps
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight._allocators import release_freed_memory
 from traceinsight.model import TraceModel
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import polars as pl
 
-from traceinsight.analysis.multirank import Alignment
+from traceinsight.analysis.alignment import Alignment
 from traceinsight.analysis.schemas import (
     ANOMALY_SCHEMA,
     IMBALANCE_SCHEMA,

@@ -81,7 +81,7 @@ class _Unstorable(Exception):
 
 
 def _dataclass_types() -> dict[str, type]:
-    from traceinsight.analysis.multirank import Alignment
+    from traceinsight.analysis.alignment import Alignment
 
     return {"Alignment": Alignment}
 

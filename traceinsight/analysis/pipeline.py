@@ -7,7 +7,7 @@ CLI, the renderers, the Python API and the Ray engine all see the same results.
 
 from __future__ import annotations
 
-from traceinsight.analysis.anomalies import AnomalyOptions
+from traceinsight.analysis.anomaly_options import AnomalyOptions
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
 from traceinsight.analysis.engine import Options, analyze_model
 from traceinsight.analysis.findings import Findings

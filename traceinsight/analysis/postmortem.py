@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import polars as pl
 
-from traceinsight.analysis.anomalies import Places, assign_to_steps, explain_steps
-from traceinsight.analysis.breakdown import CATEGORIES
-from traceinsight.analysis.multirank import step_straggler, who_waited_for_whom
+from traceinsight.analysis.analyzers.step_findings import explain_steps
+from traceinsight.analysis.categories import CATEGORIES
+from traceinsight.analysis.collectives import step_straggler, who_waited_for_whom
 from traceinsight.analysis.findings import Findings
+from traceinsight.analysis.places import Places
+from traceinsight.analysis.step_table import assign_to_steps
 from traceinsight.errors import TraceInputError
 
 

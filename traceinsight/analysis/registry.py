@@ -1,11 +1,14 @@
-"""The analyses the engine runs, in the order it runs them: one entry per analysis.
+"""The analyses the engine runs, in the order it runs them: one module per analysis.
 
-Each entry names the function, the frames it reads, what it returns and the
-:class:`~traceinsight.analysis.findings.Findings` field its result lands in, so a newcomer
-sees the whole analysis on one screen, and a new analysis is one function plus one entry
-here (and its call in :mod:`traceinsight.analysis.engine`). ``tests/test_layout.py`` checks
-that every analysis function the engine calls is listed here, and that each says in its
-docstring what it returns.
+Each module of :mod:`traceinsight.analysis.analyzers` holds one analysis function and
+describes it with ``ANALYSIS`` (:class:`~traceinsight.analysis.descriptor.Analysis`): the
+frames it reads, what it returns and the :class:`~traceinsight.analysis.findings.Findings`
+field its result lands in. :data:`MODULES` lists those modules, so a newcomer sees the whole
+analysis on one screen, and a new analysis is one module in ``analyzers/``, one line here
+and its call in :mod:`traceinsight.analysis.engine`. ``tests/test_layout.py`` checks that
+every analysis function the engine calls is listed here, that every analyzer module is
+listed once, that each defines its one public function and nothing else public, and that
+each says in its docstring what it reads and what it returns.
 
 Phases (see :mod:`traceinsight.analysis.engine`): ``rank 1`` steps and collectives, ``job 1``
 clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-level flags,
@@ -14,72 +17,67 @@ clock alignment and waits, ``rank 2`` breakdown and step flags, ``job 2`` job-le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-from traceinsight.analysis import anomalies, breakdown, cpu_gaps, inventory, multirank, ranges, steps
-
-
-@dataclass(frozen=True)
-class Analysis:
-    """One analysis: ``function`` reads ``reads`` and returns ``returns``, which becomes the
-    ``field`` of the findings (or feeds a later analysis where ``field`` is empty)."""
-
-    name: str
-    phase: str
-    function: Callable
-    reads: tuple[str, ...]
-    returns: str
-    field: str = ""
-
-
-ANALYSES: tuple[Analysis, ...] = (
-    Analysis("steps", "rank 1", steps.find_steps, ("intervals",), "step windows and where they came from", "steps"),
-    Analysis("GPU activities", "rank 1", breakdown.gpu_activities, ("intervals",), "kernels, copies, memsets with their launch",
-             "gpu"),
-    Analysis("communication kernels", "rank 1", multirank.communication_kernels, ("gpu", "steps"),
-             "collective kernels per step"),
-    Analysis("collective details", "rank 1", multirank.enrich_collectives, ("intervals", "communication kernels"),
-             "collectives with phase, group and row counts"),
-    Analysis("collective pairing", "job 1", multirank.pair_collectives, ("collectives of every rank", "ranks"),
-             "paired collectives and the clock alignment", "alignment"),
-    Analysis("waits", "job 1", multirank.match_waits, ("paired collectives", "alignment"),
-             "arrival, wait and transfer per (collective, rank)", "collectives"),
-    Analysis("who waited for whom", "job 1", multirank.wait_table, ("collectives",), "one row per wait", "waits"),
-    Analysis("step breakdown", "rank 2", breakdown.step_breakdown, ("intervals", "steps", "gpu", "wait spans"),
-             "time per category per step, and the gap pieces"),
-    Analysis("judged durations", "rank 2", anomalies.judged_durations, ("step breakdown", "gpu"),
-             "the time each step is judged on"),
-    Analysis("step flags", "rank 2", anomalies.flag_steps, ("judged steps",), "steps with baseline, ratio and flag"),
-    Analysis("job step flags", "job 2", anomalies.flag_job_steps, ("every rank's flagged steps",), "the job's flags", "steps"),
-    Analysis("CPU-gap causes", "rank 3", cpu_gaps.attribute_cpu_gaps, ("intervals", "samples", "gap pieces"),
-             "every CPU gap with cause and evidence", "cpu_gaps"),
-    Analysis("cause totals", "rank 3", cpu_gaps.summarize_causes, ("cpu_gaps",), "CPU-gap time per (step, cause)",
-             "cpu_gap_causes"),
-    Analysis("range instances", "rank 3", ranges.range_instances, ("intervals", "gpu"),
-             "one row per annotation instance with its GPU work", "range_instances"),
-    Analysis("range flags", "rank 3", anomalies.flag_range_instances, ("range instances", "steps"),
-             "instances with typical time and flag", "range_instances"),
-    Analysis("launch counts", "rank 3", anomalies.launches_per_step, ("gpu", "steps"), "launches per step", "launch_counts"),
-    Analysis("step findings", "rank 3", anomalies.explain_steps, ("steps", "range_instances", "cpu_gaps", "gpu"),
-             "where each flagged step's time went and why", "anomalies"),
-    Analysis("range findings", "rank 3", anomalies.explain_range_instances, ("range_instances", "cpu_gaps", "steps"),
-             "why each flagged range instance was long", "anomalies"),
-    Analysis("range statistics", "rank 3", ranges.range_statistics, ("range_instances",), "statistics per range name",
-             "ranges"),
-    Analysis("top kernels", "rank 3", inventory.top_kernels, ("intervals",), "kernels by total time", "top_kernels"),
-    Analysis("straggler windows", "job 2", multirank.straggler_windows, ("collectives", "steps", "alignment"),
-             "the window before each costly collective, per rank"),
-    Analysis("window breakdown", "rank 3", breakdown.window_breakdown, ("interval sets", "straggler windows"),
-             "time per category in each window"),
-    Analysis("straggler reasons", "job 3", multirank.reasons_from_windows, ("collectives", "window breakdown"),
-             "why each straggler was late", "stragglers"),
-    Analysis("compute phase times", "rank 3", multirank.compute_phase_times, ("intervals", "gpu", "steps"),
-             "GPU time of attention and experts per (step, rank)"),
-    Analysis("load imbalance", "job 3", multirank.imbalance_from, ("compute phase times", "collectives", "steps"),
-             "modeled step time now and balanced", "imbalance"),
+from traceinsight.analysis.analyzers import (
+    cause_totals,
+    collective_details,
+    collective_pairing,
+    communication_kernels,
+    compute_phase_times,
+    cpu_gap_causes,
+    gpu_activities,
+    job_step_flags,
+    judged_durations,
+    launch_counts,
+    load_imbalance,
+    range_findings,
+    range_flags,
+    range_instances,
+    range_statistics,
+    step_breakdown,
+    step_findings,
+    step_flags,
+    steps,
+    straggler_reasons,
+    straggler_windows,
+    top_kernels,
+    wait_table,
+    waits,
+    window_breakdown,
 )
+from traceinsight.analysis.descriptor import Analysis
+
+
+MODULES = (
+    steps,
+    gpu_activities,
+    communication_kernels,
+    collective_details,
+    collective_pairing,
+    waits,
+    wait_table,
+    step_breakdown,
+    judged_durations,
+    step_flags,
+    job_step_flags,
+    cpu_gap_causes,
+    cause_totals,
+    range_instances,
+    range_flags,
+    launch_counts,
+    step_findings,
+    range_findings,
+    range_statistics,
+    top_kernels,
+    straggler_windows,
+    window_breakdown,
+    straggler_reasons,
+    compute_phase_times,
+    load_imbalance,
+)
+"""Every analyzer module, in the order the engine runs its analysis."""
+
+ANALYSES: tuple[Analysis, ...] = tuple(module.ANALYSIS for module in MODULES)
 """Every analysis, in the order the engine runs it."""
 
 
-__all__ = ["ANALYSES", "Analysis"]
+__all__ = ["ANALYSES", "MODULES"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 
 KERNEL_CHANGE = pl.Struct({
     "name": pl.String, "count": pl.Int64, "typical_count": pl.Float64, "ms": pl.Float64,

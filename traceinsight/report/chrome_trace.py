@@ -83,7 +83,7 @@ import msgspec
 import polars as pl
 
 from traceinsight._version import __version__
-from traceinsight.analysis.anomalies import anomaly_range
+from traceinsight.analysis.places import anomaly_range
 from traceinsight.analysis.findings import Findings
 from traceinsight.report.records import anomaly_records
 from traceinsight.errors import TraceInputError

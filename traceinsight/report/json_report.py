@@ -15,8 +15,8 @@ import msgspec
 import polars as pl
 
 from traceinsight._version import __version__
+from traceinsight.analysis.collectives import collective_summary
 from traceinsight.analysis.findings import Findings
-from traceinsight.analysis.multirank import collective_summary
 from traceinsight.report.records import (
     anomaly_records,
     breakdown_ms,

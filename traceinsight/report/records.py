@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.schemas import RANGE_ANOMALY_FIELDS, STEP_ANOMALY_FIELDS, rank_mapping
 
 

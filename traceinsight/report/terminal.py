@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.findings import Findings
 from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records
 from traceinsight.errors import printable

@@ -14,8 +14,8 @@ import plotly.graph_objects as go
 import polars as pl
 
 from traceinsight._version import __version__
-from traceinsight.analysis.anomalies import anomaly_range
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
+from traceinsight.analysis.places import anomaly_range
 from traceinsight.analysis.timeline import report_anomalies, typical_step
 from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, _AXIS, _BASE_LAYOUT, Cell, _layout, _ms

@@ -13,7 +13,7 @@ from collections import Counter
 import plotly.graph_objects as go
 
 from traceinsight._version import __version__
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, Cell, _layout, _ms, _Page, _table, esc
 from traceinsight.report.html.shell import num_cell, page_shell, text_cell
 

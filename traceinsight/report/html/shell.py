@@ -17,7 +17,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.io.json import to_json_plotly
 
-from traceinsight.analysis.breakdown import CATEGORIES
+from traceinsight.analysis.categories import CATEGORIES
 
 #: One color per breakdown category, in every figure (colour-blind safe, print safe).
 CATEGORY_COLORS = {

@@ -27,7 +27,10 @@ from traceinsight.analysis.classify import (
     causes_of_names,
     launch_expr,
 )
+from traceinsight.analysis.descriptor import Analysis
 from traceinsight.model import TraceModel
+
+__all__ = ["attribute_cpu_gaps"]
 
 GAP_KEYS = ["rank", "pid", "tid"]
 #: The interval columns that evidence for a gap is read from.
@@ -352,12 +355,15 @@ def _deepest_covering(hits: pl.DataFrame, gaps: pl.DataFrame) -> np.ndarray:
 def attribute_cpu_gaps(model: TraceModel, gaps: pl.DataFrame, *, marker_names: list[str] = ()) -> pl.DataFrame:
     """Give every ``cpu_gap`` piece a cause and evidence.
 
+    Reads the model's intervals and CPU samples and the breakdown's gap pieces; returns the
+    CPU gaps with their cause and evidence.
+
     Parameters
     ----------
     model
         The trace model.
     gaps
-        ``Breakdown.gaps`` from :func:`~traceinsight.analysis.breakdown.step_breakdown`.
+        ``Breakdown.gaps`` from :func:`~traceinsight.analysis.analyzers.step_breakdown.step_breakdown`.
     marker_names
         Step-marker annotations: they hold every gap of their step and so say nothing.
 
@@ -613,19 +619,6 @@ def _join_sorted_runs(frame: pl.DataFrame, *, key: str, column: str, separator: 
     return frame.select(key, joined.alias(column))[pl.Series(starts)]
 
 
-def summarize_causes(attributed: pl.DataFrame) -> pl.DataFrame:
-    """Total CPU-gap time per (rank, step, cause), with the heaviest evidence of each.
-
-    Reads the attributed CPU gaps; returns ``rank, step, cause, gap_ns, gaps, evidence``."""
-    if attributed.is_empty():
-        return pl.DataFrame(schema={"rank": pl.Int32, "step": pl.Int64, "cause": pl.String, "gap_ns": pl.Int64, "gaps": pl.UInt32, "evidence": pl.String})
-    return (
-        attributed.sort("duration_ns", descending=True)
-        .group_by("rank", "step", "cause", maintain_order=True)
-        .agg(
-            gap_ns=pl.col("duration_ns").sum(),
-            gaps=pl.len(),
-            evidence=pl.col("evidence").drop_nulls().first(),
-        )
-        .sort("rank", "step", "gap_ns", descending=[False, False, True])
-    )
+ANALYSIS = Analysis(name="CPU-gap causes", phase="rank 3", function=attribute_cpu_gaps,
+                    reads=("intervals", "samples", "gap pieces"), returns="every CPU gap with cause and evidence",
+                    field="cpu_gaps")

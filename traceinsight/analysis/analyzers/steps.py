@@ -20,13 +20,17 @@ order from 0. Only without either kind of marker the whole trace is one step (nu
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
 from traceinsight.analysis.classify import LAUNCH_API
+from traceinsight.analysis.descriptor import Analysis
+from traceinsight.analysis.step_table import STEP_SCHEMA, StepTable
 from traceinsight.model import GPU_KINDS, TraceModel
+
+__all__ = ["find_steps"]
+
 
 #: Default marker: ``ProfilerStep#12``, ``step 7``, ``Step_3``, ``iteration 5``, ``iter#9``.
 DEFAULT_STEP_PATTERN = r"(?i)^\s*(?:ProfilerStep\s*#\s*|(?:step|iteration|iter)[\s_#:=-]*)(\d+)\s*$"
@@ -36,52 +40,6 @@ MIN_REPEATS = 4
 #: ... and its instances must cover at least this share of the time from the first to the
 #: last (a ``forward`` range repeats too, but leaves backward and the optimizer outside).
 MIN_COVERAGE = 0.6
-
-STEP_SCHEMA = {
-    "rank": pl.Int32,
-    "step": pl.Int64,
-    "label": pl.String,
-    "start_ns": pl.Int64,
-    "end_ns": pl.Int64,
-    "marker_end_ns": pl.Int64,
-    "pid": pl.Int64,
-    "tid": pl.Int64,
-}
-
-
-@dataclass
-class StepTable:
-    """Steps of every rank.
-
-    Attributes
-    ----------
-    steps
-        One row per (rank, step): ``rank, step, label, start_ns, end_ns`` (the accounting
-        window), ``marker_end_ns`` (the marker's own CPU-side end), ``pid, tid``.
-    source
-        ``"marker"`` when numbered markers were found, ``"repeated range 'NAME'"`` when an
-        un-numbered range around every iteration was, ``"whole trace"`` for the fallback.
-    pattern
-        The regular expression used.
-    """
-
-    steps: pl.DataFrame
-    source: str
-    pattern: str
-
-    def marker_names(self, intervals: pl.DataFrame) -> list[str]:
-        """Every annotation name that is a step marker (``ProfilerStep#3`` and ``step 3``
-        may both mark one step); ranges analyses leave them out."""
-        # The regex first, then the few matches made unique: an emit_nvtx trace has
-        # hundreds of thousands of distinct annotation names.
-        return (
-            intervals.lazy()
-            .filter(pl.col("kind") == "annotation")
-            .select(pl.col("name").filter(pl.col("name").str.contains(self.pattern)).unique())
-            .collect()
-            .to_series()
-            .to_list()
-        )
 
 
 def _marker_rows(intervals: pl.DataFrame, pattern: str) -> pl.DataFrame:
@@ -147,6 +105,9 @@ def _last_launched_gpu_end(intervals: pl.DataFrame, markers: pl.DataFrame) -> pl
 
 def find_steps(model: TraceModel, *, pattern: str | None = None) -> StepTable:
     """Find each rank's steps and their accounting windows.
+
+    Reads the model's annotations, launch calls and GPU activities; returns the steps of every
+    rank and where they came from.
 
     Parameters
     ----------
@@ -283,3 +244,7 @@ def _whole_trace_steps(model: TraceModel) -> pl.DataFrame:
         )
     )
     return spans.select(list(STEP_SCHEMA)).cast(STEP_SCHEMA).sort("rank")
+
+
+ANALYSIS = Analysis(name="steps", phase="rank 1", function=find_steps, reads=("intervals",),
+                    returns="step windows and where they came from", field="steps")

@@ -1,6 +1,6 @@
 """Where every nanosecond of every step went, per rank.
 
-Each step window (see :mod:`traceinsight.analysis.steps`) is partitioned into the categories
+Each step window (see :mod:`traceinsight.analysis.analyzers.steps`) is partitioned into the categories
 below; they are disjoint, so they sum to the step's duration exactly. The GPU timeline of a
 rank is the union of its kernels, copies and memsets on all its streams.
 
@@ -24,7 +24,7 @@ rank is the union of its kernels, copies and memsets on all its streams.
 ``cpu_gap``
     The GPU is idle because the host had not yet launched the next GPU work: the launch call of
     the activity that ends the idle period started after the GPU ran dry (within
-    :data:`LAUNCH_LATENCY_NS`). :mod:`traceinsight.analysis.cpu_gaps` says what the host did.
+    :data:`LAUNCH_LATENCY_NS`). :mod:`traceinsight.analysis.analyzers.cpu_gap_causes` says what the host did.
 ``idle``
     Everything else: the GPU is idle although its next work was already queued (waiting on an
     event or another stream), the launch of the next work is not in the trace, or no GPU work
@@ -33,25 +33,20 @@ rank is the union of its kernels, copies and memsets on all its streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import polars as pl
 
 from traceinsight.analysis import intervals as iv
-from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, comm_kernel_expr, host_sync_expr
-from traceinsight.analysis.steps import StepTable
-from traceinsight.model import TraceModel, compact_nulls
+from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
+from traceinsight.analysis.breakdown_result import Breakdown
+from traceinsight.analysis.categories import CATEGORIES
+from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, host_sync_expr
+from traceinsight.analysis.descriptor import Analysis
+from traceinsight.analysis.step_table import StepTable
+from traceinsight.model import TraceModel
 
-CATEGORIES = (
-    "gpu_compute",
-    "gpu_memory",
-    "communication",
-    "cross_rank_wait",
-    "host_sync",
-    "cpu_gap",
-    "idle",
-)
+__all__ = ["step_breakdown"]
+
 
 #: A launch that started up to this long before the GPU ran dry still counts as "not yet
 #: launched": the driver needs a few microseconds to get a kernel onto the GPU.
@@ -59,120 +54,6 @@ LAUNCH_LATENCY_NS = 20_000
 #: After a synchronizing call returns, the host must refill an empty queue; GPU idle time up
 #: to this long after the return is charged to the sync, longer host work to ``cpu_gap``.
 SYNC_REFILL_ALLOWANCE_NS = 100_000
-
-GPU_ACTIVITY_KINDS = ("kernel", "memcpy", "memset")
-
-
-@dataclass
-class Breakdown:
-    """Result of :func:`step_breakdown`.
-
-    Attributes
-    ----------
-    steps
-        The step table with one ``<category>_ns`` column per category and ``duration_ns``.
-    gaps
-        One row per GPU-idle piece inside a step: ``rank, step, start_ns, end_ns, category``
-        (``host_sync``, ``cpu_gap`` or ``idle``), ``pid, tid`` of the thread that launched the
-        GPU work ending the gap, and ``next_name``, that work's name.
-    gpu
-        The GPU activities used, with ``is_comm``, ``launch_start_ns``, ``launch_tid``.
-    sets
-        Per rank, the disjoint interval set of each category but ``idle`` (for breaking
-        down any other window, e.g. a range instance, with :func:`window_breakdown`).
-    """
-
-    steps: pl.DataFrame
-    gaps: pl.DataFrame
-    gpu: pl.DataFrame
-    sets: dict[int, dict[str, iv.IntervalSet]]
-
-    def window_breakdown(self, windows: pl.DataFrame) -> pl.DataFrame:
-        """Add ``<category>_ns`` columns for arbitrary windows (``rank, start_ns, end_ns``)."""
-        return window_breakdown(self.sets, windows)
-
-
-def window_breakdown(sets: dict[int, dict[str, iv.IntervalSet]], windows: pl.DataFrame) -> pl.DataFrame:
-    """The categories inside each window; ``idle`` is the rest of the window.
-
-    Reads a rank's interval sets and windows; returns the windows with ``<category>_ns`` columns."""
-    frames = []
-    ranks = windows.get_column("rank").unique() if "rank" in windows.columns else None
-    # A rank's worker sees its own windows only: no split into per-rank frames and back.
-    groups = ([((ranks[0],), windows)] if ranks is not None and ranks.len() == 1 and ranks[0] is not None
-              else windows.group_by(["rank"], maintain_order=True))
-    for (rank,), part in groups:
-        rank_sets = sets.get(rank, {})
-        starts = part.get_column("start_ns").to_numpy()
-        ends = part.get_column("end_ns").to_numpy()
-        columns = {
-            f"{name}_ns": iv.overlap_per_window(rank_sets.get(name, iv.EMPTY), starts, ends)
-            for name in CATEGORIES if name != "idle"
-        }
-        columns["idle_ns"] = (ends - starts) - np.sum(list(columns.values()), axis=0)
-        frames.append(part.with_columns(**{k: pl.Series(v, dtype=pl.Int64) for k, v in columns.items()}))
-    if not frames:
-        return windows.with_columns(**{f"{c}_ns": pl.lit(0, pl.Int64) for c in CATEGORIES})
-    return pl.concat(frames)
-
-
-def gpu_activities(
-    model: TraceModel, *, comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS
-) -> pl.DataFrame:
-    """GPU kernels, copies and memsets with their launch call attached.
-
-    Columns added: ``is_comm``, ``launch_start_ns``, ``launch_end_ns``, ``launch_pid``,
-    ``launch_tid``, ``launch_name``.
-
-    Reads the model's intervals; returns one row per GPU activity.
-    """
-    intervals = model.intervals
-    gpu = intervals.filter(pl.col("kind").is_in(GPU_ACTIVITY_KINDS))
-    # The name regexes run once per distinct (name, signature), not once per launch: a
-    # long templated signature times 100k launches would otherwise take minutes.
-    names = (
-        gpu.filter(pl.col("kind") == "kernel")
-        .select("name", "detail", comm_op=pl.lit(None, pl.String))
-        .unique()
-        .with_columns(_comm_name=comm_kernel_expr(comm_patterns))
-        .drop("comm_op")
-    )
-    gpu = gpu.join(names, on=["name", "detail"], how="left", nulls_equal=True,
-                   maintain_order="left").with_columns(
-        is_comm=(pl.col("kind") == "kernel")
-        & (pl.col("_comm_name").fill_null(False) | pl.col("comm_op").is_not_null())
-    ).drop("_comm_name")
-    launches = (
-        intervals.lazy()
-        .filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
-        .select("rank", "pid", "correlation", "start_ns", "end_ns", "tid", "name")
-        .with_columns(launch_pid=pl.col("pid"))
-        .group_by("rank", "pid", "correlation")
-        .agg(
-            launch_start_ns=pl.col("start_ns").min(),
-            launch_pid=pl.col("launch_pid").first(),
-            launch_end_ns=pl.col("end_ns").max(),
-            launch_tid=pl.col("tid").first(),
-            launch_name=pl.col("name").first(),
-        )
-        .collect()
-    )
-    joined = gpu.join(launches, on=["rank", "pid", "correlation"], how="left")
-    # Kineto GPU rows carry the device as pid; the launch's pid is the CPU process. Fall back
-    # to a join on (rank, correlation) where the pid join found nothing.
-    missing = joined.filter(pl.col("launch_start_ns").is_null() & pl.col("correlation").is_not_null())
-    if missing.height:
-        by_rank = launches.drop("pid").unique(["rank", "correlation"], keep="first")
-        fixed = missing.drop(
-            "launch_start_ns", "launch_end_ns", "launch_pid", "launch_tid", "launch_name"
-        ).join(by_rank, on=["rank", "correlation"], how="left")
-        joined = pl.concat(
-            [joined.filter(~(pl.col("launch_start_ns").is_null() & pl.col("correlation").is_not_null())), fixed],
-            how="vertical",
-        )
-    # GPU rows leave many model columns empty (threads, stacks, collective args): held as
-    # broadcast nulls, they cost nothing for the rest of the analysis.
-    return compact_nulls(joined.sort("rank", "start_ns"))
 
 
 def step_breakdown(
@@ -185,12 +66,15 @@ def step_breakdown(
 ) -> Breakdown:
     """Partition every step window of every rank into :data:`CATEGORIES`.
 
+    Reads the model's intervals, the steps, the GPU activities and the wait spans; returns the
+    time per category of every step and the GPU-idle pieces.
+
     Parameters
     ----------
     model
         The trace model.
     steps
-        From :func:`~traceinsight.analysis.steps.find_steps`.
+        From :func:`~traceinsight.analysis.analyzers.steps.find_steps`.
     waits
         Optional intervals (``rank, start_ns, end_ns``) during which a rank waited for others
         inside a collective (multi-rank analysis); their overlap with exposed communication
@@ -429,3 +313,8 @@ def _coalesce(pieces: pl.DataFrame) -> pl.DataFrame:
         )
         .drop("_piece")
     )
+
+
+ANALYSIS = Analysis(name="step breakdown", phase="rank 2", function=step_breakdown,
+                    reads=("intervals", "steps", "gpu", "wait spans"),
+                    returns="time per category per step, and the gap pieces")
