@@ -245,7 +245,11 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
     # this case measures the analysis itself.
     cases.append(Case("traceinsight analyze, cached model", cached,
                       lambda: _fill_cache(cached, cache)))
-    # A second question after that analyze: answered from the findings it cached.
+    # A second question after that analyze: answered from the findings it cached. Its
+    # floor on this machine: starting Python and importing the libraries every answer needs
+    # (then leaving at once, as the command does: see traceinsight.cli.run).
+    cases.append(Case("second-question floor: python + import polars, numpy",
+                      [python, "-c", "import os, polars, numpy; os._exit(0)"]))
     findings_json = os.path.join(out_dir, "findings.json")
     explain = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "explain", path, "--step", "0",
                "--json", os.path.join(out_dir, "explain.json")]
@@ -370,6 +374,11 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
     for case, result in by_case.items():
         if case.startswith("nsys-ai") and analyze and result.ok:
             ratios.append(f"{name}: {case} / traceinsight analyze = {result.seconds / analyze.seconds:.2f}x time")
+    start = by_case.get("second-question floor: python + import polars, numpy")
+    for case, result in by_case.items():
+        if case.startswith("then ") and start and result.ok:
+            ratios.append(f"{name}: {case}: {result.seconds:.2f} s, {result.seconds - start.seconds:.2f} s beyond "
+                          f"starting Python and importing polars and numpy ({start.seconds:.2f} s)")
     hta = by_case.get("HTA TraceAnalysis parse")
     if hta and analyze and hta.ok:
         ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")

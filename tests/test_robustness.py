@@ -803,6 +803,50 @@ def test_real_process_stderr_and_exit_codes(tmp_path):
     assert run.stdout == ""
 
 
+def test_real_process_delivers_all_output_before_its_quick_exit(tmp_path):
+    # The command ends with os._exit once its work is done (cli.run): whatever it printed or
+    # wrote must all be there, with the exit code click chose.
+    trace = str(SAMPLE_TRACES / "moe_2rank")
+    out = tmp_path / "f.json"
+    run = subprocess.run([sys.executable, "-m", "traceinsight.cli", "--no-cache", "analyze", trace, "--json", "-"],
+                         capture_output=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    in_process = CliRunner().invoke(main, ["--no-cache", "analyze", trace, "--json", "-"])
+    assert run.stdout.decode() == in_process.output
+    assert json.loads(run.stdout)["steps"]
+    run = subprocess.run([sys.executable, "-m", "traceinsight.cli", "--no-cache", "analyze", trace, "-q",
+                          "--json", str(out)], capture_output=True, timeout=300)
+    assert run.returncode == 0 and json.loads(out.read_text()) == json.loads(in_process.output)
+    run = subprocess.run([sys.executable, "-m", "traceinsight.cli", "--no-such-option"], capture_output=True,
+                         timeout=120)
+    assert run.returncode == 2 and b"No such option" in run.stderr
+
+
+def test_quick_exit_waits_for_what_needs_the_regular_exit(tmp_path):
+    # In a fresh interpreter: this one may hold Ray, threads or finalizers of other tests.
+    check = """
+import tempfile, threading, sys
+from traceinsight.cli import _needs_regular_exit
+assert not _needs_regular_exit()
+folder = tempfile.TemporaryDirectory(dir=sys.argv[1])  # removed by a finalizer at exit
+assert _needs_regular_exit()
+folder.cleanup()
+assert not _needs_regular_exit()
+release = threading.Event()
+worker = threading.Thread(target=release.wait)
+worker.start()
+assert _needs_regular_exit()
+release.set()
+worker.join()
+assert not _needs_regular_exit()
+sys.modules["ray"] = None  # Ray's shutdown runs at exit
+assert _needs_regular_exit()
+print("checked")
+"""
+    run = subprocess.run([sys.executable, "-c", check, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout == "checked\n", run.stderr
+
+
 def test_closed_pipe_is_quiet():
     # `traceinsight analyze ... | head -1`: the reader goes away mid-output.
     process = subprocess.Popen(
