@@ -10,10 +10,22 @@ findings (:mod:`traceinsight.report`).
 
 from traceinsight import _allocators
 
-_allocators.configure()  # before polars is imported below
+_allocators.configure()  # before polars is first imported
 
 from traceinsight._version import __version__  # noqa: E402
-from traceinsight.ingest import load  # noqa: E402
-from traceinsight.model import TraceModel  # noqa: E402
 
 __all__ = ["load", "TraceModel", "__version__"]
+
+
+def __getattr__(name: str):
+    # ``load`` and ``TraceModel`` import polars and the readers when first used, so that the
+    # command line decides how they are imported (see traceinsight.cli.run).
+    if name == "load":
+        from traceinsight.ingest import load
+
+        return load
+    if name == "TraceModel":
+        from traceinsight.model import TraceModel
+
+        return TraceModel
+    raise AttributeError(f"module 'traceinsight' has no attribute {name!r}")

@@ -597,6 +597,7 @@ def run() -> None:
     an object finalizer waiting (a temporary folder to remove), Ray (its shutdown runs at
     exit), or output that cannot be flushed (the regular exit reports that).
     """
+    _import_libraries_frozen()
     try:
         main()
         code = 0
@@ -614,6 +615,22 @@ def run() -> None:
     if _needs_regular_exit():
         sys.exit(code)
     os._exit(code)
+
+
+def _import_libraries_frozen() -> None:
+    """Import polars and numpy, which every command needs, with the cyclic garbage collector
+    off, then freeze what exists: their hundreds of thousands of module-level objects live
+    until the process ends, and a collection that walks them cost 0.1 s of a second question
+    (its median here: 0.85 -> 0.73 s in process). Later garbage is collected as usual."""
+    import gc
+
+    gc.disable()
+    try:
+        import numpy  # noqa: F401
+        import polars  # noqa: F401
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
 def _needs_regular_exit() -> bool:
