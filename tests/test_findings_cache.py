@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from conftest import SAMPLE_TRACES
 from traceinsight.analysis import findings_cache
-from traceinsight.analysis.engine import Options, analyze_model
+from traceinsight.analysis.engine import analyze_model
+from traceinsight.analysis.options import Options
 from traceinsight.cli import main
 from traceinsight.ingest import load
 

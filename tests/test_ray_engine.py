@@ -9,7 +9,8 @@ import pytest
 
 from conftest import SAMPLE_TRACES, shared
 import traceinsight
-from traceinsight.analysis.engine import Options, analyze_model
+from traceinsight.analysis.engine import analyze_model
+from traceinsight.analysis.options import Options
 from traceinsight.report.json_report import render_json
 
 ray = pytest.importorskip("ray", reason="the ray extra is not installed")

@@ -276,7 +276,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
             html_path, all_steps, width, progress):
     """Steps, where their time went, CPU-gap causes, ranges and kernels."""
     from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-    from traceinsight.analysis.engine import Options
+    from traceinsight.analysis.options import Options
 
     options = Options(step_pattern=step_marker, comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
     if engine == "ray":
@@ -326,7 +326,7 @@ def explain(paths, step, rank, json_path, step_marker, salvage, width, progress)
     """Post-mortem of one step: where it differs from the typical step, and why."""
     import msgspec
 
-    from traceinsight.analysis.engine import Options
+    from traceinsight.analysis.options import Options
     from traceinsight.analysis.postmortem import step_postmortem
 
     findings, _ = _findings(paths, Options(step_pattern=step_marker), salvage=salvage, progress=progress)
@@ -542,7 +542,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     noise) by more than PCT percent.
     """
     from traceinsight.analysis.diff import EXIT_SLOWER, DiffOptions, diff_findings, slower_than
-    from traceinsight.analysis.engine import Options
+    from traceinsight.analysis.options import Options
 
     if html_path:
         _check_html_path(html_path, "page")

@@ -24,8 +24,6 @@ combines per-rank results in rank order.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import polars as pl
 
 from traceinsight.analysis.alignment import Alignment
@@ -54,10 +52,10 @@ from traceinsight.analysis.analyzers.top_kernels import top_kernels
 from traceinsight.analysis.analyzers.wait_table import wait_table
 from traceinsight.analysis.analyzers.waits import match_waits
 from traceinsight.analysis.analyzers.window_breakdown import window_breakdown
-from traceinsight.analysis.anomaly_options import AnomalyOptions
-from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS, range_group_expr
+from traceinsight.analysis.classify import range_group_expr
 from traceinsight.analysis.collectives import collective_ops, wait_intervals
 from traceinsight.analysis.findings import Findings
+from traceinsight.analysis.options import Options
 from traceinsight.analysis.job_notes import disjoint_ranks_note, job_identity_note, partial_job_note
 from traceinsight.analysis.places import Places
 from traceinsight.analysis.schemas import ANOMALY_SCHEMA, frame_of
@@ -67,15 +65,6 @@ from traceinsight.model import TraceModel
 
 #: Largest CPU gaps per rank kept when only summaries may travel (the Ray engine).
 SUMMARY_GAPS = 500
-
-
-@dataclass(frozen=True)
-class Options:
-    """What the user chose for the analysis."""
-
-    step_pattern: str | None = None
-    comm_patterns: tuple[str, ...] = DEFAULT_COMM_PATTERNS
-    anomaly_options: AnomalyOptions = AnomalyOptions()
 
 
 class RankWorker:

@@ -8,7 +8,7 @@ An entry is keyed by
 
 - the model cache key of every input file, in order (:func:`traceinsight.ingest.cache.cache_key`:
   size, mtime and a hash of the file's first and last 4 MiB, the version, ``--salvage``);
-- the analysis options (:class:`~traceinsight.analysis.engine.Options`, by its ``repr``);
+- the analysis options (:class:`~traceinsight.analysis.options.Options`, by its ``repr``);
 - the package version and a hash of the package's source files other than the renderers,
   so that any change to the code that computes findings invalidates every entry.
 

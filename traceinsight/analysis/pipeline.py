@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from traceinsight.analysis.anomaly_options import AnomalyOptions
 from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-from traceinsight.analysis.engine import Options, analyze_model
+from traceinsight.analysis.engine import analyze_model
+from traceinsight.analysis.options import Options
 from traceinsight.analysis.findings import Findings
 from traceinsight.model import TraceModel
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import os
 
-from traceinsight.analysis.engine import Options, RankWorker, run_phases, split_by_rank
+from traceinsight.analysis.engine import RankWorker, run_phases, split_by_rank
+from traceinsight.analysis.options import Options
 from traceinsight.errors import TraceInputError
 from traceinsight.ingest import expand_paths, rank_mapping, renumber
 
