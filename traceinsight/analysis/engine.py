@@ -103,6 +103,7 @@ class RankWorker:
         launch_counts = launches_per_step(self.gpu, steps)
         release_freed_memory()
         gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
+        cause_totals = summarize_causes(gaps)  # as soon as the gaps exist, like what follows
         # Step markers are annotations too, but the step table already covers them. Names
         # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
         instances = (
@@ -114,6 +115,7 @@ class RankWorker:
             self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options,
             first_is_warmup=self.table.source == "whole trace",
         )
+        statistics = range_statistics(instances)
         sync_gaps = self.result.gaps.filter(pl.col("category") == "host_sync")
         places = None
         if steps.get_column("anomalous").any() or instances.get_column("anomalous").any():
@@ -139,8 +141,8 @@ class RankWorker:
         }
         return {
             **details,
-            "cpu_gap_causes": summarize_causes(gaps),
-            "ranges": range_statistics(instances),
+            "cpu_gap_causes": cause_totals,
+            "ranges": statistics,
             "top_kernels": kernels,
             "launch_counts": launch_counts,
             "step_anomalies": step_anomalies,
