@@ -533,8 +533,8 @@ def _after_host_sync(attributed: pl.DataFrame, pieces: pl.DataFrame) -> pl.DataF
         pl.col("evidence").fill_null("no further evidence"),
     ])).to_series()
     return follows.with_columns(
-        follows.get_column("evidence").scatter(rows, told),
-        follows.get_column("cause").scatter(rows, pl.Series(["host_sync"] * rows.len(), dtype=pl.String)),
+        follows.get_column("evidence").cast(pl.String).scatter(rows, told),
+        follows.get_column("cause").cast(pl.String).scatter(rows, pl.Series(["host_sync"] * rows.len(), dtype=pl.String)),
     )
 
 
