@@ -60,6 +60,22 @@ def test_analyze_at_80_columns_cuts_no_number_and_no_name(two_rank_json):
     assert "layer1.fc2" in text
 
 
+def test_causes_are_never_folded_mid_word():
+    # cpu_gap.garbage_collection is one identifier: at 80 columns it used to end the line
+    # as "cpu_gap.garbage_collectio" with the "n" on the next.
+    findings_json = json.loads(_run("--no-cache", "analyze", SAMPLE_TRACES / "moe_single_nsys.sqlite", "-q",
+                                    "--json", "-").output)
+    causes = {a["cause"] for a in findings_json["anomalies"]}
+    assert "cpu_gap.garbage_collection" in causes  # the sample's injected GC pause
+    text = _run("--no-cache", "analyze", SAMPLE_TRACES / "moe_single_nsys.sqlite").output
+    assert max(len(line) for line in text.splitlines()) <= 80
+    table = text[text.index("Anomalies"):text.index("\n\n", text.index("Anomalies"))]
+    rows = [line for line in table.splitlines() if re.match(r"\s+\d+\s+\d+\s+(step|range)\s", line)]
+    assert rows
+    for row in rows:
+        assert row.split()[-1] in causes, row  # the last word of the row: a whole cause
+
+
 def test_step_table_lists_only_flagged_steps_unless_all_steps(two_rank_json):
     flagged = sum(s["anomalous"] for s in two_rank_json["steps"])
     assert 0 < flagged < len(two_rank_json["steps"]) == 20

@@ -66,13 +66,15 @@ def _cell_text(cell) -> str:
 
 def print_table(console: Console, title: str, headers: list[str], rows: list[list], *,
                 numeric: set[int] | frozenset = frozenset(), caption: str | None = None,
-                min_text: int = 12) -> None:
+                min_text: int = 12, whole_words: set[int] | frozenset = frozenset()) -> None:
     """Print a table that never cuts a number or a name at the console's width.
 
     Numeric columns keep the width of their widest value (never wrapped, never shortened);
-    text columns wrap at spaces and fold long words onto the next line. When even that does
-    not fit (many columns on a narrow terminal) each row is printed as one wrapped
-    ``header value`` record instead.
+    text columns wrap at spaces and fold long words onto the next line, except the
+    ``whole_words`` columns (identifiers such as a cause, ``cpu_gap.garbage_collection``),
+    which are at least as wide as their longest word. When even that does not fit (many
+    columns on a narrow terminal) each row is printed as one wrapped ``header value`` record
+    instead.
     """
     width = console.width
     needed = 0
@@ -81,6 +83,8 @@ def print_table(console: Console, title: str, headers: list[str], rows: list[lis
         longest_word = max((len(w) for w in header.split()), default=1)
         if i in numeric:
             needed += max([len(c) for c in cells] + [longest_word])
+        elif i in whole_words:
+            needed += max([len(w) for c in cells for w in c.split()] + [longest_word])
         else:
             needed += max(min(max((len(c) for c in cells), default=1), min_text), min(longest_word, min_text))
     needed += 2 * (len(headers) - 1) + 2  # + the edges: no row starts at the left margin
@@ -110,8 +114,10 @@ def print_table(console: Console, title: str, headers: list[str], rows: list[lis
             table.add_column(header, justify="right", width=max(cells + [longest_word]), overflow="fold")
         else:
             words = [len(w) for row in rows for w in _cell_text(row[i]).split()]
+            widest_word = max(words + [longest_word])
             table.add_column(header, overflow="fold",
-                             min_width=min(max(words + [longest_word]), min_text, max(cells, default=1) or 1))
+                             min_width=widest_word if i in whole_words
+                             else min(widest_word, min_text, max(cells, default=1) or 1))
     for row in rows:
         table.add_row(*[c if isinstance(c, Text) else str(c) for c in row])
     console.print(table)
@@ -157,7 +163,7 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
         total = findings.anomalies.height
         caption = f"{total} in all (the JSON has every one)" if total > 20 else None
         print_table(console, "Anomalies", ["rank", "step", "kind", "excess ms", "where", "cause"], rows,
-                    numeric={0, 1, 3}, caption=caption)
+                    numeric={0, 1, 3}, caption=caption, whole_words={5})
         for anomaly in anomalies[:5]:
             console.print(Text(f"rank {anomaly['rank']} step {anomaly['step']}: ", style="bold").append(
                 plain_paragraph(anomaly["evidence"])), overflow="fold")
@@ -178,7 +184,8 @@ def render_findings(findings: Findings, console: Console, *, show_host: bool = F
         rows = [[row["cause"], _ms(row["total"]), str(row["n"]), _ms(row["largest"]),
                  plain(middle(row["evidence"], 160))] for row in summary.iter_rows(named=True)]
         print_table(console, "CPU gaps: what the host did while the GPU waited",
-                    ["cause", "total ms", "gaps", "largest ms", "evidence of the largest"], rows, numeric={1, 2, 3})
+                    ["cause", "total ms", "gaps", "largest ms", "evidence of the largest"], rows, numeric={1, 2, 3},
+                    whole_words={0})
 
     if findings.ranges.height:
         rows = [[str(row["rank"]), plain(middle(row["name"])), str(row["count"]),
@@ -475,7 +482,7 @@ def render_postmortem(report: dict, console: Console) -> None:
                  plain(middle(f"{row['source']}: {row['evidence']}" if row["evidence"] else row["source"], 160)),
                  plain(middle(row["before"]))] for row in report["cpu_gaps"]]
         print_table(console, "Largest CPU gaps in this step", ["at ms", "ms", "cause", "evidence", "GPU work after it"],
-                    rows, numeric={0, 1})
+                    rows, numeric={0, 1}, whole_words={2})
 
 
 def _render_who_waited(report: dict, console: Console) -> None:
