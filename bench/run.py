@@ -25,8 +25,10 @@ Cases, per input:
 
 Every case runs with compiled bytecode, as an installed package does: a machine that sets
 ``PYTHONDONTWRITEBYTECODE`` would otherwise compile traceinsight's sources in every run
-(0.1-0.2 s, most of what a second question costs beyond the imports). The bytecode goes to a
-private ``PYTHONPYCACHEPREFIX`` in the temporary folder, compiled once before the first case.
+(0.1-0.2 s, most of what a second question costs beyond the imports). traceinsight's package
+is compiled in place (``__pycache__``, which Python reads whatever that variable says) once
+before the first case; nothing else in the environment changes, so the peers and the
+libraries keep the bytecode they were installed with.
 
 ``--growth`` also measures the floor and ``analyze`` on the trace repeated 1x, 2x and 4x
 (copies shifted in time, step numbers and correlation ids renumbered, written as compact
@@ -384,15 +386,13 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
         ratios.append(f"{name}: HTA parse / traceinsight analyze = {hta.seconds / analyze.seconds:.1f}x time")
 
 
-def use_bytecode(prefix: str) -> None:
-    """Every case from here on (child processes inherit the environment) reads traceinsight
-    as compiled bytecode from ``prefix``, compiled now, as an installed package would."""
+def compile_traceinsight() -> None:
+    """Compile traceinsight's package in place, as installing it would: every case then
+    reads its bytecode (only writing bytecode is what ``PYTHONDONTWRITEBYTECODE`` stops)."""
     import importlib.util
 
     # Found, not imported: the children's peak memory would count the parent's polars.
     package = importlib.util.find_spec("traceinsight").submodule_search_locations[0]
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    os.environ["PYTHONPYCACHEPREFIX"] = prefix
     subprocess.run([sys.executable, "-m", "compileall", "-q", package], check=True, stdout=subprocess.DEVNULL)
 
 
@@ -415,7 +415,7 @@ def main() -> int:
         parser.error("give trace paths, --nvtx-flood EXPORT, or both")
     with_hta = not args.no_hta and hta_available(args.hta_python)
     out_dir = tempfile.mkdtemp(prefix="traceinsight-bench-")
-    use_bytecode(os.path.join(out_dir, "pycache"))
+    compile_traceinsight()
     rows: list[tuple[str, Result]] = []
     ratios: list[str] = []
     options = dict(with_hta=with_hta, hta_python=args.hta_python, nsys_ai=args.nsys_ai,
