@@ -197,16 +197,18 @@ def _stored_frame_equals(path: str, frame: pl.DataFrame) -> bool:
     )
 
 
+def _document(folder: str, name: str):
+    with open(os.path.join(folder, name), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
 def _reads_back_equal(folder: str, name: str, value) -> bool:
     """Whether ``name`` in ``folder`` holds ``value`` exactly, reading its frames one by one."""
-    with open(os.path.join(folder, name), encoding="utf-8") as handle:
-        document = json.load(handle)
-    return _same(_decode(document, _StoredFrames(folder)), value)
+    return _same(_decode(_document(folder, name), _StoredFrames(folder)), value)
 
 
 def _read(folder: str, name: str):
-    with open(os.path.join(folder, name), encoding="utf-8") as handle:
-        document = json.load(handle)
+    document = _document(folder, name)
     names: list[str] = []
 
     def collect(node) -> None:

@@ -534,7 +534,7 @@ def _after_host_sync(attributed: pl.DataFrame, pieces: pl.DataFrame) -> pl.DataF
     ])).to_series()
     return follows.with_columns(
         follows.get_column("evidence").cast(pl.String).scatter(rows, told),
-        follows.get_column("cause").cast(pl.String).scatter(rows, pl.Series(["host_sync"] * rows.len(), dtype=pl.String)),
+        follows.get_column("cause").cast(pl.String).scatter(rows, "host_sync"),
     )
 
 
