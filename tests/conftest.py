@@ -35,6 +35,32 @@ def shared(relative: str) -> Path:
     return path
 
 
+def page_figures(page: str) -> list[dict]:
+    """The figures of an HTML report, as plotly.js reads them: its JSON block, with every
+    typed array (``{"dtype", "bdata"[, "shape"]}``, base64) decoded into a list."""
+    import base64
+    import json
+    import re
+
+    import numpy as np
+
+    def decode(node):
+        if isinstance(node, dict):
+            if set(node) in ({"dtype", "bdata"}, {"dtype", "bdata", "shape"}):
+                values = np.frombuffer(base64.b64decode(node["bdata"]), dtype=np.dtype(node["dtype"]).newbyteorder("<"))
+                if "shape" in node:
+                    values = values.reshape([int(n) for n in node["shape"].split(",")])
+                return values.tolist()
+            return {key: decode(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [decode(value) for value in node]
+        return node
+
+    match = re.search(r'<script type="application/json" id="ti-figures">(.*?)</script>', page, re.S)
+    assert match, "figure data block missing"
+    return decode(json.loads(match.group(1)))
+
+
 def build_model(rows: list[dict], *, ranks: list[int] | None = None) -> TraceModel:
     """A model from interval dicts; missing columns are null, times in ns.
 

@@ -14,12 +14,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from conftest import SAMPLE_TRACES, SHARED_TRACES, annotation, build_model, kernel, launch, shared
+from conftest import SAMPLE_TRACES, SHARED_TRACES, annotation, build_model, kernel, launch, page_figures, shared
 import traceinsight
 from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.places import anomaly_range
-from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_step
+from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_steps
 from traceinsight.cli import main
 from traceinsight.report.html import CATEGORY_COLORS, MAX_CARDS, esc, render_html, script_json
 from traceinsight.analysis.schemas import IMBALANCE_SCHEMA, STRAGGLER_SCHEMA, WAIT_SCHEMA, by_rank, frame_of
@@ -52,9 +52,7 @@ def _tags(page: str) -> list[tuple[str, dict]]:
 
 
 def _figures(page: str) -> list[dict]:
-    match = re.search(r'<script type="application/json" id="ti-figures">(.*?)</script>', page, re.S)
-    assert match, "figure data block missing"
-    return json.loads(match.group(1))
+    return page_figures(page)
 
 
 def _outside_scripts(page: str) -> str:
@@ -161,7 +159,7 @@ def test_timelines_for_report_cover_anomalies_and_typical_steps(single):
     _, findings, timelines = single
     for anomaly in anomaly_records(findings.anomalies)[:12]:
         assert (anomaly["rank"], anomaly["step"]) in timelines
-        typical = typical_step(findings, anomaly["rank"])
+        typical = typical_steps(findings).get(anomaly["rank"])
         assert (anomaly["rank"], typical) in timelines
         flagged = findings.steps.filter((pl.col("rank") == anomaly["rank"]) & (pl.col("step") == typical))
         assert not flagged.get_column("anomalous").any()
@@ -415,3 +413,29 @@ def test_headless_chromium_draws_every_figure_without_errors(single_page, hostil
             hover = dict(re.findall(r'([\w-]+)="([^"]*)"', tag))
             assert esc(IMG_NAME) in hover.get("data-hover-text", ""), hover
             assert hover.get("data-hover-elements") == "0"
+
+
+def _typical_step_reference(steps: pl.DataFrame, rank: int) -> int | None:
+    """The rule in plain Python: the rank's unflagged steps (all of them if every step is
+    flagged), ordered by duration then step number, and the lower middle one."""
+    rows = [r for r in steps.iter_rows(named=True) if r["rank"] == rank]
+    normal = [r for r in rows if r["anomalous"] is False] or rows
+    ordered = sorted(normal, key=lambda r: (r["duration_ns"], r["step"]))
+    return ordered[(len(ordered) - 1) // 2]["step"] if ordered else None
+
+
+def test_typical_steps_follow_the_rule_on_every_rank(single):
+    _, findings, _ = single
+    edge = pl.DataFrame({
+        "rank": [0, 0, 0, 1, 1, 2, 2, 2, 2],
+        "step": [1, 2, 3, 1, 2, 5, 6, 7, 8],
+        "duration_ns": [30, 10, 10, 7, 9, 4, 4, 4, 4],
+        "anomalous": [False, False, True, True, True, None, False, False, True],
+    })
+    for steps in (findings.steps, edge):
+        got = typical_steps(dataclasses.replace(findings, steps=steps))
+        ranks = sorted(set(steps.get_column("rank").to_list()))
+        assert got == {r: _typical_step_reference(steps, r) for r in ranks}
+    # every rank flagged: the median of all its steps; ties broken by the step number
+    assert typical_steps(dataclasses.replace(findings, steps=edge))[1] == 1
+    assert typical_steps(dataclasses.replace(findings, steps=edge))[2] == 6

@@ -18,10 +18,10 @@ import pytest
 from rich.console import Console
 
 import traceinsight
-from conftest import SAMPLE_TRACES, shared
+from conftest import SAMPLE_TRACES, page_figures, shared
 from traceinsight.analysis.diff import diff_findings
 from traceinsight.analysis.pipeline import analyze
-from traceinsight.analysis.timeline import step_timeline, timelines_for_report, typical_step
+from traceinsight.analysis.timeline import step_timeline, timelines_for_report, typical_steps
 from traceinsight.report.diff_report import render_diff
 from traceinsight.report.html import render_diff_html, render_html
 
@@ -68,8 +68,7 @@ def _draw(page: str, tmp_path: Path, width: int = 1400) -> dict:
 
 
 def _figure_json(page: str) -> list[dict]:
-    block = re.search(r'<script type="application/json" id="ti-figures">(.*?)</script>', page, re.S).group(1)
-    return json.loads(block)
+    return page_figures(page)
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +99,7 @@ def rank_diff():
 
 def test_merged_gpu_blocks_carry_their_busy_fraction_and_lanes_say_how_busy(single_nsys):
     model, findings, _ = single_nsys
-    step = typical_step(findings, 0)
+    step = typical_steps(findings)[0]
     frame = step_timeline(model, findings, rank=0, step=step, max_events=600, resolution=1 / 1500)
     gpu = frame.filter(pl.col("kind").is_in(["kernel", "memcpy", "memset", "comm_kernel"]))
     merged = gpu.filter(pl.col("count") > 1)

@@ -12,7 +12,6 @@ import os
 import sys
 
 import click
-from rich.console import Console
 
 from traceinsight.errors import EXIT_BAD_INPUT, EXIT_INTERNAL, TraceInputError
 
@@ -154,9 +153,11 @@ def _analyze(model, options, progress: bool | None):
         return analyze_model(model, options, on_phase=on_phase)
 
 
-def _console(width: int | None) -> Console:
+def _console(width: int | None):
     """The terminal summary's console: ``--width``, else ``COLUMNS``, else the terminal's
-    width (80 when not a terminal)."""
+    width (80 when not a terminal). rich is imported here, by the commands that print."""
+    from rich.console import Console
+
     return Console(width=width) if width else Console()
 
 
@@ -195,11 +196,18 @@ def _said(text: str, quiet: bool) -> None:
     click.echo(text, err=quiet)
 
 
-def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = False, progress: bool | None = None):
+#: Findings that only ``explain`` and ``diff`` read (the GPU activities and the places of
+#: every range instance and gap): from the cache, ``analyze`` reads them only if used.
+_POSTMORTEM_FIELDS = ("gpu", "place_cpu", "place_gpu", "place_tree")
+
+
+def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = False, progress: bool | None = None,
+              read_later: tuple[str, ...] = ()):
     """``(findings, timelines)`` of ``paths``: from the findings cache when it holds this
     analysis (see :mod:`traceinsight.analysis.findings_cache`), else analyzed and stored.
     ``timelines`` (the HTML report's) are computed and stored with the findings whenever the
-    model is at hand, so that a later ``--html`` needs no model either."""
+    model is at hand, so that a later ``--html`` needs no model either. Cached fields named in
+    ``read_later`` are read when first used."""
     from traceinsight.analysis import findings_cache
     from traceinsight.analysis.timeline import timelines_for_report
     from traceinsight.ingest import expand_paths
@@ -210,7 +218,7 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
             entry = findings_cache.entry_path(cache_dir, expand_paths(paths), options, salvage=salvage)
         except (OSError, TraceInputError):
             entry = None  # a missing or unreadable file: _load says what is wrong with it
-        hit = findings_cache.load(entry, with_timelines=with_timelines) if entry else None
+        hit = findings_cache.load(entry, with_timelines=with_timelines, read_later=read_later) if entry else None
         if hit is not None:
             findings, timelines = hit
             if with_timelines and timelines is None:
@@ -275,8 +283,7 @@ def info(paths, as_json, step_marker, show_host, salvage, width, progress):
 def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, quiet, engine, ray_address,
             html_path, all_steps, width, progress):
     """Steps, where their time went, CPU-gap causes, ranges and kernels."""
-    from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
-    from traceinsight.analysis.options import Options
+    from traceinsight.analysis.options import DEFAULT_COMM_PATTERNS, Options
 
     options = Options(step_pattern=step_marker, comm_patterns=DEFAULT_COMM_PATTERNS + tuple(comm_patterns))
     if engine == "ray":
@@ -286,7 +293,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
                                     cache_dir=_loading["cache_dir"])
     else:
         findings, timelines = _findings(paths, options, salvage=salvage, with_timelines=bool(html_path),
-                                        progress=progress)
+                                        progress=progress, read_later=_POSTMORTEM_FIELDS)
     outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
         from traceinsight.report.json_report import render_json
@@ -301,7 +308,7 @@ def analyze(paths, json_path, step_marker, comm_patterns, show_host, salvage, qu
         if engine == "ray":
             timelines = {}
         with Reporter(wanted(progress)).step("drawing the HTML report"):
-            outputs.append((html_path, render_html(findings, timelines, show_host=show_host)))
+            outputs.append((html_path, render_html(findings, timelines, show_host=show_host, as_bytes=True)))
     if not quiet:
         from traceinsight.report.terminal import render_findings
 
@@ -568,7 +575,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
             return text + (f" steps {steps[0]}-{steps[1]}" if steps else "")
 
         outputs.append((html_path, render_diff_html(result, before_label=label(before, steps_before),
-                                                    after_label=label(after, steps_after))))
+                                                    after_label=label(after, steps_after), as_bytes=True)))
     if not quiet:
         from traceinsight.report.diff_report import render_diff
 

@@ -14,16 +14,9 @@ import re
 
 import polars as pl
 
-#: Kernels that move data between ranks: NCCL/RCCL, DeepEP and common custom all-reduce
-#: kernels. Matched against the kernel's short name and its full signature.
-DEFAULT_COMM_PATTERNS: tuple[str, ...] = (
-    r"(?i)\bnccl",  # ncclKernel_*, ncclDevKernel_* (also RCCL, which keeps the nccl prefix)
-    r"(?i)\brccl",
-    r"(?i)deep_?ep::",  # deep_ep::intranode::dispatch<...>, deep_ep::internode::combine
-    r"(?i)\bep::(?:intra|inter)node::",  # forks that rename the namespace (dpsk::ep::...)
-    r"(?i)cross_device_reduce|custom_?all_?reduce|all_?reduce_?kernel|one_?shot_?all_?reduce",
-    r"(?i)\bmscclpp|\bnvshmem",
-)
+# The communication kernel patterns are a default of Options, kept in its module, so that a
+# question answered from the findings cache does not compile this module's patterns.
+from traceinsight.analysis.options import DEFAULT_COMM_PATTERNS
 
 #: CUDA API calls during which the host thread waits for the GPU.
 HOST_SYNC_API = re.compile(

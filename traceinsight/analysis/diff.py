@@ -322,9 +322,11 @@ def _compare(before_rows: pl.DataFrame, after_rows: pl.DataFrame, before_steps: 
         columns += ["before_count", "after_count", "before_mean_ns", "after_mean_ns", "before_mean_count",
                     "after_mean_count", "status", "launches_changed"]
     order = pl.col("delta_ns").abs()
+    # The name breaks ties (two kernels that changed by the same time), so that the order, and
+    # with it the report, is the same on every run.
     return out.select(columns).sort(
-        [pl.col("rank").is_not_null(), "rank", pl.col("verdict") == "unchanged", order],
-        descending=[False, False, False, True],
+        [pl.col("rank").is_not_null(), "rank", pl.col("verdict") == "unchanged", order, "name"],
+        descending=[False, False, False, True, False],
         nulls_last=False,
     )
 

@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 
 import polars as pl
 
@@ -207,8 +208,12 @@ def _reads_back_equal(folder: str, name: str, value) -> bool:
     return _same(_decode(_document(folder, name), _StoredFrames(folder)), value)
 
 
-def _read(folder: str, name: str):
+def _read(folder: str, name: str, later: Collection[str] = ()):
+    """The value kept as ``name``; the frames of its top-level fields named in ``later`` are
+    not read but stand as :class:`_StoredFrame` (see :func:`_findings_reading_on_use`)."""
     document = _document(folder, name)
+    deferred = [document[key]["__frame__"] for key in later
+                if type(document.get(key)) is dict and "__frame__" in document[key]]
     names: list[str] = []
 
     def collect(node) -> None:
@@ -216,7 +221,7 @@ def _read(folder: str, name: str):
             for item in node:
                 collect(item)
         elif type(node) is dict:
-            if "__frame__" in node and node["__frame__"] not in names:
+            if "__frame__" in node and node["__frame__"] not in names and node["__frame__"] not in deferred:
                 names.append(node["__frame__"])
             for item in node.values():
                 collect(item)
@@ -225,22 +230,46 @@ def _read(folder: str, name: str):
     # All frames in one collect: polars decodes the files on all cores at once (a second
     # question's time is mostly this and the imports).
     read = pl.collect_all([pl.scan_ipc(os.path.join(folder, name)) for name in names])
-    return _decode(document, dict(zip(names, read)))
+    frames = dict(zip(names, read))
+    frames.update({name: _StoredFrame(os.path.join(folder, name)) for name in deferred})
+    return _decode(document, frames)
+
+
+@functools.cache
+def _findings_reading_on_use() -> type:
+    """A :class:`~traceinsight.analysis.findings.Findings` whose fields may be stored frames
+    not yet read: each is read the first time it is used, then kept."""
+    from traceinsight.analysis.findings import Findings
+
+    class FindingsReadOnUse(Findings):
+        def __getattribute__(self, name: str):
+            value = object.__getattribute__(self, name)
+            if type(value) is _StoredFrame:
+                value = pl.read_ipc(value.path)
+                object.__setattr__(self, name, value)
+            return value
+
+    return FindingsReadOnUse
 
 
 # -- entries -----------------------------------------------------------------------------------
 
 
-def load(entry: str, *, with_timelines: bool = False):
+def load(entry: str, *, with_timelines: bool = False, read_later: Collection[str] = ()):
     """``(findings, timelines)`` kept in ``entry`` (see :func:`entry_path`); ``timelines``
-    is ``None`` unless asked for and present. ``None`` when there is no valid entry."""
+    is ``None`` unless asked for and present. ``None`` when there is no valid entry.
+
+    The frames of the fields named in ``read_later`` are read when first used, not now: a
+    command that never uses them (``analyze`` never reads the frames kept for ``explain``)
+    does not pay for them.
+    """
     from traceinsight.analysis.findings import Findings
 
     if not os.path.exists(os.path.join(entry, "findings.json")):
         return None
     try:
-        fields = _read(entry, "findings.json")
-        findings = Findings(**fields)
+        fields = _read(entry, "findings.json", read_later)
+        findings = (_findings_reading_on_use() if read_later else Findings)(**fields)
         timelines = None
         if with_timelines and os.path.exists(os.path.join(entry, _TIMELINES)):
             timelines = _read(entry, _TIMELINES)

@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from traceinsight.analysis.anomaly_options import AnomalyOptions
-from traceinsight.analysis.classify import DEFAULT_COMM_PATTERNS
+
+#: Kernels that move data between ranks: NCCL/RCCL, DeepEP and common custom all-reduce
+#: kernels. Matched against the kernel's short name and its full signature.
+DEFAULT_COMM_PATTERNS: tuple[str, ...] = (
+    r"(?i)\bnccl",  # ncclKernel_*, ncclDevKernel_* (also RCCL, which keeps the nccl prefix)
+    r"(?i)\brccl",
+    r"(?i)deep_?ep::",  # deep_ep::intranode::dispatch<...>, deep_ep::internode::combine
+    r"(?i)\bep::(?:intra|inter)node::",  # forks that rename the namespace (dpsk::ep::...)
+    r"(?i)cross_device_reduce|custom_?all_?reduce|all_?reduce_?kernel|one_?shot_?all_?reduce",
+    r"(?i)\bmscclpp|\bnvshmem",
+)
 
 
 @dataclass(frozen=True)

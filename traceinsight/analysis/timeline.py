@@ -21,7 +21,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.classify import HOST_SYNC_API, LAUNCH_API
 from traceinsight.model import TraceModel
 
 #: Columns of a timeline frame (see :func:`step_timeline`).
@@ -60,16 +59,17 @@ def _empty() -> pl.DataFrame:
     return pl.DataFrame(schema=TIMELINE_SCHEMA)
 
 
-def typical_step(findings, rank: int) -> int | None:
-    """The rank's typical step: the unflagged step of median duration (else any step's median)."""
-    steps = findings.steps.filter(pl.col("rank") == rank)
+def typical_steps(findings) -> dict[int, int]:
+    """Each rank's typical step: its unflagged step of median duration (the lower median, ties
+    by step number), or the median of all its steps where every step is flagged."""
+    steps = findings.steps
     if steps.is_empty():
-        return None
-    normal = steps.filter(~pl.col("anomalous")) if "anomalous" in steps.columns else steps
-    if normal.is_empty():
-        normal = steps
-    ordered = normal.sort("duration_ns", "step")
-    return int(ordered.get_column("step")[(ordered.height - 1) // 2])
+        return {}
+    flagged = pl.col("anomalous") if "anomalous" in steps.columns else pl.lit(False)
+    any_normal = (~flagged).any().over("rank")
+    picked = (steps.filter(~flagged | ~any_normal).sort("rank", "duration_ns", "step")
+              .group_by("rank", maintain_order=True).agg(pl.col("step").get((pl.len() - 1) // 2)))
+    return {int(rank): int(step) for rank, step in picked.iter_rows()}
 
 
 def _blocks(frame: pl.DataFrame, budget: int, min_gap_ns: float = 0.0) -> pl.DataFrame:
@@ -195,6 +195,10 @@ def step_timeline(model: TraceModel, findings, *, rank: int, step: int, max_even
     >>> frame = step_timeline(model, findings, rank=0, step=7)  # doctest: +SKIP
     >>> frame.filter(kind="cpu_gap").sort("end_ms", descending=True)  # doctest: +SKIP
     """
+    # here, not at the top: the HTML report drawn from the findings cache reads this module
+    # for the anomalies' order, and needs none of the classification patterns
+    from traceinsight.analysis.classify import HOST_SYNC_API, LAUNCH_API
+
     window = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
     if window.is_empty():
         return _empty()
@@ -338,10 +342,11 @@ def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12
     anomalies, or a rank's typical step, appears once.
     """
     wanted: list[tuple[int, int]] = []
+    typical_of = typical_steps(findings)
     for rank, step in report_anomalies(findings, max_anomalies).select("rank", "step").iter_rows():
         if rank is None or step is None:
             continue
-        typical = typical_step(findings, rank)
+        typical = typical_of.get(rank)
         for key in ((rank, step), (rank, typical)):
             if key[1] is not None and key not in wanted:
                 wanted.append(key)
@@ -350,4 +355,4 @@ def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12
 
 
 __all__ = ["TIMELINE_KINDS", "TIMELINE_SCHEMA", "report_anomalies", "step_timeline", "timelines_for_report",
-           "typical_step"]
+           "typical_steps"]

@@ -7,17 +7,18 @@ cross-rank waiting, anomaly cards with their step timelines, CPU gaps, kernels a
 from __future__ import annotations
 
 import datetime as _dt
+import statistics
 from collections import Counter
 
 import numpy as np
-import plotly.graph_objects as go
 import polars as pl
 
 from traceinsight._version import __version__
 from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.places import anomaly_range
-from traceinsight.analysis.timeline import report_anomalies, typical_step
+from traceinsight.analysis.timeline import report_anomalies, typical_steps
 from traceinsight.report.records import anomaly_records, imbalance_records, straggler_records
+from traceinsight.report.html.figure import Figure, trace
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, _AXIS, _BASE_LAYOUT, Cell, _layout, _ms
 from traceinsight.report.html.shell import _Page, _signed_ms, _table, esc, num_cell, page_shell, text_cell
 
@@ -74,24 +75,68 @@ def _cat_ms(frame: pl.DataFrame) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- summary
 
-def _ratio_of(anomaly: dict, findings) -> float | None:
+class _Lookups:
+    """The rows of the findings that the headlines and anomaly cards read, as Python values.
+
+    A card reads a few rows (its step, its rank's typical step, its range instances, its
+    step's largest CPU gap); a polars query for each costs more than the card's drawing, so
+    the rows of the anomalies' ranks are fetched once, in a few whole-frame queries.
+    """
+
+    def __init__(self, findings, anomalies: list[dict]) -> None:
+        ranks = sorted({a["rank"] for a in anomalies if a.get("rank") is not None})
+        names = sorted({anomaly_range(a) for a in anomalies} - {None, ""})
+        steps = findings.steps.filter(pl.col("rank").is_in(ranks)) if ranks else findings.steps.head(0)
+        self.step_rows: dict[int, list[dict]] = {}
+        self.step_row: dict[tuple[int, int], dict] = {}
+        for row in steps.iter_rows(named=True):
+            self.step_rows.setdefault(row["rank"], []).append(row)
+            self.step_row.setdefault((row["rank"], row["step"]), row)
+        self.typical = typical_steps(findings) if ranks else {}
+        instances = findings.range_instances
+        self.has_instances = bool(instances.height)
+        if ranks and names and instances.height:
+            instances = instances.filter(pl.col("rank").is_in(ranks) & pl.col("name").is_in(names))
+        else:
+            instances = instances.head(0)
+        self.instances: dict[tuple[int, str], list[dict]] = {}
+        for row in instances.iter_rows(named=True):
+            self.instances.setdefault((row["rank"], row["name"]), []).append(row)
+        self.largest_gap: dict[tuple[int, int], dict] = {}
+        gaps = findings.cpu_gaps
+        pairs = {(a["rank"], a["step"]) for a in anomalies if a.get("rank") is not None and a.get("step") is not None}
+        if pairs and gaps.height and "step" in gaps.columns:
+            wanted = pl.DataFrame({"rank": [r for r, _ in pairs], "step": [s for _, s in pairs]},
+                                  schema={"rank": gaps.schema["rank"], "step": gaps.schema["step"]})
+            largest = (gaps.join(wanted, on=["rank", "step"], how="semi").sort("duration_ns", descending=True)
+                       .group_by("rank", "step", maintain_order=True).first())
+            self.largest_gap = {(row["rank"], row["step"]): row for row in largest.iter_rows(named=True)}
+        #: the bars of each timeline frame drawn so far (see :func:`_timeline_figure`)
+        self.drawn: dict[int, dict] = {}
+
+    def instance(self, anomaly: dict) -> dict | None:
+        """The range instance a range anomaly names (same rank, range and start)."""
+        for row in self.instances.get((anomaly["rank"], anomaly_range(anomaly)), []):
+            if row["start_ns"] == anomaly.get("start_ns"):
+                return row
+        return None
+
+
+def _ratio_of(anomaly: dict, lookups: _Lookups) -> float | None:
     if anomaly.get("kind", "step") == "step":
         typical = anomaly.get("typical_ms") or 0
         return anomaly["duration_ms"] / typical if typical else None
-    instances = findings.range_instances
-    if instances.is_empty() or "start_ns" not in anomaly:
+    if "start_ns" not in anomaly:
         return None
-    match = instances.filter((pl.col("rank") == anomaly["rank"]) & (pl.col("start_ns") == anomaly["start_ns"])
-                             & (pl.col("name") == anomaly_range(anomaly)))
-    if match.is_empty():
+    row = lookups.instance(anomaly)
+    if row is None:
         return None
-    row = match.row(0, named=True)
     return row["duration_ns"] / row["typical_ns"] if row.get("typical_ns") else None
 
 
-def headline(anomaly: dict, findings) -> str:
+def headline(anomaly: dict, findings, lookups: _Lookups | None = None) -> str:
     """One sentence (plain text, not escaped) for an anomaly."""
-    ratio = _ratio_of(anomaly, findings)
+    ratio = _ratio_of(anomaly, lookups or _Lookups(findings, [anomaly]))
     excess = anomaly.get("excess_ms") or 0.0
     times = f"{ratio:.1f}x " if ratio else ""
     if anomaly.get("kind", "step") == "step":
@@ -101,7 +146,7 @@ def headline(anomaly: dict, findings) -> str:
             f"time (+{_ms(excess)} ms): {anomaly['cause']}")
 
 
-def _summary(findings, page: _Page, *, show_host: bool) -> str:
+def _summary(findings, page: _Page, anomalies: list[dict], lookups: _Lookups, *, show_host: bool) -> str:
     steps = findings.steps
     ranks = findings.ranks.sort("rank") if findings.ranks.height else findings.ranks
     n_ranks = ranks.height or steps.get_column("rank").n_unique()
@@ -146,9 +191,8 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
     worst = max((c for c in CATEGORIES if c != "gpu_compute"), key=lambda c: totals[c])
     lines.append(f"The GPUs computed during {busy:.0%} of step time; the largest other share is "
                  f"{worst} ({totals[worst] / whole:.0%}).")
-    anomalies = anomaly_records(report_anomalies(findings))
     for anomaly in anomalies[:MAX_HEADLINES]:
-        lines.append(headline(anomaly, findings) + ".")
+        lines.append(headline(anomaly, findings, lookups) + ".")
     if not anomalies:
         lines.append("No step and no range instance stood out from its neighbours.")
     elif len(anomalies) > MAX_HEADLINES:
@@ -172,9 +216,9 @@ def _summary(findings, page: _Page, *, show_host: bool) -> str:
             labels.append(f"rank {rank}")
             for c in CATEGORIES:
                 shares[c].append(sub_totals[c] / sub_whole * 100)
-    fig = go.Figure()
+    fig = Figure()
     for c in CATEGORIES:
-        fig.add_trace(go.Bar(
+        fig.add_trace(trace("bar",
             y=labels, x=[round(v, 2) for v in shares[c]], orientation="h", name=c,
             marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
             hovertemplate=f"{c}: %{{x:.1f}}%% of step time<extra>%{{y}}</extra>",
@@ -225,9 +269,11 @@ def single_step(findings) -> bool:
 def _outliers(durations_ms: np.ndarray) -> tuple[bool, float]:
     """(whether the spread is large, the median) of step durations."""
     values = durations_ms[np.isfinite(durations_ms)]
+    # statistics.median, not np.median: the same value, without np.median importing numpy.ma
+    # (20 ms of a report that takes a few hundred).
+    median = float(statistics.median(values.tolist())) if values.size else 0.0
     if values.size < 3:
-        return False, float(np.median(values)) if values.size else 0.0
-    median = float(np.median(values))
+        return False, median
     return bool(median > 0 and values.max() > OUTLIER_RATIO * median), median
 
 
@@ -245,10 +291,10 @@ def _single_step(findings, page: _Page) -> str:
     steps = findings.steps.sort("rank")
     shown = steps.head(MAX_TABLE_ROWS)
     labels = [f"rank {r}" for r in shown.get_column("rank").to_list()]
-    fig = go.Figure()
+    fig = Figure()
     cats = _cat_ms(shown)
     for c in CATEGORIES:
-        fig.add_trace(go.Bar(
+        fig.add_trace(trace("bar",
             y=labels, x=np.round(cats[c], 3), orientation="h", name=c,
             marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
             hovertemplate=f"{c}: %{{x:.2f}} ms<extra>%{{y}}</extra>",
@@ -273,27 +319,27 @@ def _step_durations(findings, page: _Page) -> str:
     rank_ids = sorted(steps.get_column("rank").unique().to_list())
     anomalous = steps.filter(pl.col("anomalous")) if "anomalous" in steps.columns else steps.head(0)
     spread, median = _outliers(steps.get_column("duration_ns").to_numpy() / 1e6)
-    fig = go.Figure()
+    fig = Figure()
     if len(rank_ids) <= LINE_RANKS:
         with_hover = steps.height <= 20_000
         few_steps = steps.get_column("step").n_unique() <= 200
         for i, rank in enumerate(rank_ids):
             sub = steps.filter(pl.col("rank") == rank)
             cats = _cat_ms(sub)
-            trace = dict(
+            points = dict(
                 x=sub.get_column("step").to_numpy(), y=_f32(sub.get_column("duration_ns").to_numpy() / 1e6),
                 mode="lines+markers" if few_steps else "lines", name=f"rank {rank}",
                 line=dict(color=RANK_COLORS[i % len(RANK_COLORS)], width=1.5), marker=dict(size=5),
             )
             if with_hover:
-                trace["customdata"] = np.round(np.column_stack([cats[c] for c in CATEGORIES]), 3).astype(np.float32)
+                points["customdata"] = np.round(np.column_stack([cats[c] for c in CATEGORIES]), 3).astype(np.float32)
                 lines = "".join(f"<br>{c}: %{{customdata[{j}]:.2f}} ms" for j, c in enumerate(CATEGORIES))
-                trace["hovertemplate"] = f"rank {rank} · step %{{x}}: <b>%{{y:.2f}} ms</b>{lines}<extra></extra>"
+                points["hovertemplate"] = f"rank {rank} · step %{{x}}: <b>%{{y:.2f}} ms</b>{lines}<extra></extra>"
             else:
-                trace["hovertemplate"] = f"rank {rank} · step %{{x}}: %{{y:.2f}} ms<extra></extra>"
-            fig.add_trace(go.Scatter(**trace))
+                points["hovertemplate"] = f"rank {rank} · step %{{x}}: %{{y:.2f}} ms<extra></extra>"
+            fig.add_trace(trace("scatter", **points))
         if anomalous.height:
-            fig.add_trace(go.Scatter(
+            fig.add_trace(trace("scatter",
                 x=anomalous.get_column("step").to_numpy(),
                 y=_f32(anomalous.get_column("duration_ns").to_numpy() / 1e6),
                 mode="markers", name="anomalous step",
@@ -326,13 +372,13 @@ def _step_durations(findings, page: _Page) -> str:
         r_idx = np.array([row_of[r] for r in steps.get_column("rank").to_list()])
         s_idx = np.array([column[s] for s in steps.get_column("step").to_list()])
         z[r_idx, s_idx] = steps.get_column("duration_ns").to_numpy() / 1e6
-        fig.add_trace(go.Heatmap(
+        fig.add_trace(trace("heatmap",
             z=np.round(z, 2), x=step_ids, y=rank_ids, colorscale="Viridis",
             colorbar=dict(title=dict(text="ms"), thickness=12),
             hovertemplate="rank %{y} · step %{x}: %{z:.2f} ms<extra></extra>", name="step duration",
         ))
         if anomalous.height:
-            fig.add_trace(go.Scatter(
+            fig.add_trace(trace("scatter",
                 x=anomalous.get_column("step").to_numpy(), y=anomalous.get_column("rank").to_numpy(),
                 mode="markers", name="anomalous step",
                 marker=dict(symbol="circle-open", size=9, color="#ff2a2a", line=dict(width=2)),
@@ -394,11 +440,11 @@ def _step_breakdown(findings, page: _Page) -> str:
         return out
 
     data = [arrays(frame) for _, frame in views]
-    fig = go.Figure()
+    fig = Figure()
     for j, c in enumerate(CATEGORIES):
-        fig.add_trace(go.Bar(x=step_ids, y=data[0][j], name=c, marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
+        fig.add_trace(trace("bar", x=step_ids, y=data[0][j], name=c, marker=dict(color=CATEGORY_COLORS[c], line=dict(width=0)),
                              hovertemplate=f"{c}: %{{y:.2f}} ms<extra></extra>"))
-    fig.add_trace(go.Scatter(x=step_ids, y=data[0][-1], mode="markers", name="anomalous step",
+    fig.add_trace(trace("scatter", x=step_ids, y=data[0][-1], mode="markers", name="anomalous step",
                              marker=dict(symbol="triangle-down", size=11, color=ANOMALY_COLOR),
                              hovertemplate="anomalous step (total %{y:.2f} ms)<extra></extra>"))
     menus = []
@@ -410,7 +456,7 @@ def _step_breakdown(findings, page: _Page) -> str:
         )]
     _layout(fig, barmode="stack", bargap=0.15 if len(step_ids) < 200 else 0, hovermode="x unified",
             legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0, traceorder="normal"),
-            updatemenus=menus,
+            updatemenus=menus or None,
             margin=dict(l=70, r=20, t=50, b=50))
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text="time in step (ms)", rangemode="tozero")
@@ -468,14 +514,14 @@ def _waits(findings, page: _Page) -> str:
         z[row_of[rank], col_of[step]] = ms
     stragglers = (in_steps.group_by("step", "waiting_for_rank").agg(ms=pl.col("wait_ms").sum())
                   .sort(["step", "ms"], descending=[False, True]).group_by("step", maintain_order=True).first())
-    fig = go.Figure()
-    fig.add_trace(go.Heatmap(
+    fig = Figure()
+    fig.add_trace(trace("heatmap",
         z=np.round(z, 3), x=step_ids, y=rank_ids, name="wait",
         colorscale=[[0, "#ffffff"], [0.15, "#f3d6e8"], [1, CATEGORY_COLORS["cross_rank_wait"]]],
         colorbar=dict(title=dict(text="wait (ms)"), thickness=12),
         hovertemplate="rank %{y} waited %{z:.2f} ms in step %{x}<extra></extra>",
     ))
-    fig.add_trace(go.Scatter(
+    fig.add_trace(trace("scatter",
         x=stragglers.get_column("step").to_numpy(), y=stragglers.get_column("waiting_for_rank").to_numpy(),
         customdata=_f32(stragglers.get_column("ms").to_numpy()), mode="markers", name="straggler (waited for)",
         marker=dict(symbol="star", size=11 if len(step_ids) <= 200 else 6, color=ANOMALY_COLOR,
@@ -613,24 +659,22 @@ def _imbalance(findings, page: _Page) -> str:
         return ""
     rows.sort(key=lambda r: r["step"])
     steps = [r["step"] for r in rows]
-    from plotly.subplots import make_subplots
-
     # Top: the step time measured and as modeled; bottom: the saving itself (modeled minus
     # balanced), on its own scale, so a 2 ms saving on a 60 ms step is not a hair's breadth.
-    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08, row_heights=[0.55, 0.45])
+    fig = Figure(rows=2, vertical_spacing=0.08, row_heights=[0.55, 0.45])
     for key, label, color, dash in (("measured_ms", "measured", "#222222", "solid"),
                                     ("modeled_ms", "modeled: max(attention)+max(dispatch)+experts+max(combine)",
                                      CATEGORY_COLORS["gpu_compute"], "dash")):
         values = [r.get(key) for r in rows]
         if all(v is None for v in values):
             continue
-        fig.add_trace(go.Scatter(x=steps, y=values, mode="lines+markers" if len(steps) <= 200 else "lines",
+        fig.add_trace(trace("scatter", x=steps, y=values, mode="lines+markers" if len(steps) <= 200 else "lines",
                                  name=label, line=dict(color=color, dash=dash, width=1.8), marker=dict(size=4),
                                  hovertemplate=f"{label.split(':')[0]}: %{{y:.2f}} ms<extra>step %{{x}}</extra>"),
                       row=1, col=1)
     savings = [r.get("saving_ms") or 0.0 for r in rows]
     modeled = [r.get("modeled_ms") or 0.0 for r in rows]
-    fig.add_trace(go.Bar(x=steps, y=savings, name="saving with balanced load (ms)",
+    fig.add_trace(trace("bar", x=steps, y=savings, name="saving with balanced load (ms)",
                          marker=dict(color=CATEGORY_COLORS["communication"], line=dict(width=0)),
                          customdata=[round(100 * v / m, 1) if m else 0 for v, m in zip(savings, modeled)],
                          hovertemplate="saving: %{y:.2f} ms (%{customdata:.1f}% of the modeled step)"
@@ -650,12 +694,17 @@ def _imbalance(findings, page: _Page) -> str:
 
 # ----------------------------------------------------------------------------- anomalies
 
-def _typical_categories(findings, rank: int, step: int) -> dict[str, float]:
-    steps = findings.steps.filter(pl.col("rank") == rank)
-    normal = steps.filter(~pl.col("anomalous") & (pl.col("step") != step))
-    if normal.is_empty():
-        normal = steps.filter(pl.col("step") != step)
-    return {c: float(normal.get_column(f"{c}_ns").median() or 0) / 1e6 for c in CATEGORIES}
+def _typical_categories(lookups: _Lookups, rank: int, step: int) -> dict[str, float]:
+    """Median time of each category over the rank's other unflagged steps (or its other steps)."""
+    others = [row for row in lookups.step_rows.get(rank, []) if row["step"] != step]
+    normal = [row for row in others if row.get("anomalous") is False] or others
+    return {c: _median([row[f"{c}_ns"] for row in normal]) / 1e6 for c in CATEGORIES}
+
+
+def _median(values: list) -> float:
+    """The median of the values that are not null (0 when there is none), as polars takes it."""
+    present = [v for v in values if v is not None]
+    return float(statistics.median(present)) if present else 0.0
 
 
 def _compare_bars(rows: list[tuple[str, dict[str, float]]]) -> str:
@@ -677,23 +726,20 @@ def _compare_bars(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "".join(out)
 
 
-def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> dict | None:
+def _highlight(lookups: _Lookups, anomaly: dict, rank: int, step: int, *, own: bool) -> dict | None:
     """The ``where`` range instance of a step and the lag to its first GPU work, in ms from the step start."""
-    instances = findings.range_instances
     where = anomaly_range(anomaly)
-    if instances.is_empty() or not where:
+    window = lookups.step_row.get((rank, step))
+    if not lookups.has_instances or not where or window is None:
         return None
-    window = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
-    if window.is_empty():
-        return None
-    w0 = window.row(0, named=True)["start_ns"]
-    match = instances.filter((pl.col("rank") == rank) & (pl.col("step") == step) & (pl.col("name") == where))
+    w0 = window["start_ns"]
+    match = [row for row in lookups.instances.get((rank, where), []) if row["step"] == step]
     if own and anomaly.get("kind") == "range" and "start_ns" in anomaly:
-        exact = match.filter(pl.col("start_ns") == anomaly["start_ns"])
-        match = exact if exact.height else match
-    if match.is_empty():
-        return _largest_gap(findings, rank, step, w0) if own else None
-    row = match.sort(pl.col("first_gpu_lag_ns").fill_null(-1), "duration_ns", descending=True).row(0, named=True)
+        match = [row for row in match if row["start_ns"] == anomaly["start_ns"]] or match
+    if not match:
+        return _largest_gap(lookups, rank, step, w0) if own else None
+    # the instance that waited longest for its first GPU work, then the longest
+    row = max(match, key=lambda r: (-1 if r["first_gpu_lag_ns"] is None else r["first_gpu_lag_ns"], r["duration_ns"]))
     start, end = (row["start_ns"] - w0) / 1e6, (row["end_ns"] - w0) / 1e6
     if row.get("first_gpu_start_ns") is None:
         return {"x0": start, "x1": end, "lag": None,
@@ -703,15 +749,11 @@ def _highlight(findings, anomaly: dict, rank: int, step: int, *, own: bool) -> d
             "text": f"{where} ({_ms(end - start)} ms); darker: the {_ms(lag)} ms before its first GPU work"}
 
 
-def _largest_gap(findings, rank: int, step: int, w0: int) -> dict | None:
+def _largest_gap(lookups: _Lookups, rank: int, step: int, w0: int) -> dict | None:
     """Where no range instance is named: the step's largest CPU gap."""
-    gaps = findings.cpu_gaps
-    if gaps.is_empty() or "step" not in gaps.columns:
+    row = lookups.largest_gap.get((rank, step))
+    if row is None:
         return None
-    mine = gaps.filter((pl.col("rank") == rank) & (pl.col("step") == step)).sort("duration_ns", descending=True)
-    if mine.is_empty():
-        return None
-    row = mine.row(0, named=True)
     start, end = (row["start_ns"] - w0) / 1e6, (row["end_ns"] - w0) / 1e6
     return {"x0": start, "x1": end, "lag": None,
             "text": f"the step's largest CPU gap ({_ms(end - start)} ms, {row.get('cause') or 'unknown'})"}
@@ -721,18 +763,60 @@ def _axis(extra: dict) -> dict:
     return {**_AXIS, **extra}
 
 
-def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tuple[dict, int]:
+def _panel_bars(frame: pl.DataFrame) -> dict:
+    """What a timeline frame draws: its lanes in order, the end of its last bar, and per kind
+    of bar (in :data:`KIND_COLORS` order) the bars' lane index, start, length, busy share,
+    hover text and label, ready for a trace."""
+    lane, order = frame.get_column("lane").to_list(), frame.get_column("lane_order").to_list()
+    first: dict = {}
+    for name, rank in zip(lane, order):
+        first.setdefault(name, rank)
+    lanes = sorted(first, key=lambda name: first[name])
+    index = {name: k for k, name in enumerate(lanes)}
+    lane_index = np.asarray([index[name] for name in lane], dtype=np.int16)
+    kind = frame.get_column("kind").cast(pl.String).to_numpy()
+    name, detail = frame.get_column("name").to_numpy(), frame.get_column("detail").to_numpy()
+    start = frame.get_column("start_ms").cast(pl.Float64).to_numpy()
+    end = frame.get_column("end_ms").cast(pl.Float64).to_numpy()
+    busy = (frame.get_column("busy").cast(pl.Float64).to_numpy() if "busy" in frame.columns
+            else np.ones(frame.height))
+    busy = np.where(np.isnan(busy), 1.0, busy)
+    bars = {}
+    for key in KIND_COLORS:
+        mask = kind == key
+        if not mask.any():
+            continue
+        names, starts, ends, shares = name[mask].tolist(), start[mask], end[mask], busy[mask]
+        hover = [
+            f"{esc(n, 120)}<br>{s:.3f}–{e:.3f} ms ({e - s:.3f} ms)" + (f"<br>{esc(d, 160)}" if d else "")
+            for n, s, e, d in zip(names, starts, ends, detail[mask].tolist())
+        ]
+        if shares.min() < 0.999:
+            hover = [h + f"<br>GPU/thread busy {b:.0%} of this block" if b < 0.999 else h
+                     for h, b in zip(hover, shares)]
+        bars[key] = {"y": lane_index[mask], "x": _f32(np.maximum(ends - starts, 0.0)), "base": _f32(starts),
+                     "opacity": np.round(0.15 + 0.85 * np.clip(shares, 0, 1), 3).astype(np.float32),
+                     "hovertext": hover, "text": [esc(n, 60) for n in names] if key == "annotation" else None}
+    return {"lanes": lanes, "x_max": float(end.max()) if end.size else 0.0, "bars": bars}
+
+
+def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]],
+                     drawn: dict[int, dict] | None = None) -> tuple[dict, int]:
     """Horizontal-bar timelines, one panel per step, as a plotly figure dict.
 
-    Built as a plain ``{"data", "layout"}`` dict (the schema of ``go.Figure``) because the
-    graph-object validation of a few thousand bars costs more than the rest of the page.
+    Built as a plain ``{"data", "layout"}`` dict: its subplots and shapes are laid out here.
+    ``drawn`` keeps each frame's bars (:func:`_panel_bars`) by ``id``, for the next figure
+    that shows the same step: a rank's typical step is in every card of that rank.
     """
-    lane_lists = []
-    # One x-scale for every panel (the anomalous and the typical step), so lengths compare.
-    x_max = max((float(frame.get_column("end_ms").max() or 0) for _, frame, _ in panels), default=0) or 1.0
+    drawn = {} if drawn is None else drawn
+    columns = []
     for _, frame, _ in panels:
-        lanes = frame.select("lane", "lane_order").unique().sort("lane_order").get_column("lane").to_list()
-        lane_lists.append(lanes)
+        if id(frame) not in drawn:
+            drawn[id(frame)] = _panel_bars(frame)
+        columns.append(drawn[id(frame)])
+    # One x-scale for every panel (the anomalous and the typical step), so lengths compare.
+    x_max = max((c["x_max"] for c in columns), default=0) or 1.0
+    lane_lists = [c["lanes"] for c in columns]
     plot_px = [len(lanes) * 24 + 30 for lanes in lane_lists]
     gap_px = 110  # x-axis title of the panel above + the two-line title of the next
     height = int(sum(plot_px) + gap_px * (len(panels) - 1) + 44 + 100)
@@ -744,39 +828,22 @@ def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tup
     shown: set[str] = set()
     top = 1.0
     kinds = list(KIND_COLORS)
-    for i, ((title, frame, light), lanes) in enumerate(zip(panels, lane_lists), start=1):
+    for i, ((title, _, light), lanes, panel) in enumerate(zip(panels, lane_lists, columns), start=1):
         suffix = "" if i == 1 else str(i)
         bottom = max(top - plot_px[i - 1] / inner, 0.0)
-        index = {lane: k for k, lane in enumerate(lanes)}
-        for kind in kinds:
-            sub = frame.filter(pl.col("kind") == kind)
-            if sub.is_empty():
-                continue
-            starts = sub.get_column("start_ms").to_numpy()
-            ends = sub.get_column("end_ms").to_numpy()
-            hover = [
-                f"{esc(n, 120)}<br>{s:.3f}–{e:.3f} ms ({e - s:.3f} ms)" + (f"<br>{esc(d, 160)}" if d else "")
-                for n, s, e, d in zip(sub.get_column("name").to_list(), starts, ends, sub.get_column("detail").to_list())
-            ]
+        for kind, bars in panel["bars"].items():
             label = KIND_LABELS[kind]
-            busy = (sub.get_column("busy").fill_null(1.0).to_numpy() if "busy" in sub.columns
-                    else np.ones(sub.height))
-            if busy.min() < 0.999:
-                hover = [h + f"<br>GPU/thread busy {b:.0%} of this block" if b < 0.999 else h
-                         for h, b in zip(hover, busy)]
             trace = {
                 "type": "bar", "orientation": "h", "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
-                "y": np.asarray([index[x] for x in sub.get_column("lane").to_list()], dtype=np.int16),
-                "x": _f32(np.maximum(ends - starts, 0.0)), "base": _f32(starts), "width": 0.72,
+                "y": bars["y"], "x": bars["x"], "base": bars["base"], "width": 0.72,
                 "name": label, "legendgroup": label, "legendrank": 100 + kinds.index(kind),
                 "showlegend": label not in shown,
                 # a merged block is shaded by how busy it was: faint = mostly gaps, solid = busy
-                "marker": {"color": KIND_COLORS[kind], "line": {"width": 0},
-                           "opacity": np.round(0.15 + 0.85 * np.clip(busy, 0, 1), 3).astype(np.float32)},
-                "hovertext": hover, "hoverinfo": "text",
+                "marker": {"color": KIND_COLORS[kind], "line": {"width": 0}, "opacity": bars["opacity"]},
+                "hovertext": bars["hovertext"], "hoverinfo": "text",
             }
-            if kind == "annotation":  # range bars carry their names
-                trace.update(text=[esc(n, 60) for n in sub.get_column("name").to_list()], textposition="inside",
+            if bars["text"] is not None:  # range bars carry their names
+                trace.update(text=bars["text"], textposition="inside",
                              insidetextanchor="start", textangle=0, textfont={"size": 10, "color": "#ffffff"},
                              constraintext="none", cliponaxis=True)
             data.append(trace)
@@ -813,11 +880,11 @@ def _timeline_figure(panels: list[tuple[str, pl.DataFrame, dict | None]]) -> tup
     return {"data": data, "layout": layout}, height
 
 
-def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _Page) -> str:
+def _anomaly_card(number: int, anomaly: dict, lookups: _Lookups, timelines: dict, page: _Page) -> str:
     rank, step = anomaly["rank"], anomaly["step"]
     kind = anomaly.get("kind", "step")
     excess = anomaly.get("excess_ms") or 0.0
-    ratio = _ratio_of(anomaly, findings)
+    ratio = _ratio_of(anomaly, lookups)
     times = f"{ratio:.1f}× " if ratio else ""
     if kind == "step":
         title = f"Step {step} on rank {rank}: {times}slower than typical ({_signed_ms(excess)} ms)"
@@ -841,23 +908,23 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
     dl = "<dl class=\"pm\">" + "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in facts) + "</dl>"
 
     compare = ""
-    this_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == step))
-    if kind == "step" and this_row.height:
-        this = {c: this_row.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
-        typical = typical_step(findings, rank)
-        t_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == typical))
-        if typical is not None and typical != step and t_row.height:
+    this_row = lookups.step_row.get((rank, step))
+    typical = lookups.typical.get(rank)
+    if kind == "step" and this_row is not None:
+        this = {c: this_row[f"{c}_ns"] / 1e6 for c in CATEGORIES}
+        t_row = lookups.step_row.get((rank, typical))
+        if typical is not None and typical != step and t_row is not None:
             compare = _compare_bars([(f"step {step}", this), (f"step {typical} (typical)",
-                                     {c: t_row.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES})])
+                                     {c: t_row[f"{c}_ns"] / 1e6 for c in CATEGORIES})])
         else:
-            compare = _compare_bars([(f"step {step}", this), ("typical", _typical_categories(findings, rank, step))])
-    elif kind == "range" and "start_ns" in anomaly and findings.range_instances.height:
-        same = findings.range_instances.filter((pl.col("rank") == rank) & (pl.col("name") == anomaly_range(anomaly)))
-        this_inst = same.filter(pl.col("start_ns") == anomaly["start_ns"])
-        if this_inst.height and all(f"{c}_ns" in same.columns for c in CATEGORIES):
-            this = {c: this_inst.row(0, named=True)[f"{c}_ns"] / 1e6 for c in CATEGORIES}
-            typical = {c: float(same.get_column(f"{c}_ns").median() or 0) / 1e6 for c in CATEGORIES}
-            compare = _compare_bars([("this instance", this), ("median instance", typical)])
+            compare = _compare_bars([(f"step {step}", this), ("typical", _typical_categories(lookups, rank, step))])
+    elif kind == "range" and "start_ns" in anomaly and lookups.has_instances:
+        same = lookups.instances.get((rank, anomaly_range(anomaly)), [])
+        this_inst = lookups.instance(anomaly)
+        if this_inst is not None and all(f"{c}_ns" in this_inst for c in CATEGORIES):
+            this = {c: this_inst[f"{c}_ns"] / 1e6 for c in CATEGORIES}
+            median = {c: _median([row[f"{c}_ns"] for row in same]) / 1e6 for c in CATEGORIES}
+            compare = _compare_bars([("this instance", this), ("median instance", median)])
 
     ranges = ""
     if anomaly.get("ranges"):
@@ -877,19 +944,18 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
     timeline = ""
     own = timelines.get((rank, step)) if timelines else None
     if own is not None and own.height:
-        typical = typical_step(findings, rank)
-        duration = this_row.row(0, named=True)["duration_ns"] / 1e6 if this_row.height else None
+        duration = this_row["duration_ns"] / 1e6 if this_row is not None else None
         panels = [(f"step {step} on rank {rank} ({'anomalous' if kind == 'step' else 'holds the anomalous range'}"
                    + (f", {_ms(duration)} ms" if duration else "") + ")", own,
-                   _highlight(findings, anomaly, rank, step, own=True))]
+                   _highlight(lookups, anomaly, rank, step, own=True))]
         other = timelines.get((rank, typical)) if typical is not None and typical != step else None
         if other is not None and other.height:
-            t_row = findings.steps.filter((pl.col("rank") == rank) & (pl.col("step") == typical))
-            t_ms = t_row.row(0, named=True)["duration_ns"] / 1e6 if t_row.height else None
+            t_row = lookups.step_row.get((rank, typical))
+            t_ms = t_row["duration_ns"] / 1e6 if t_row is not None else None
             panels.append((f"step {typical} on rank {rank} (typical" + (f", {_ms(t_ms)} ms" if t_ms else "") + ")",
-                           other, _highlight(findings, anomaly, rank, typical, own=False)))
-        fig, height = _timeline_figure(panels)
-        merged = int(own.filter(pl.col("count") > 1).height)
+                           other, _highlight(lookups, anomaly, rank, typical, own=False)))
+        fig, height = _timeline_figure(panels, lookups.drawn)
+        merged = bool((own.get_column("count") > 1).any())
         note = ("Bars: CPU ranges, CUDA API calls, CPU gaps and GPU streams, in ms from the step start. "
                 "The shaded span is the <i>where</i> range; the darker part runs from its start to its first GPU work.")
         if merged:
@@ -906,12 +972,11 @@ def _anomaly_card(number: int, anomaly: dict, findings, timelines: dict, page: _
             f"<div class=\"card-body\"><div class=\"card-text\">{dl}{compare}</div>{ranges}{timeline}</div></article>")
 
 
-def _anomalies(findings, timelines: dict | None, page: _Page) -> str:
-    anomalies = anomaly_records(report_anomalies(findings))
+def _anomalies(anomalies: list[dict], lookups: _Lookups, timelines: dict | None, page: _Page) -> str:
     if not anomalies:
         return ('<section id="anomalies"><h2>Anomalies</h2><p class="note">No step and no range instance stood out '
                 "from its neighbours.</p></section>")
-    cards = [_anomaly_card(i, a, findings, timelines or {}, page) for i, a in enumerate(anomalies[:MAX_CARDS], start=1)]
+    cards = [_anomaly_card(i, a, lookups, timelines or {}, page) for i, a in enumerate(anomalies[:MAX_CARDS], start=1)]
     rest = ""
     if len(anomalies) > MAX_CARDS:
         rows = [[num_cell(a["rank"], "{:d}"), num_cell(a["step"], "{:d}"), text_cell(a.get("kind")),
@@ -934,23 +999,34 @@ def _cpu_gaps(findings) -> str:
         return ('<section id="cpu-gaps"><h2>CPU gaps</h2><p class="note">No CPU gap: the GPU never waited for the '
                 "host to launch work.</p></section>")
     total = float(gaps.get_column("duration_ns").sum() or 0) or 1.0
-    with_text = gaps.with_columns(
-        text=pl.when(pl.col("evidence").is_not_null())
-        .then(pl.format("{}: {}", pl.col("evidence_source").fill_null("evidence"), pl.col("evidence")))
-        .otherwise(pl.lit(None, pl.String))
-    )
-    summary = (with_text.sort("duration_ns", descending=True).group_by("cause", maintain_order=True)
-               .agg(total=pl.col("duration_ns").sum(), n=pl.len(), largest=pl.col("duration_ns").first(),
-                    rank=pl.col("rank").first(), step=pl.col("step").first())
-               .sort("total", descending=True))
-    evidence = (with_text.filter(pl.col("text").is_not_null()).group_by("cause", "text")
-                .agg(t=pl.col("duration_ns").sum()).sort(["cause", "t"], descending=[False, True])
-                .group_by("cause", maintain_order=True).head(3))
+    # The evidence's text is made for the rows shown, after aggregating (a long trace has a
+    # hundred thousand gaps), and the largest gaps are picked without sorting them all.
+    text = (pl.when(pl.col("evidence").is_not_null())
+            .then(pl.format("{}: {}", pl.col("evidence_source").fill_null("evidence"), pl.col("evidence")))
+            .otherwise(pl.lit(None, pl.String)))
+    lazy = gaps.lazy()
+    starts = findings.steps.lazy().select("rank", "step", pl.col("start_ns").alias("_w0"))
+    by_duration = pl.col("duration_ns").arg_max()
+    summary, evidence, largest = pl.collect_all([
+        lazy.group_by("cause")
+        .agg(total=pl.col("duration_ns").sum(), n=pl.len(), largest=pl.col("duration_ns").max(),
+             rank=pl.col("rank").get(by_duration), step=pl.col("step").get(by_duration))
+        .sort("total", "cause", descending=[True, False]),
+        lazy.filter(pl.col("evidence").is_not_null()).group_by("cause", "evidence_source", "evidence")
+        .agg(t=pl.col("duration_ns").sum()).select("cause", text.alias("text"), "t")
+        .group_by("cause", "text").agg(pl.col("t").sum())
+        .sort(["cause", "t", "text"], descending=[False, True, False])
+        .group_by("cause", maintain_order=True).head(3),
+        lazy.top_k(25, by="duration_ns").sort("duration_ns", descending=True, maintain_order=True)
+        .with_columns(text=text).join(starts, on=["rank", "step"], how="left", maintain_order="left"),
+    ])
+    evidence_of: dict = {}
+    for cause, text, ms in evidence.iter_rows():
+        evidence_of.setdefault(cause, []).append((text, ms))
     rows = []
     for r in summary.iter_rows(named=True):
-        items = evidence.filter(pl.col("cause") == r["cause"])
         listed = "".join(f"<li>{esc(t, 240)} <span class=\"muted\">({_ms(ms / 1e6)} ms)</span></li>"
-                         for _, t, ms in items.iter_rows())
+                         for t, ms in evidence_of.get(r["cause"], []))
         rows.append([
             text_cell(r["cause"]),
             num_cell(r["total"] / 1e6), num_cell(r["total"] / total * 100, "{:.1f}", "%"), num_cell(r["n"], "{:d}"),
@@ -959,9 +1035,6 @@ def _cpu_gaps(findings) -> str:
         ])
     cause_table = _table(["cause", "total ms", "share", "gaps", "largest ms", "largest in", "evidence (by time)"], rows,
                          numeric={1, 2, 3, 4})
-    starts = findings.steps.select("rank", "step", pl.col("start_ns").alias("_w0"))
-    largest = (with_text.sort("duration_ns", descending=True).head(25)
-               .join(starts, on=["rank", "step"], how="left"))
     big_rows = []
     for r in largest.iter_rows(named=True):
         offset = None if r.get("_w0") is None else (r["start_ns"] - r["_w0"]) / 1e6
@@ -1009,7 +1082,8 @@ def _kernels_and_ranges(findings) -> str:
 
 # ----------------------------------------------------------------------------- assembly
 
-def render_html(findings, timelines: dict | None = None, *, show_host: bool = False, title: str | None = None) -> str:
+def render_html(findings, timelines: dict | None = None, *, show_host: bool = False, title: str | None = None,
+                as_bytes: bool = False) -> str | bytes:
     """The report page of ``findings`` as one self-contained HTML string.
 
     Parameters
@@ -1022,6 +1096,8 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
         have no timeline.
     show_host
         Show host names (hidden by default, like every other report).
+    as_bytes
+        Return the page encoded as UTF-8, ready to write (faster than encoding the text).
 
     Examples
     --------
@@ -1029,12 +1105,14 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
     """
     page = _Page()
     title = title or "traceinsight report"
+    anomalies = anomaly_records(report_anomalies(findings))
+    lookups = _Lookups(findings, anomalies[:max(MAX_CARDS, MAX_HEADLINES)])
     sections = [
-        _summary(findings, page, show_host=show_host),
+        _summary(findings, page, anomalies, lookups, show_host=show_host),
         _step_durations(findings, page) if findings.steps.height else "",
         _step_breakdown(findings, page) if findings.steps.height else "",
         _waits(findings, page) if findings.steps.height or findings.waits.height else "",
-        _anomalies(findings, timelines, page),
+        _anomalies(anomalies, lookups, timelines, page),
         _cpu_gaps(findings),
         _kernels_and_ranges(findings),
     ]
@@ -1050,4 +1128,4 @@ def render_html(findings, timelines: dict | None = None, *, show_host: bool = Fa
     subtitle = (f"{n_ranks} rank(s) · {findings.steps.height} step window(s) · {findings.anomalies.height} anomalies · "
                 f"traceinsight {esc(__version__)}")
     return page_shell(page, title=title, subtitle=subtitle, nav=nav, sections=sections,
-                      footer="times in milliseconds (ms) unless stated")
+                      footer="times in milliseconds (ms) unless stated", as_bytes=as_bytes)

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-import plotly.graph_objects as go
-
 from traceinsight._version import __version__
 from traceinsight.analysis.categories import CATEGORIES
+from traceinsight.report.html.figure import Figure, trace
 from traceinsight.report.html.shell import CATEGORY_COLORS, MAX_TABLE_ROWS, Cell, _layout, _ms, _Page, _table, esc
 from traceinsight.report.html.shell import num_cell, page_shell, text_cell
 
@@ -289,13 +288,13 @@ def _category_figure(data: dict, page: _Page, before_label: str, after_label: st
     data_views = [arrays(rank) for _, rank in views]
     first = data_views[0]
     colors = [CATEGORY_COLORS[c] for c in CATEGORIES]
-    fig = go.Figure()
-    fig.add_trace(go.Bar(
+    fig = Figure()
+    fig.add_trace(trace("bar",
         x=list(CATEGORIES), y=first["before"], name=before_name, legendgroup="before", showlegend=False,
         marker=dict(color=colors, opacity=0.38, line=dict(color=colors, width=1.5)),
         hovertext=first["hb"], hoverinfo="text", offsetgroup="before",
     ))
-    fig.add_trace(go.Bar(
+    fig.add_trace(trace("bar",
         x=list(CATEGORIES), y=first["after"], name=after_name, legendgroup="after", showlegend=False,
         marker=dict(color=colors, line=dict(color=colors, width=1.5)),
         text=first["text"], textposition="outside", cliponaxis=False,
@@ -303,9 +302,9 @@ def _category_figure(data: dict, page: _Page, before_label: str, after_label: st
         hovertext=first["ha"], hoverinfo="text", offsetgroup="after",
     ))
     # Legend entries in grey: each side's bars take the color of their category.
-    fig.add_trace(go.Bar(x=[None], y=[None], name=before_name, legendgroup="before", hoverinfo="skip",
+    fig.add_trace(trace("bar", x=[None], y=[None], name=before_name, legendgroup="before", hoverinfo="skip",
                          marker=dict(color="rgba(120,120,120,0.38)", line=dict(color="#777", width=1.5))))
-    fig.add_trace(go.Bar(x=[None], y=[None], name=after_name, legendgroup="after", hoverinfo="skip",
+    fig.add_trace(trace("bar", x=[None], y=[None], name=after_name, legendgroup="after", hoverinfo="skip",
                          marker=dict(color="#777", line=dict(color="#777", width=1.5))))
     menus = []
     if len(views) > 1:
@@ -317,7 +316,7 @@ def _category_figure(data: dict, page: _Page, before_label: str, after_label: st
                                  "textfont.color": [None, d["text_color"]], "hovertext": [d["hb"], d["ha"]]}, [0, 1]])
                      for (label, _), d in zip(views, data_views)],
         )]
-    _layout(fig, barmode="group", bargap=0.25, bargroupgap=0.06, hovermode="closest", updatemenus=menus,
+    _layout(fig, barmode="group", bargap=0.25, bargroupgap=0.06, hovermode="closest", updatemenus=menus or None,
             legend=dict(orientation="h", y=1.02, yanchor="bottom", x=0, traceorder="normal"),
             margin=dict(l=70, r=20, t=80 if menus else 50, b=60))
     fig.update_xaxes(title_text="step-time category", showgrid=False)
@@ -361,8 +360,8 @@ def _changes_figure(data: dict, page: _Page) -> str:
                      f"<br>Δ {r['delta_ms']:+,.3f} ms, noise ±{_diff_ms(r.get('noise_ms'))} ms: {r['verdict']}")
         deltas.append(round(r["delta_ms"], 4))
         colors.append(VERDICT_COLORS.get(r["verdict"], "#888"))
-    fig = go.Figure(go.Bar(
-        y=list(range(len(changed))), x=deltas, orientation="h", marker=dict(color=colors, line=dict(width=0)),
+    fig = Figure().add_trace(trace(
+        "bar", y=list(range(len(changed))), x=deltas, orientation="h", marker=dict(color=colors, line=dict(width=0)),
         hovertext=hover, hoverinfo="text", showlegend=False,
     ))
     _layout(fig, hovermode="closest", margin=dict(l=20, r=30, t=36, b=50), bargap=0.25)  # t: room for the modebar
@@ -461,7 +460,8 @@ def _per_rank_section(data: dict) -> str:
     return "".join(parts)
 
 
-def render_diff_html(diff, *, before_label: str = "before", after_label: str = "after") -> str:
+def render_diff_html(diff, *, before_label: str = "before", after_label: str = "after",
+                     as_bytes: bool = False) -> str | bytes:
     """The before/after comparison as one self-contained HTML page (``traceinsight diff --html``).
 
     Same page shell, escaping, sortable tables and category colors as :func:`render_html`:
@@ -477,6 +477,8 @@ def render_diff_html(diff, *, before_label: str = "before", after_label: str = "
         :func:`~traceinsight.analysis.diff.diff_to_dict` form.
     before_label, after_label
         What each side is (file names, step ranges); untrusted text, escaped.
+    as_bytes
+        Return the page encoded as UTF-8, ready to write (faster than encoding the text).
 
     Examples
     --------
@@ -518,4 +520,5 @@ def render_diff_html(diff, *, before_label: str = "before", after_label: str = "
                 + f" · traceinsight {esc(__version__)}")
     title = f"traceinsight diff: {before_label[:80]} → {after_label[:80]}"
     return page_shell(page, title=title, subtitle=subtitle, nav=nav, sections=sections, css=_DIFF_CSS,
-                      footer="times in milliseconds (ms) per step, medians over each side's steps")
+                      footer="times in milliseconds (ms) per step, medians over each side's steps",
+                      as_bytes=as_bytes)
