@@ -47,6 +47,23 @@ def test_round_trip_is_exact_for_two_ranks(tmp_path):
     assert isinstance(next(iter(back.alignment.offsets)), int)
 
 
+def test_frames_read_later_are_read_on_first_use_and_equal(tmp_path):
+    paths = [os.path.join(TWO_RANKS, name) for name in ("rank0.json.gz", "rank1.json.gz")]
+    findings = analyze_model(load(paths, cache_dir=str(tmp_path)), Options())
+    entry = findings_cache.entry_path(str(tmp_path), paths, Options())
+    assert findings_cache.store(entry, findings)
+    later = ("gpu", "place_cpu")
+    back, _ = findings_cache.load(entry, read_later=later)
+    for name in later:  # not read yet: a named file, not a frame
+        assert type(object.__getattribute__(back, name)) is findings_cache._StoredFrame
+    assert isinstance(object.__getattribute__(back, "steps"), pl.DataFrame)
+    for field in dataclasses.fields(findings):
+        assert findings_cache._same(getattr(findings, field.name), getattr(back, field.name)), field.name
+    for name in later:  # read once, then kept
+        assert object.__getattribute__(back, name) is getattr(back, name)
+    assert findings.gpu.height and back.gpu.equals(findings.gpu)
+
+
 def test_cli_answers_from_the_cache_with_identical_output(tmp_path):
     cache_dir = str(tmp_path / "cache")
     fresh_json = _run("--no-cache", "analyze", TWO_RANKS, "--json", "-")
