@@ -563,7 +563,7 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
                            options=DiffOptions(by_rank=by_rank))
     outputs = []  # rendered in full before the first is written: a failure leaves none
     if json_path:
-        from traceinsight.report.diff_report import render_diff_json
+        from traceinsight.report.json_report import render_diff_json
 
         quiet |= _queue_output(json_path, render_diff_json(result), outputs)
     if html_path:

@@ -49,10 +49,10 @@ GAP_CAUSES = (
     "unknown",
 )
 
-_CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
+_CAUSE_PATTERNS: tuple[tuple[str, str], ...] = (
     (
         "garbage_collection",
-        re.compile(
+        (
             r"(?i)gc_collect|_PyGC_|collect_generations|deduce_unreachable|subtract_refs"
             r"|move_unreachable|visit_decref|visit_reachable|gc\.collect|method collect of module"
             # CPython calls these only while collecting: untrack_dicts/untrack_tuples.
@@ -65,7 +65,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         # Loading GPU code: CUDA's lazy loading on a kernel's first launch, JIT compilation.
         "module_loading",
-        re.compile(
+        (
             r"(?i)^cu(?:Library(?:Load\w*|GetKernel|GetModule)|Module(?:Load\w*|GetFunction))(?:_v\d+)?$"
             r"|^__cudaRegisterFatBinary|cudaGetFuncBySymbol|nvrtc\w+|nvJitLink|\bptxas\b|fatbinary|libnvrtc"
         ),
@@ -74,7 +74,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
         # The device allocator: the caching allocator going to the driver (cudaMalloc after a
         # cache miss or torch.cuda.empty_cache, cudaFree, pinned-host allocations).
         "cuda_allocator",
-        re.compile(
+        (
             r"(?i)^cu(?:da)?(?:Malloc\w*|Free\w*|MemAlloc\w*|MemFree\w*|MemCreate|MemRelease|MemMap|MemUnmap"
             r"|MemAddressReserve|MemAddressFree|MemSetAccess|HostAlloc|MallocHost|FreeHost|HostRegister"
             r"|HostUnregister|MemHostAlloc\w*|MemFreeHost|MemHostRegister\w*)(?:_v\d+)?$"
@@ -85,7 +85,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "memory_allocation",
-        re.compile(
+        (
             r"(?i)^(?:__libc_)?(?:malloc|calloc|realloc|free|posix_memalign|aligned_alloc|memalign|cfree)$"
             r"|^(?:__)?(?:mmap|mmap64|munmap|mremap|brk|sbrk|madvise)$|_int_malloc|_int_free|sysmalloc"
             r"|malloc_consolidate|page_fault|do_anonymous_page|handle_mm_fault|clear_page|alloc_pages"
@@ -104,7 +104,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         # File I/O on the thread: checkpoint and log writes, reads of data files.
         "io",
-        re.compile(
+        (
             r"(?i)^(?:__)?(?:write|pwrite(?:64)?|writev|pwritev\d?|fsync|fdatasync|sync_file_range|syncfs"
             r"|read|pread(?:64)?|readv|preadv\d?|open|open64|openat|openat64|fopen|fopen64|fclose|fflush"
             r"|fwrite|fread|sendfile|copy_file_range|fallocate|ftruncate|io_submit|io_getevents|__close)$"
@@ -114,7 +114,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "blocked",
-        re.compile(
+        (
             r"(?i)^(?:__)?(?:nanosleep|clock_nanosleep|sleep|usleep|select|pselect6?|poll|ppoll"
             r"|epoll_wait|epoll_pwait|futex|sem_wait|sem_timedwait|pthread_cond_wait"
             r"|pthread_cond_timedwait|pthread_join|pthread_mutex_lock|pthread_rwlock_\w+lock"
@@ -126,7 +126,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
         # Tensor math on the CPU (a CPU fill, copy or reduction): work, not launching.
         "cpu_compute",
-        re.compile(
+        (
             r"(?i)TensorIteratorBase::(?:for_each|serial_for_each)|\bcpu_kernel(?:_vec)?\b|VectorizedLoop2d"
             r"|vectorized_loop|basic_loop|\bGOMP_\w+|\bgomp_\w+|libgomp|\bmkl_\w+|libmkl|openblas|dnnl::"
             r"|at::vec::|invoke_parallel|at::internal::|libiomp"
@@ -134,7 +134,7 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "launch_overhead",
-        re.compile(
+        (
             r"(?i)^cu(?:da)?Launch|^cuLaunch|libcudart|libcuda\.so|^cuKernel"
             r"|c10::Dispatcher|at::_ops::|c10::impl::|^aten::(?:split|split_with_sizes|chunk|cat"
             r"|view|narrow|slice|select|as_strided|unbind|stack|reshape|expand|t|transpose|contiguous"
@@ -145,12 +145,21 @@ _CAUSE_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     (
         "python",
-        re.compile(
+        (
             r"(?i)_PyEval_|PyEval_|_PyObject_|PyObject_|_PyFunction|libpython|python3\.\d+"
             r"|^\S+\.py\(\d+\)|\.py:\d+|built-in (?:method|function)|_Py[A-Z]|Py[A-Z]\w+_"
         ),
     ),
 )
+
+
+
+@functools.cache
+def _cause_rules() -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """:data:`_CAUSE_PATTERNS` compiled, on first use: compiling them takes about 15 ms,
+    which a question answered from the findings cache does not need to pay."""
+    return tuple((cause, re.compile(pattern)) for cause, pattern in _CAUSE_PATTERNS)
+
 
 #: Modules of the profiler itself: its samples say the profiler was intercepting a call
 #: (an OS-runtime or CUDA trace hook), not what the program was doing.
@@ -162,7 +171,7 @@ def cause_of_name(name: str | None) -> str | None:
     """The gap cause a single frame, call or op name points to, or ``None``."""
     if not name:
         return None
-    for cause, rule in _CAUSE_RULES:
+    for cause, rule in _cause_rules():
         if rule.search(name):
             return cause
     return None
@@ -181,7 +190,7 @@ def causes_of_names(names: pl.Series, default: str | None = None) -> pl.DataFram
     by_rules, rest = names.filter(plain).to_frame("name"), names.filter(~plain)
     try:
         rule_cause = pl.lit(None, pl.String)
-        for cause, rule in reversed(_CAUSE_RULES):
+        for cause, rule in reversed(_cause_rules()):
             if rule.flags & (re.VERBOSE | re.ASCII | re.LOCALE) or not isinstance(rule.pattern, str):
                 raise pl.exceptions.ComputeError("a rule only Python's re can run")
             flags = "".join(letter for flag, letter in ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"))

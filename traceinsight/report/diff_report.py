@@ -1,13 +1,13 @@
-"""Rendering of a before/after diff (``traceinsight diff``): terminal tables and JSON.
+"""Rendering of a before/after diff (``traceinsight diff``) as terminal tables.
 
 The comparison itself is :mod:`traceinsight.analysis.diff`; the JSON shape is
-:func:`~traceinsight.analysis.diff.diff_to_dict` (re-exported here). Every name from a trace is
+:func:`~traceinsight.analysis.diff.diff_to_dict` (re-exported here), written by
+:func:`~traceinsight.report.json_report.render_diff_json`. Every name from a trace is
 printed through :func:`~traceinsight.report.terminal.plain`.
 """
 
 from __future__ import annotations
 
-import msgspec
 import polars as pl
 from rich.console import Console
 from rich.text import Text
@@ -15,7 +15,7 @@ from rich.text import Text
 from traceinsight.analysis.diff import FindingsDiff, diff_to_dict
 from traceinsight.report.terminal import middle, plain, print_table
 
-__all__ = ["render_diff", "render_diff_json", "diff_to_dict"]
+__all__ = ["render_diff", "diff_to_dict"]
 
 #: Rows shown per table in the terminal (the JSON has them all).
 MAX_ROWS = 15
@@ -134,8 +134,3 @@ def render_diff(diff: FindingsDiff, console: Console) -> None:
         console.print(Text(f"{summary['launch_count_changes']} kernel(s) changed their launch count per step"))
     if not summary["changed"]:
         console.print(Text("no change beyond the step-to-step noise", style="bold"))
-
-
-def render_diff_json(diff: FindingsDiff) -> bytes:
-    """The diff as indented UTF-8 JSON (see :func:`~traceinsight.analysis.diff.diff_to_dict`)."""
-    return msgspec.json.format(msgspec.json.encode(diff_to_dict(diff)), indent=1)
