@@ -300,6 +300,13 @@ PHASE_WORDS = (
 )
 
 
+def phase_word_expr(column: str = "name") -> pl.Expr:
+    """Polars expression: does the name hold any word of :data:`PHASE_WORDS`? One search for
+    every phase, to pick the few names :func:`phase_expr` must tell apart among many."""
+    words = [word for _, phase_words in PHASE_WORDS for word in phase_words]
+    return pl.col(column).str.contains_any(words, ascii_case_insensitive=True)
+
+
 def phase_class(name: str | None) -> str | None:
     """Coarse MoE phase of an annotation name: attention, dispatch, experts, combine."""
     if not name:

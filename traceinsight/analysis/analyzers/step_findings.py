@@ -66,6 +66,7 @@ def explain_steps(
     if places is None:
         places = Places(steps, instances, cpu_gaps, gpu, sync_pieces)
     gap_totals = cpu_gaps.group_by("rank", "step", "cause").agg(total=pl.col("duration_ns").sum())
+    range_totals: dict[int, pl.DataFrame] = {}  # per rank, for all its flagged steps
     results = []
     for rank, step in targets.iter_rows():
         rank_steps = steps.filter(pl.col("rank") == rank)
@@ -87,7 +88,9 @@ def explain_steps(
         found = places.step_places(rank, step, normal_steps, excess_ns=excess, label=this["label"],
                                    cross_rank_wait=waited)
         kernels = places.kernel_changes(rank, step, normal_steps, limit=5)
-        ranges = _range_excess(instances, rank, step, set(normal_steps))
+        if rank not in range_totals:
+            range_totals[rank] = _range_totals(instances, rank)
+        ranges = _range_excess(range_totals[rank], step, set(normal_steps))
         if found:
             where, cause = found[0]["where"], found[0]["cause"]
             if waited and deltas["cross_rank_wait"] >= 0.5 * max(excess, 1):
@@ -143,18 +146,26 @@ def explain_steps(
     return results
 
 
-def _range_excess(instances: pl.DataFrame, rank: int, step: int, normal_steps: set[int]) -> pl.DataFrame:
-    """Per annotation name: this step's total time against the typical step's, largest growth first."""
+def _range_totals(instances: pl.DataFrame, rank: int) -> pl.DataFrame | None:
+    """Per (annotation name, step) of ``rank``: time, depth, launches, lag and count (``None``
+    when the rank has no range instance in a step); made once for all its flagged steps."""
     ranked = instances.filter((pl.col("rank") == rank) & pl.col("step").is_not_null())
     if ranked.is_empty():
-        return pl.DataFrame()
-    per_step = ranked.group_by("name", "step").agg(
+        return None
+    return ranked.group_by("name", "step").agg(
         total_ns=pl.col("duration_ns").sum(),
         depth=pl.col("depth").min(),
         launches=pl.col("launches").sum(),
         lag_ns=pl.col("first_gpu_lag_ns").max(),
         count=pl.len(),
     )
+
+
+def _range_excess(per_step: pl.DataFrame | None, step: int, normal_steps: set[int]) -> pl.DataFrame:
+    """Per annotation name: this step's total time against the typical step's, largest growth
+    first (``per_step``: :func:`_range_totals` of the step's rank)."""
+    if per_step is None:
+        return pl.DataFrame()
     this = per_step.filter(pl.col("step") == step)
     typical = (
         per_step.filter(pl.col("step").is_in(list(normal_steps)))
