@@ -97,11 +97,15 @@ def test_phase_expr_classifies_as_phase_class():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from traceinsight.analysis.classify import PHASE_WORDS, phase_class, phase_expr
+    from traceinsight.analysis.classify import PHASE_WORDS, phase_class, phase_expr, phase_word_expr
 
     def check(names):
-        got = pl.DataFrame({"name": pl.Series(names, dtype=pl.String)}).select(phase_expr()).to_series().to_list()
+        frame = pl.DataFrame({"name": pl.Series(names, dtype=pl.String)})
+        got = frame.select(phase_expr()).to_series().to_list()
         assert got == [phase_class(name) for name in names]
+        # the one-pass prefilter keeps every name that has a phase (it may keep more)
+        kept = frame.select(phase_word_expr()).to_series().fill_null(False).to_list()
+        assert all(keep for keep, phase in zip(kept, got) if phase is not None)
 
     check(PHASE_NAMES)
     words = [word for _, group in PHASE_WORDS for word in group]
