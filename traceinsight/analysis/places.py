@@ -278,7 +278,7 @@ class Places:
                     "evidence_source": pl.String})
         cpu = cpu.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"),
                                _mid=(pl.col("start_ns") + pl.col("end_ns")) // 2)
-        self._totals: dict[tuple[str, str], dict[tuple, pl.DataFrame]] = {}
+        self._totals: dict[tuple[str, str], dict[tuple, pl.DataFrame] | pl.DataFrame] = {}
         self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
         self.gpu = _with_family(self._gpu_places(steps, gpu))
 
@@ -433,9 +433,20 @@ class Places:
         the flagged steps."""
         cached = self._totals.get((side, level))
         if cached is None:
-            frame = self.cpu if side == "cpu" else self.gpu
-            totals = frame.group_by("rank", "step", pl.col(level).alias("place")).agg(
-                total_ns=pl.col("duration_ns").sum(), members=pl.col("key").n_unique())
+            # One group-by of the placed rows per side, by key; a family's totals and its
+            # distinct member keys follow from its keys' totals (the family is a function of
+            # the key), without grouping the rows again.
+            keys = self._totals.get((side, "rows"))
+            if keys is None:
+                frame = self.cpu if side == "cpu" else self.gpu
+                keys = self._totals[(side, "rows")] = frame.group_by("rank", "step", "key", "family").agg(
+                    total_ns=pl.col("duration_ns").sum())
+            if level == "key":
+                totals = keys.select("rank", "step", pl.col("key").alias("place"), "total_ns",
+                                     members=pl.lit(1, pl.UInt32))
+            else:
+                totals = keys.group_by("rank", "step", pl.col("family").alias("place")).agg(
+                    total_ns=pl.col("total_ns").sum(), members=pl.len())
             cached = self._totals[(side, level)] = totals.partition_by("rank", as_dict=True, include_key=False)
         return cached
 
