@@ -153,9 +153,10 @@ def test_explain_from_kept_places_equals_explain_that_builds_them():
         assert kept == step_postmortem(rebuilt, step=step, rank=rank), (rank, step)
 
 
-def test_a_stored_frame_is_checked_column_by_column_against_the_analysis(tmp_path):
-    # The check after writing reads each stored frame a column at a time (the flood's range
-    # instances are 100 MB); it must still catch any difference of schema, order or value.
+def test_a_stored_frame_is_checked_column_by_column_against_the_analysis(tmp_path, monkeypatch):
+    # The check after writing reads each stored frame a batch of columns at a time (the
+    # flood's range instances are 100 MB); it must still catch any difference of schema,
+    # order or value.
     frame = pl.DataFrame({"a": [1, None, 3], "b": ["x", "y", None], "c": [0.5, float("nan"), 2.0]})
     path = str(tmp_path / "f.arrow")
     frame.write_ipc(path, compression="lz4")
@@ -164,6 +165,15 @@ def test_a_stored_frame_is_checked_column_by_column_against_the_analysis(tmp_pat
     assert not findings_cache._stored_frame_equals(path, frame.with_columns(pl.col("a").cast(pl.Int32)))
     assert not findings_cache._stored_frame_equals(path, frame.select("b", "a", "c"))
     assert not findings_cache._stored_frame_equals(path, frame.head(2))
+    # Frames are read back in batches of columns: with one column per batch, a difference in
+    # the last batch is caught as well as in the first.
+    monkeypatch.setattr(findings_cache, "CHECK_BATCH_BYTES", 1)
+    assert findings_cache._column_batches(frame) == [["a"], ["b"], ["c"]]
+    assert findings_cache._stored_frame_equals(path, frame)
+    assert not findings_cache._stored_frame_equals(path, frame.with_columns(pl.col("c").fill_nan(1.0)))
+    assert not findings_cache._stored_frame_equals(path, frame.with_columns(pl.col("a").fill_null(0)))
+    monkeypatch.setattr(findings_cache, "CHECK_BATCH_BYTES", 10**9)
+    assert findings_cache._column_batches(frame) == [["a", "b", "c"]]
     empty = pl.DataFrame()
     empty.write_ipc(path)
     assert findings_cache._stored_frame_equals(path, empty)
