@@ -153,7 +153,6 @@ _CAUSE_PATTERNS: tuple[tuple[str, str], ...] = (
 )
 
 
-
 @functools.cache
 def _cause_rules() -> tuple[tuple[str, re.Pattern[str]], ...]:
     """:data:`_CAUSE_PATTERNS` compiled, on first use: compiling them takes about 15 ms,

@@ -278,7 +278,8 @@ class Places:
                     "evidence_source": pl.String})
         cpu = cpu.with_columns(duration_ns=pl.col("end_ns") - pl.col("start_ns"),
                                _mid=(pl.col("start_ns") + pl.col("end_ns")) // 2)
-        self._totals: dict[tuple[str, str], dict[tuple, pl.DataFrame] | pl.DataFrame] = {}
+        self._totals: dict[tuple[str, str], dict[tuple, pl.DataFrame]] = {}
+        self._key_totals: dict[str, pl.DataFrame] = {}
         self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
         self.gpu = _with_family(self._gpu_places(steps, gpu))
 
@@ -297,7 +298,7 @@ class Places:
         places.tree = RangeTree.from_frame(place_tree) if place_tree.height else None
         places.instances = instances
         places.main = _main_threads(steps, gpu)
-        places._totals = {}
+        places._totals, places._key_totals = {}, {}
         places.cpu, places.gpu = place_cpu, place_gpu
         return places
 
@@ -436,10 +437,10 @@ class Places:
             # One group-by of the placed rows per side, by key; a family's totals and its
             # distinct member keys follow from its keys' totals (the family is a function of
             # the key), without grouping the rows again.
-            keys = self._totals.get((side, "rows"))
+            keys = self._key_totals.get(side)
             if keys is None:
                 frame = self.cpu if side == "cpu" else self.gpu
-                keys = self._totals[(side, "rows")] = frame.group_by("rank", "step", "key", "family").agg(
+                keys = self._key_totals[side] = frame.group_by("rank", "step", "key", "family").agg(
                     total_ns=pl.col("duration_ns").sum())
             if level == "key":
                 totals = keys.select("rank", "step", pl.col("key").alias("place"), "total_ns",

@@ -142,9 +142,6 @@ def render_json(findings: Findings, *, show_host: bool = False) -> bytes:
     return msgspec.json.format(msgspec.json.encode(findings_to_dict(findings, show_host=show_host)), indent=1)
 
 
-__all__ = ["findings_to_dict", "render_diff_json", "render_json"]
-
-
 def render_diff_json(diff) -> bytes:
     """A :class:`~traceinsight.analysis.diff.FindingsDiff` as indented UTF-8 JSON (``diff
     --json``; see :func:`~traceinsight.analysis.diff.diff_to_dict`). Here, not beside the
@@ -152,3 +149,6 @@ def render_diff_json(diff) -> bytes:
     from traceinsight.analysis.diff import diff_to_dict
 
     return msgspec.json.format(msgspec.json.encode(diff_to_dict(diff)), indent=1)
+
+
+__all__ = ["findings_to_dict", "render_diff_json", "render_json"]

@@ -6,9 +6,10 @@ and the category colors (:mod:`.shell`); :func:`~.analyze_page.render_html`
 (:mod:`.diff_page`) the before/after comparison.
 
 plotly.js is inlined once; every figure is a plotly.js figure built as plain data
-(:mod:`.figure`), drawn by ``Plotly.newPlot`` from one JSON block. The page aggregates (heatmaps instead of per-rank lines beyond
-:data:`~.analyze_page.LINE_RANKS` ranks, capped tables, coalesced step timelines from
-:mod:`traceinsight.analysis.timeline`) so that a 64-rank, 1000-step job stays a few megabytes.
+(:mod:`.figure`), drawn by ``Plotly.newPlot`` from one JSON block. The page aggregates
+(heatmaps instead of per-rank lines beyond :data:`~.analyze_page.LINE_RANKS` ranks, capped
+tables, coalesced step timelines from :mod:`traceinsight.analysis.timeline`) so that a
+64-rank, 1000-step job stays a few megabytes.
 
 Every string that comes from a trace (kernel names, NVTX text, op names, evidence, paths) is
 untrusted. In HTML it goes through :func:`html.escape`; in figures (plotly renders a few tags
