@@ -10,7 +10,9 @@ Cases, per input:
 - **floor** (Kineto): gzip decompression + ``orjson.loads`` of the same bytes, nothing else.
 - **floor** (nsys): a plain ``sqlite3`` ``fetchall`` of every table traceinsight reads
   (kernels, copies, memsets, syncs, runtime, NVTX, OS runtime and its callchains, CPU samples
-  and their callchains, strings).
+  and their callchains, strings), one table at a time, each dropped before the next.
+- **fetch, rows kept** (nsys): the same fetch keeping every table's rows, as anything that
+  analyzes them must hold them; its peak memory is the second yardstick for ``analyze``'s.
 - **hta**: Holistic Trace Analysis parsing the trace (``TraceAnalysis``), when installed.
 - **nsys-ai** (nsys, ``--nsys-ai EXE``): ``nsys-ai analyze --format json`` as users run it,
   on a private copy of the file: *cold* (first run: it builds its Parquet cache beside the
@@ -77,13 +79,18 @@ for path in sys.argv[1:]:
 FLOOR_NSYS = """
 import sqlite3, sys
 db = sqlite3.connect(f"file:{sys.argv[1]}?mode=ro", uri=True)
+keep = sys.argv[2:] == ["keep"]
 tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-rows = 0
+rows, kept = 0, []
 for t in ("CUPTI_ACTIVITY_KIND_KERNEL", "CUPTI_ACTIVITY_KIND_MEMCPY", "CUPTI_ACTIVITY_KIND_MEMSET",
           "CUPTI_ACTIVITY_KIND_SYNCHRONIZATION", "CUPTI_ACTIVITY_KIND_RUNTIME", "NVTX_EVENTS", "OSRT_API",
           "OSRT_CALLCHAINS", "COMPOSITE_EVENTS", "SAMPLING_CALLCHAINS", "StringIds"):
     if t in tables:
-        rows += len(db.execute(f"SELECT * FROM {t}").fetchall())
+        fetched = db.execute(f"SELECT * FROM {t}").fetchall()
+        rows += len(fetched)
+        if keep:
+            kept.append(fetched)
+        del fetched
 print(rows)
 """
 
@@ -228,6 +235,8 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
     cases: list[Case] = []
     if is_sqlite(path):
         cases.append(Case("floor: sqlite3 fetch", [python, "-c", FLOOR_NSYS, path]))
+        # The same rows all held at once, as an analysis of them must hold them.
+        cases.append(Case("fetch, rows kept: sqlite3 fetch", [python, "-c", FLOOR_NSYS, path, "keep"]))
         if nsys_ai and not growth_only:
             cases += nsys_ai_cases(path, out_dir, nsys_ai, direct=nsys_ai_direct)
     else:
@@ -360,7 +369,7 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
     by_case = {}
     for result in results:
         rows.append((name, result))
-        by_case[result.case.split(":")[0] if result.case.startswith("floor") else result.case] = result
+        by_case[result.case.split(":")[0] if result.case.startswith(("floor", "fetch")) else result.case] = result
         print(f"  {result.case:44s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB"
               f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
     floor = by_case.get("floor")
@@ -370,6 +379,10 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
         ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
                       f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory"
                       + (f"; with the model cached {cached.seconds / floor.seconds:.2f}x time" if cached else ""))
+    kept = by_case.get("fetch, rows kept")
+    if kept and analyze:
+        ratios.append(f"{name}: analyze / the fetch holding every table's rows at once = "
+                      f"{analyze.peak_mb / max(kept.peak_mb, 1):.2f}x memory")
     if json_size and analyze:
         ratios.append(f"{name}: analyze peak RSS / JSON size = {analyze.peak_mb:,.0f} / {json_size:,.0f} MiB "
                       f"= {analyze.peak_mb / json_size:.2f}")

@@ -9,7 +9,8 @@ on the commit before the change and once after, then compare the two folders::
 
 Each set is analysed in a fresh process with ``--no-cache`` semantics (a private cache
 folder per run), the way a user's first run sees it. Extra trace paths or sets may be
-given with ``--extra``.
+given with ``--extra``. ``--no-cache`` runs ``traceinsight --no-cache analyze`` instead: no
+cache at all, the path on which the analysis frees the model's events before its peak.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="folder to write LABEL.json files into")
     parser.add_argument("--extra", type=Path, nargs="*", default=[], help="more trace files")
+    parser.add_argument("--no-cache", action="store_true", help="run `traceinsight --no-cache analyze`")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     sets = trace_sets() + [(f"extra_{p.stem.split('.')[0]}", [p]) for p in args.extra]
@@ -57,8 +59,8 @@ def main() -> int:
             env = dict(os.environ, TRACEINSIGHT_CACHE_DIR=cache, COLUMNS="100")
             target = args.out / f"{label}.json"
             done = subprocess.run(
-                [sys.executable, "-c", "from traceinsight.cli import main; main()", "analyze", "-q", "--json", str(target),
-                 *map(str, paths)],
+                [sys.executable, "-c", "from traceinsight.cli import main; main()",
+                 *(["--no-cache"] if args.no_cache else []), "analyze", "-q", "--json", str(target), *map(str, paths)],
                 env=env, capture_output=True, text=True, check=False,
             )
         status = "ok" if done.returncode == 0 else f"exit {done.returncode}: {done.stderr.strip()[-200:]}"
