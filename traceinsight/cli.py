@@ -144,13 +144,13 @@ def _load(paths, *, salvage: bool = False, progress: bool | None = None):
         return load(files, on_done=on_done, **options)
 
 
-def _analyze(model, options, progress: bool | None):
+def _analyze(model, options, progress: bool | None, *, free_model: bool = False):
     """``analyze_model`` with, where progress is shown, its phase and rank on stderr."""
     from traceinsight.analysis.engine import analyze_model
     from traceinsight.progress import Reporter, wanted
 
     with Reporter(wanted(progress)).analysis() as on_phase:
-        return analyze_model(model, options, on_phase=on_phase)
+        return analyze_model(model, options, on_phase=on_phase, free_model=free_model)
 
 
 def _console(width: int | None):
@@ -226,8 +226,13 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
                 findings_cache.store_timelines(entry, timelines)
             return findings, timelines
     model = _load(paths, salvage=salvage, progress=progress)
-    findings = _analyze(model, options, progress)
-    timelines = timelines_for_report(model, findings) if with_timelines or entry else None
+    # Without timelines to draw the model is not needed after the analysis, which may then
+    # give its memory back before its peak. (Read again from the model cache for the
+    # timelines, it would be held beside the findings at the end: no lower peak.)
+    needs_model = bool(with_timelines or entry)
+    findings = _analyze(model, options, progress, free_model=not needs_model)
+    timelines = timelines_for_report(model, findings) if needs_model else None
+    del model  # freed before storing: the store's read-back check is the next peak
     if entry:
         findings_cache.store(entry, findings, timelines)
     return findings, timelines

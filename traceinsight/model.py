@@ -283,6 +283,14 @@ class TraceModel:
         """The ranks present, ascending."""
         return sorted(self.ranks.get_column("rank").to_list())
 
+    def drop_events(self) -> None:
+        """Empty ``intervals`` and ``samples`` (same schemas, no rows) so that their memory can
+        be given back: for an analysis that owns the model and needs its events no more (see
+        ``free_model`` of :func:`~traceinsight.analysis.engine.analyze_model`). ``ranks`` and
+        ``warnings`` stay."""
+        self.intervals = self.intervals.clear()
+        self.samples = self.samples.clear()
+
     def of_kind(self, *kinds: str) -> pl.DataFrame:
         """Intervals whose ``kind`` is one of ``kinds``."""
         return self.intervals.filter(pl.col("kind").is_in(list(kinds)))

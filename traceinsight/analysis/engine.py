@@ -68,11 +68,17 @@ SUMMARY_GAPS = 500
 
 
 class RankWorker:
-    """One rank's state across the three phases."""
+    """One rank's state across the three phases.
 
-    def __init__(self, model: TraceModel, options: Options) -> None:
+    With ``free_model`` the worker owns ``model`` and empties it
+    (:meth:`~traceinsight.model.TraceModel.drop_events`) as soon as no phase needs its
+    events: before the range instances are flagged and placed, the analysis's largest step.
+    """
+
+    def __init__(self, model: TraceModel, options: Options, *, free_model: bool = False) -> None:
         self.model = model
         self.options = options
+        self.free_model = free_model
         self.rank = int(model.ranks.get_column("rank")[0])
 
     def steps_and_collectives(self) -> dict:
@@ -104,17 +110,20 @@ class RankWorker:
         release_freed_memory()
         gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
         cause_totals = summarize_causes(gaps)  # as soon as the gaps exist, like what follows
+        instances = range_instances(model, gpu=self.gpu)
+        if self.free_model:  # the model's last use: nothing below reads its events
+            model.drop_events()
+            release_freed_memory()
         # Step markers are annotations too, but the step table already covers them. Names
         # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
-        instances = (
-            range_instances(model, gpu=self.gpu)
-            .filter(~pl.col("name").is_in(self.marker_names))
-            .with_columns(raw_name=pl.col("name"), name=range_group_expr())
-        )
-        instances = flag_range_instances(
-            self.result.window_breakdown(assign_to_steps(instances, steps)), options.anomaly_options,
-            first_is_warmup=self.table.source == "whole trace",
-        )
+        instances = instances.filter(~pl.col("name").is_in(self.marker_names)).with_columns(
+            raw_name=pl.col("name"), name=range_group_expr())
+        # One step at a time, each result replacing the last: no version of the largest
+        # frame is held longer than the step that reads it.
+        instances = assign_to_steps(instances, steps)
+        instances = self.result.window_breakdown(instances)
+        instances = flag_range_instances(instances, options.anomaly_options,
+                                         first_is_warmup=self.table.source == "whole trace")
         statistics = range_statistics(instances)
         sync_gaps = self.result.gaps.filter(pl.col("category") == "host_sync")
         places = None
@@ -280,13 +289,20 @@ PHASE_NAMES = {"steps_and_collectives": "steps and collectives", "breakdown": "s
                "finish": "ranges, CPU gaps, anomalies"}
 
 
-def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=None):
+def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=None, free_model: bool = False):
     """The local engine: every rank's worker in this process.
 
     ``on_phase(description, done, total)`` (optional) is called before each rank's part of each
-    phase, for a progress bar.
+    phase, for a progress bar. With ``free_model`` the analysis empties ``model``
+    (:meth:`~traceinsight.model.TraceModel.drop_events`) once it needs its events no more, so
+    that their memory is given back before the analysis's peak (on an emit_nvtx flood the
+    events are a third of it): for a caller that does not use the model afterwards.
     """
-    workers = {rank: RankWorker(part, options) for rank, part in split_by_rank(model).items()}
+    parts = split_by_rank(model)
+    if free_model and len(parts) > 1:
+        model.drop_events()  # each rank's part is a copy
+    workers = {rank: RankWorker(part, options, free_model=free_model) for rank, part in parts.items()}
+    del parts
     total = 3 * len(workers)
     done = 0
 

@@ -49,10 +49,11 @@ class RangeTree:
     """
 
     def __init__(self, ranges: pl.DataFrame) -> None:
+        # The columns first: filtering all of the range instances' columns would copy them.
         ranges = (
-            ranges.filter(pl.col("tid").is_not_null() & pl.col("start_ns").is_not_null() & pl.col("end_ns").is_not_null()
-                          & ~pl.col("name").str.contains(LIBRARY_RANGES))
-            .select(*THREAD, "name", pl.col("depth").fill_null(0).cast(pl.Int64), "start_ns", "end_ns")
+            ranges.select(*THREAD, "name", pl.col("depth").fill_null(0).cast(pl.Int64), "start_ns", "end_ns")
+            .filter(pl.col("tid").is_not_null() & pl.col("start_ns").is_not_null() & pl.col("end_ns").is_not_null()
+                    & ~pl.col("name").str.contains(LIBRARY_RANGES))
         )
         ranges = sorted_rows(ranges, [*THREAD, "start_ns", "depth"]).with_row_index("node").with_columns(
             pl.col("node").cast(pl.Int64))

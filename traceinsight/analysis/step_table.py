@@ -62,8 +62,12 @@ def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: st
                            pl.col("step")).sort("_w_start")
     if "step" in frame.columns:
         frame = frame.drop("step")
+    times = frame.get_column(time_column)
+    # Range instances come sorted: sorting them again would copy the largest frame.
+    if not (times.null_count() == 0 and times.is_sorted()):
+        frame = frame.sort(time_column, maintain_order=True)
     return (
-        frame.sort(time_column)
+        frame
         .join_asof(windows, left_on=time_column, right_on="_w_start", by="rank",
                    strategy="backward", check_sortedness=False)
         .with_columns(step=pl.when(pl.col(time_column) < pl.col("_w_end")).then(pl.col("step")))

@@ -46,7 +46,10 @@ class FileWorker:
     def assign(self, mapping: dict[int, int]) -> list[int]:
         if any(old != new for old, new in mapping.items()):
             self.model = renumber(self.model, mapping)
-        self.workers = {rank: RankWorker(part, self.options) for rank, part in split_by_rank(self.model).items()}
+        # The actor owns its model: each worker empties its part once no phase needs it.
+        self.workers = {rank: RankWorker(part, self.options, free_model=True)
+                        for rank, part in split_by_rank(self.model).items()}
+        self.model = None
         return sorted(self.workers)
 
     def call(self, method: str, per_rank_args: dict | None) -> dict:

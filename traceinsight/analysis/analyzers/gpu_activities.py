@@ -42,9 +42,13 @@ def gpu_activities(
         is_comm=(pl.col("kind") == "kernel")
         & (pl.col("_comm_name").fill_null(False) | pl.col("comm_op").is_not_null())
     ).drop("_comm_name")
+    # Only the calls whose correlation id some GPU activity carries: most runtime calls
+    # launch nothing (an emit_nvtx trace has three times more of them than of GPU rows).
+    launched = gpu.select("rank", "correlation").filter(pl.col("correlation").is_not_null()).unique()
     launches = (
         intervals.lazy()
         .filter((pl.col("kind") == "cuda_api") & pl.col("correlation").is_not_null())
+        .join(launched.lazy(), on=["rank", "correlation"], how="semi")
         .select("rank", "pid", "correlation", "start_ns", "end_ns", "tid", "name")
         .with_columns(launch_pid=pl.col("pid"))
         .group_by("rank", "pid", "correlation")

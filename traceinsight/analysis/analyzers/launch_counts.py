@@ -23,6 +23,7 @@ def launches_per_step(gpu: pl.DataFrame, steps: pl.DataFrame) -> pl.DataFrame:
         .filter(pl.col("step").is_not_null())
         .group_by("rank", "step")
         .agg(launches=pl.len())
+        .sort("rank", "step")  # the same rows in the same order on every run
     )
 
 

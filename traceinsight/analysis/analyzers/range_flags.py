@@ -47,9 +47,13 @@ def flag_range_instances(instances: pl.DataFrame, options: AnomalyOptions = Anom
     )
     stats = stats.join(spread, on=group, how="left")
     excess = pl.col("duration_ns") - pl.col("typical_ns")
+    # Only the keys are joined, and the statistics set beside the instances in their order:
+    # joining the instances themselves would copy every column of every instance (the
+    # largest frame of an emit_nvtx flood's analysis).
+    per_instance = instances.select(group).join(stats, on=group, how="left", maintain_order="left").drop(group)
     flagged = (
         instances.drop("typical_ns", "anomalous", strict=False)
-        .join(stats, on=group, how="left")
+        .hstack(per_instance)
         .with_columns(
             _long=(pl.col("_count") >= options.min_range_instances)
             & (pl.col("duration_ns") >= options.range_ratio * pl.col("_p90"))

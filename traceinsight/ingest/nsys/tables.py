@@ -404,6 +404,7 @@ class _EventTables:
         )
         is_mark = event_type.is_in(mark_ids)
         events = frame.filter(event_type.is_in(range_ids) | is_mark)
+        del frame  # the filtered rows share its buffers; the rest is not needed
         unterminated = events.filter(~is_mark & pl.col("end_ns").is_null()).height
         if unterminated:
             self.warnings.append(
@@ -415,7 +416,12 @@ class _EventTables:
             .then(pl.col("start_ns"))
             .otherwise(pl.col("end_ns"))
         )
-        events = events.join(domains, on=["_proc", "_domain_id"], how="left")
+        # The domain of each range from a join of the keys alone, set beside the ranges in
+        # their order: joining the ranges themselves would copy every name (hundreds of MB
+        # for an emit_nvtx flood).
+        keys = ["_proc", "_domain_id"]
+        events = events.hstack(
+            events.select(keys).join(domains, on=keys, how="left", maintain_order="left").select("domain"))
         nameless = (
             events.filter((pl.col("_domain_id") != 0) & pl.col("domain").is_null())
             .select("_proc", "_domain_id")
