@@ -75,3 +75,25 @@ def test_assigning_steps_to_sorted_rows_equals_sorting_them_first():
     shuffled_in = assign_to_steps(rows.reverse(), steps)
     assert sorted_in.get_column("step").to_list() == [1, 1, 1, 2, None]
     assert shuffled_in.sort("start_ns", "tag").equals(sorted_in.sort("start_ns", "tag"))
+
+
+def test_places_answer_the_same_after_dropping_their_caches():
+    from traceinsight.analysis.places import Places
+
+    findings = analyze_model(load(expand_paths(SETS["nsys, one rank"])), Options())
+    places = Places.from_frames(findings.steps, findings.range_instances, findings.gpu, place_cpu=findings.place_cpu,
+                                place_gpu=findings.place_gpu, place_tree=findings.place_tree)
+    flagged = findings.steps.filter(pl.col("anomalous"))
+    assert flagged.height
+    rank, step = flagged.row(0, named=True)["rank"], flagged.row(0, named=True)["step"]
+    normal = findings.steps.filter(~pl.col("anomalous")).get_column("step").to_list()
+    nodes = pl.Series(range(min(50, places.tree.frame.height))).to_numpy()
+
+    def answers():
+        return (places.step_places(rank, step, normal, excess_ns=5e6, label="step"), places.tree.keys(nodes).to_list())
+
+    before = answers()
+    assert places._totals and places.tree._paths is not None  # what is dropped was there
+    places.drop_caches()
+    assert not places._totals and places.tree._paths is None
+    assert answers() == before

@@ -130,6 +130,8 @@ class RankWorker:
         if steps.get_column("anomalous").any() or instances.get_column("anomalous").any():
             places = Places(steps, instances, gaps, self.gpu, sync_gaps)
         step_anomalies = explain_steps(steps, instances, gaps, launch_counts=launch_counts, places=places)
+        if places is not None:
+            places.drop_caches()  # the step findings were their only reader
         range_anomalies = explain_range_instances(instances, gaps, steps=steps, places=places)
         left_out = sum(a["others_in_step"] for a in range_anomalies)
         notes = [f"rank {self.rank}: {left_out} more anomalous range instances are not listed (the "

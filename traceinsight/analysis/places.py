@@ -284,6 +284,15 @@ class Places:
         self.cpu = _with_family(cpu.with_columns(self._cpu_keys(cpu)))
         self.gpu = _with_family(self._gpu_places(steps, gpu))
 
+    def drop_caches(self) -> None:
+        """Forget what was kept to answer many questions quickly: each node's path (built to
+        key the CPU gaps and GPU work) and the per-step totals of :meth:`step_places`. Both
+        are made again if asked for; an analysis drops them once the step findings are made
+        (on an emit_nvtx flood, 60 MB at 1.8M range instances)."""
+        self._totals, self._key_totals = {}, {}
+        if self.tree is not None:
+            self.tree._paths = None
+
     def frames(self) -> dict[str, pl.DataFrame]:
         """What :meth:`from_frames` needs to rebuild these places without their joins: the
         placed CPU gaps and GPU work, and the range tree."""
