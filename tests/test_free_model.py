@@ -5,7 +5,6 @@ plain ones."""
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import polars as pl
 import pytest

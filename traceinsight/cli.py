@@ -227,8 +227,9 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
             return findings, timelines
     model = _load(paths, salvage=salvage, progress=progress)
     # Without timelines to draw the model is not needed after the analysis, which may then
-    # give its memory back before its peak. (Read again from the model cache for the
-    # timelines, it would be held beside the findings at the end: no lower peak.)
+    # give its memory back before its peak. (Freeing it anyway and reading it again from the
+    # model cache for the timelines raised the peak: the range instances keep the first
+    # model's names alive beside the second copy; docs/performance.md, fifth round.)
     needs_model = bool(with_timelines or entry)
     findings = _analyze(model, options, progress, free_model=not needs_model)
     timelines = timelines_for_report(model, findings) if needs_model else None

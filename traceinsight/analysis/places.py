@@ -168,6 +168,10 @@ class RangeTree:
             pl.when(pl.Series(nodes >= 0)).then(paths.gather(np.where(nodes >= 0, nodes, 0))).otherwise(pl.lit(""))
         ).to_series()
 
+    def drop_paths(self) -> None:
+        """Forget every node's path (:meth:`keys` builds them again if asked)."""
+        self._paths = None
+
     def _all_paths(self) -> pl.Series:
         """Every node's path, built once, one nesting level at a time: a parent is exactly
         one level up, so its path is complete before its children's."""
@@ -291,7 +295,7 @@ class Places:
         (on an emit_nvtx flood, 60 MB at 1.8M range instances)."""
         self._totals, self._key_totals = {}, {}
         if self.tree is not None:
-            self.tree._paths = None
+            self.tree.drop_paths()
 
     def frames(self) -> dict[str, pl.DataFrame]:
         """What :meth:`from_frames` needs to rebuild these places without their joins: the
