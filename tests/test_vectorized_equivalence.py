@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from traceinsight.analysis.classify import cause_of_name
+import traceinsight
+from conftest import SAMPLE_TRACES
+from traceinsight.analysis.analyzers.range_instances import range_instances
+from traceinsight.analysis.classify import cause_of_name, range_group_expr
+from traceinsight.analysis.places import PATH_SEPARATOR, RangeTree
 from traceinsight.analysis.analyzers.cpu_gap_causes import _weights_from_intervals
 from traceinsight.analysis.analyzers.range_statistics import range_statistics
 
@@ -117,3 +121,33 @@ def test_phase_expr_classifies_as_phase_class():
         check(names)
 
     random_names()
+
+
+def test_range_tree_keys_equal_the_paths_walked_node_by_node():
+    """Paths numbered once per distinct (parent path, name) read back as the names walked
+    up the parent chain, on real emit_nvtx ranges (many nodes, few distinct paths)."""
+    model = traceinsight.load(SAMPLE_TRACES / "dense_nsys")
+    instances = range_instances(model).with_columns(name=range_group_expr())
+    tree = RangeTree(instances)
+    assert tree.frame.height > 1000 and tree.max_depth >= 2
+    nodes = np.arange(-1, tree.frame.height, dtype=np.int64)
+    keys = tree.keys(nodes).to_list()
+    walked = [""] + [PATH_SEPARATOR.join(tree.path(int(node))) for node in nodes[1:]]
+    assert keys == walked
+    distinct = tree._all_paths()[1]
+    assert distinct.len() == len(set(walked) - {""}) < tree.frame.height / 2
+    tree.drop_paths()
+    assert tree.keys(nodes[::-1]).to_list() == walked[::-1]  # built again, same answers
+
+
+def test_range_instances_of_rows_out_of_order_equal_those_of_the_sorted_model():
+    """The annotations are taken without a sort where the model is in (rank, start) order,
+    as the readers leave it; rows in any other order are sorted first, to the same result."""
+    model = traceinsight.load(SAMPLE_TRACES / "dense_nsys")
+    plain = range_instances(model)
+    assert plain.height > 1000
+    model.intervals = model.intervals.sample(fraction=1.0, shuffle=True, seed=7)
+    shuffled = range_instances(model)
+    key = ["rank", "start_ns", "pid", "tid", "depth", "name"]
+    assert shuffled.sort(key).equals(plain.sort(key))
+    assert shuffled.get_column("start_ns").is_sorted()

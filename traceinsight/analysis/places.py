@@ -49,13 +49,13 @@ class RangeTree:
     """
 
     def __init__(self, ranges: pl.DataFrame) -> None:
-        # The columns first: filtering all of the range instances' columns would copy them.
-        ranges = (
-            ranges.select(*THREAD, "name", pl.col("depth").fill_null(0).cast(pl.Int64), "start_ns", "end_ns")
-            .filter(pl.col("tid").is_not_null() & pl.col("start_ns").is_not_null() & pl.col("end_ns").is_not_null()
-                    & ~pl.col("name").str.contains(LIBRARY_RANGES))
-        )
-        ranges = sorted_rows(ranges, [*THREAD, "start_ns", "depth"]).with_row_index("node").with_columns(
+        # The columns first, and the rows kept and their order as one gather: filtering and
+        # then sorting would copy the range instances' columns twice.
+        ranges = ranges.select(*THREAD, "name", pl.col("depth").fill_null(0).cast(pl.Int64), "start_ns", "end_ns")
+        kept = np.flatnonzero(ranges.select(
+            pl.col("tid").is_not_null() & pl.col("start_ns").is_not_null() & pl.col("end_ns").is_not_null()
+            & ~pl.col("name").str.contains(LIBRARY_RANGES)).to_series().fill_null(False).to_numpy())
+        ranges = sorted_rows(ranges, [*THREAD, "start_ns", "depth"], rows=kept).with_row_index("node").with_columns(
             pl.col("node").cast(pl.Int64))
         # The parent is the latest-starting range of the same thread one level up that
         # starts no later than the child and ends no earlier. Nodes are numbered in (thread,
@@ -64,8 +64,9 @@ class RangeTree:
         depth = ranges.get_column("depth").to_numpy()
         end = ranges.get_column("end_ns").to_numpy()
         runs = _thread_runs(ranges)
-        thread_first = ranges.select(THREAD).join(runs, on=THREAD, how="left", nulls_equal=True, maintain_order="left") \
-            .get_column("_first").to_numpy()
+        # Each thread's nodes are one run: the first node of the run a node is in.
+        run = ranges.select(pl.struct(THREAD).rle_id()).to_series().to_numpy()
+        thread_first = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])[run] if run.size else run.astype(np.int64)
         parent = np.full(ranges.height, -1, dtype=np.int64)
         levels = np.unique(depth) if ranges.height else []
         for level in levels:
@@ -94,7 +95,7 @@ class RangeTree:
         self.start = self.frame.get_column("start_ns").to_numpy()
         self.end = self.frame.get_column("end_ns").to_numpy()
         self.names = self.frame.get_column("name")
-        self._paths: pl.Series | None = None
+        self._paths: tuple[np.ndarray, pl.Series] | None = None
         self.max_depth = int(self.frame.get_column("depth").max() or 0) if self.frame.height else 0
 
     def innermost(self, points: pl.DataFrame, *, time_column: str, until: str | None = None) -> np.ndarray:
@@ -163,29 +164,51 @@ class RangeTree:
         nodes = np.asarray(nodes, dtype=np.int64)
         if self.frame.is_empty():
             return pl.Series([""] * nodes.size, dtype=pl.String)
-        paths = self._all_paths()
+        path_of_node, texts = self._all_paths()
+        known = nodes >= 0
         return pl.select(
-            pl.when(pl.Series(nodes >= 0)).then(paths.gather(np.where(nodes >= 0, nodes, 0))).otherwise(pl.lit(""))
+            pl.when(pl.Series(known)).then(texts.gather(path_of_node[np.where(known, nodes, 0)]))
+            .otherwise(pl.lit(""))
         ).to_series()
 
     def drop_paths(self) -> None:
         """Forget every node's path (:meth:`keys` builds them again if asked)."""
         self._paths = None
 
-    def _all_paths(self) -> pl.Series:
-        """Every node's path, built once, one nesting level at a time: a parent is exactly
-        one level up, so its path is complete before its children's."""
+    def _all_paths(self) -> tuple[np.ndarray, pl.Series]:
+        """Every node's path as a number, and the text of each number.
+
+        Nodes with the same names down the same chain of parents share a number, and each
+        distinct path is written once: a trace repeats the same few thousand paths in every
+        step, and one string per node would cost as much as the nodes themselves (tens of
+        MB on an emit_nvtx flood). Built one nesting level at a time: a parent is exactly
+        one level up, so its number is known before its children's.
+        """
         if self._paths is None:
-            paths = self.frame.get_column("name").clone()
+            names = self.frame.get_column("name")
+            codes = names.rank("dense").fill_null(0).to_numpy().astype(np.int64)
+            width = int(codes.max()) + 1
             depth = self.frame.get_column("depth").to_numpy()
-            for level in range(1, self.max_depth + 1):
-                children = np.flatnonzero((depth == level) & (self.parent >= 0))
-                if children.size:
-                    joined = pl.select(pl.concat_str([
-                        paths.gather(self.parent[children]), pl.lit(PATH_SEPARATOR),
-                        paths.gather(children)])).to_series()
-                    paths = paths.scatter(children, joined)
-            self._paths = paths
+            path_of_node = np.full(self.frame.height, -1, dtype=np.int64)
+            texts = pl.Series("path", [], dtype=pl.String)
+            for level in np.unique(depth):
+                members = np.flatnonzero(depth == level)
+                parent = self.parent[members]
+                parent_path = np.where(parent >= 0, path_of_node[np.maximum(parent, 0)], -1)
+                # (parent's path, own name) as one integer: at most (nodes + 1) * names
+                _, first, inverse = np.unique((parent_path + 1) * width + codes[members],
+                                              return_index=True, return_inverse=True)
+                path_of_node[members] = inverse.reshape(-1) + texts.len()
+                below = parent_path[first]
+                own = names.gather(members[first])
+                level_texts = pl.select(
+                    pl.when(pl.Series(below >= 0))
+                    .then(pl.concat_str([texts.gather(np.maximum(below, 0)) if texts.len() else own,
+                                         pl.lit(PATH_SEPARATOR), own]))
+                    .otherwise(own)
+                ).to_series()
+                texts = pl.concat([texts, level_texts.alias("path")])
+            self._paths = (path_of_node, texts)
         return self._paths
 
 
@@ -194,19 +217,20 @@ def _thread_runs(nodes: pl.DataFrame) -> pl.DataFrame:
     return nodes.group_by(THREAD).agg(_first=pl.col("node").min(), _last=pl.col("node").max())
 
 
-def sorted_rows(frame: pl.DataFrame, by: list[str]) -> pl.DataFrame:
-    """``frame`` sorted by the integer columns ``by`` (the first most significant), ties in
-    their order: numpy's stable lexsort and one gather take a third of the time of polars'
-    multi-column sort on a few hundred thousand rows."""
-    if frame.height < 2:
+def sorted_rows(frame: pl.DataFrame, by: list[str], *, rows: np.ndarray | None = None) -> pl.DataFrame:
+    """``frame`` (only its ``rows``, where given) sorted by the integer columns ``by`` (the
+    first most significant), ties in their order: numpy's stable lexsort and one gather take
+    a third of the time of polars' multi-column sort on a few hundred thousand rows."""
+    if rows is None and frame.height < 2:
         return frame
     keys = []
     for column in reversed(by):
-        values = frame.get_column(column)
+        values = frame.get_column(column) if rows is None else frame.get_column(column).gather(rows)
         keys.append(values.fill_null(0).to_numpy())
         if values.null_count():
             keys.append(~values.is_null().to_numpy())  # nulls first, as polars sorts them
-    return frame[np.lexsort(keys)]
+    order = np.lexsort(keys)
+    return frame[order if rows is None else rows[order]]
 
 
 def join_path(parts: list[str]) -> str:

@@ -24,15 +24,14 @@ from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
 from traceinsight.analysis.descriptor import Analysis
 from traceinsight.model import TraceModel
 
-__all__ = ["range_instances"]
+__all__ = ["annotation_ranges", "range_instances", "range_instances_from"]
 
 INSTANCE_KEYS = ["rank", "pid", "tid"]
 #: Instances of one thread handled at once.
 _BLOCK_ROWS = 1 << 16
 
 
-def _launched_work(model: TraceModel, gpu: pl.DataFrame | None) -> pl.DataFrame:
-    gpu = gpu if gpu is not None else gpu_activities(model)
+def _launched_work(gpu: pl.DataFrame) -> pl.DataFrame:
     return (
         gpu.filter(pl.col("launch_start_ns").is_not_null())
         .group_by("rank", pl.col("launch_pid").alias("pid"), pl.col("launch_tid").alias("tid"), "correlation")
@@ -92,24 +91,46 @@ def range_instances(
     --------
     >>> range_instances(model, names=["GroupedLinear forward layer2.fc1"])  # doctest: +SKIP
     """
+    gpu = gpu if gpu is not None else gpu_activities(model)
+    return range_instances_from(annotation_ranges(model, names=names), gpu)
+
+
+def annotation_ranges(model: TraceModel, *, names: list[str] | None = None) -> pl.DataFrame:
+    """The model's annotations as :func:`range_instances_from` reads them: ``rank, pid, tid,
+    name, depth, start_ns, end_ns``, sorted by rank and start: the output's order, in
+    which each thread's ranges are a sorted subsequence.
+
+    Eager steps: they keep sharing the model's string buffers, where one lazy query copies
+    every name (30 MB on an emit_nvtx flood). An analysis that owns the model may empty it
+    once these are taken, before the instances are measured.
+    """
     wanted = pl.col("kind") == "annotation"
     if names is not None:
         wanted = wanted & pl.col("name").is_in(names)
-    # In output order from the start; each thread's instances are then a sorted subsequence.
-    # Eager steps: they keep sharing the model's string buffers, where one lazy query copies
-    # every name (30 MB on an emit_nvtx flood, while the model is still held).
-    annotations = (
-        model.intervals.filter(wanted)
-        .select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
-        .sort("rank", "start_ns", maintain_order=True)
-    )
+    annotations = model.intervals.filter(wanted).select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
+    if _sorted_by_rank_and_start(annotations):  # as the readers order the model: no copy
+        return annotations
+    return annotations.sort("rank", "start_ns", maintain_order=True)
+
+
+def _sorted_by_rank_and_start(frame: pl.DataFrame) -> bool:
+    rank, start = frame.get_column("rank"), frame.get_column("start_ns")
+    if rank.null_count() or start.null_count():
+        return False
+    rank, start = rank.to_numpy(), start.to_numpy()
+    return bool(np.all((rank[1:] > rank[:-1]) | ((rank[1:] == rank[:-1]) & (start[1:] >= start[:-1]))))
+
+
+def range_instances_from(annotations: pl.DataFrame, gpu: pl.DataFrame) -> pl.DataFrame:
+    """:func:`range_instances` of ``annotations`` (:func:`annotation_ranges`) and the GPU
+    activities ``gpu`` (:func:`~traceinsight.analysis.analyzers.gpu_activities.gpu_activities`)."""
     if annotations.is_empty():
         return annotations.with_columns(
             duration_ns=pl.lit(0, pl.Int64), launches=pl.lit(0, pl.Int64), gpu_ns=pl.lit(0, pl.Int64),
             first_gpu_start_ns=pl.lit(None, pl.Int64), last_gpu_end_ns=pl.lit(None, pl.Int64),
             first_gpu_lag_ns=pl.lit(None, pl.Int64), gpu_span_ns=pl.lit(None, pl.Int64),
         )
-    work = _launched_work(model, gpu)
+    work = _launched_work(gpu)
     big = np.iinfo(np.int64).max
     size = annotations.height
     launches = np.zeros(size, dtype=np.int64)
