@@ -151,3 +151,11 @@ def test_range_instances_of_rows_out_of_order_equal_those_of_the_sorted_model():
     key = ["rank", "start_ns", "pid", "tid", "depth", "name"]
     assert shuffled.sort(key).equals(plain.sort(key))
     assert shuffled.get_column("start_ns").is_sorted()
+
+
+def test_range_instances_that_free_the_model_equal_those_that_keep_it():
+    model = traceinsight.load(SAMPLE_TRACES / "dense_nsys")
+    plain = range_instances(model)
+    freed = range_instances(model, free_model=True)
+    assert freed.equals(plain)
+    assert model.intervals.is_empty() and model.samples.is_empty()

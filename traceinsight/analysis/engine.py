@@ -40,7 +40,7 @@ from traceinsight.analysis.analyzers.launch_counts import launches_per_step
 from traceinsight.analysis.analyzers.load_imbalance import imbalance_from
 from traceinsight.analysis.analyzers.range_findings import MAX_RANGE_FINDINGS_PER_STEP, explain_range_instances
 from traceinsight.analysis.analyzers.range_flags import flag_range_instances
-from traceinsight.analysis.analyzers.range_instances import annotation_ranges, range_instances_from
+from traceinsight.analysis.analyzers.range_instances import range_instances
 from traceinsight.analysis.analyzers.range_statistics import range_statistics
 from traceinsight.analysis.analyzers.step_breakdown import step_breakdown
 from traceinsight.analysis.analyzers.step_findings import explain_steps
@@ -110,12 +110,9 @@ class RankWorker:
         release_freed_memory()
         gaps = attribute_cpu_gaps(model, self.result.gaps, marker_names=self.marker_names)
         cause_totals = summarize_causes(gaps)  # as soon as the gaps exist, like what follows
-        annotations = annotation_ranges(model)
-        if self.free_model:  # the model's last use: nothing below reads its events
-            model.drop_events()
-            release_freed_memory()
-        instances = range_instances_from(annotations, self.gpu)
-        del annotations
+        # The model's last use: with free_model nothing below reads its events, and it is
+        # emptied as soon as its annotations are taken.
+        instances = range_instances(model, gpu=self.gpu, free_model=self.free_model)
         # Step markers are annotations too, but the step table already covers them. Names
         # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
         instances = instances.filter(~pl.col("name").is_in(self.marker_names)).with_columns(

@@ -20,11 +20,12 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
+from traceinsight._allocators import release_freed_memory
 from traceinsight.analysis.analyzers.gpu_activities import gpu_activities
 from traceinsight.analysis.descriptor import Analysis
 from traceinsight.model import TraceModel
 
-__all__ = ["annotation_ranges", "range_instances", "range_instances_from"]
+__all__ = ["range_instances"]
 
 INSTANCE_KEYS = ["rank", "pid", "tid"]
 #: Instances of one thread handled at once.
@@ -66,7 +67,8 @@ def _range_reduce(ufunc, values: np.ndarray, first: np.ndarray, last: np.ndarray
 
 
 def range_instances(
-    model: TraceModel, *, gpu: pl.DataFrame | None = None, names: list[str] | None = None
+    model: TraceModel, *, gpu: pl.DataFrame | None = None, names: list[str] | None = None,
+    free_model: bool = False,
 ) -> pl.DataFrame:
     """One row per annotation instance with its launched GPU work.
 
@@ -80,6 +82,11 @@ def range_instances(
         ``gpu_activities(model)`` if already computed.
     names
         Restrict to these annotation names.
+    free_model
+        Empty ``model`` (:meth:`~traceinsight.model.TraceModel.drop_events`) once its
+        annotations are taken, before the instances are measured: for a caller that owns
+        the model and reads its events no more (the model is otherwise held beside the
+        instances' arrays at the analysis's peak).
 
     Returns
     -------
@@ -92,22 +99,27 @@ def range_instances(
     >>> range_instances(model, names=["GroupedLinear forward layer2.fc1"])  # doctest: +SKIP
     """
     gpu = gpu if gpu is not None else gpu_activities(model)
-    return range_instances_from(annotation_ranges(model, names=names), gpu)
+    annotations = _annotation_ranges(model, names=names)
+    if free_model:
+        model.drop_events()
+        release_freed_memory()
+    return _range_instances_from(annotations, gpu)
 
 
-def annotation_ranges(model: TraceModel, *, names: list[str] | None = None) -> pl.DataFrame:
-    """The model's annotations as :func:`range_instances_from` reads them: ``rank, pid, tid,
+def _annotation_ranges(model: TraceModel, *, names: list[str] | None = None) -> pl.DataFrame:
+    """The model's annotations as :func:`_range_instances_from` reads them: ``rank, pid, tid,
     name, depth, start_ns, end_ns``, sorted by rank and start: the output's order, in
     which each thread's ranges are a sorted subsequence.
 
     Eager steps: they keep sharing the model's string buffers, where one lazy query copies
-    every name (30 MB on an emit_nvtx flood). An analysis that owns the model may empty it
-    once these are taken, before the instances are measured.
+    every name (30 MB on an emit_nvtx flood).
     """
     wanted = pl.col("kind") == "annotation"
     if names is not None:
         wanted = wanted & pl.col("name").is_in(names)
-    annotations = model.intervals.filter(wanted).select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns")
+    # The columns first: filtering every column of the model would copy them all.
+    annotations = model.intervals.select(*INSTANCE_KEYS, "name", "depth", "start_ns", "end_ns").filter(
+        model.intervals.select(wanted).to_series())
     if _sorted_by_rank_and_start(annotations):  # as the readers order the model: no copy
         return annotations
     return annotations.sort("rank", "start_ns", maintain_order=True)
@@ -121,8 +133,8 @@ def _sorted_by_rank_and_start(frame: pl.DataFrame) -> bool:
     return bool(np.all((rank[1:] > rank[:-1]) | ((rank[1:] == rank[:-1]) & (start[1:] >= start[:-1]))))
 
 
-def range_instances_from(annotations: pl.DataFrame, gpu: pl.DataFrame) -> pl.DataFrame:
-    """:func:`range_instances` of ``annotations`` (:func:`annotation_ranges`) and the GPU
+def _range_instances_from(annotations: pl.DataFrame, gpu: pl.DataFrame) -> pl.DataFrame:
+    """:func:`range_instances` of ``annotations`` (:func:`_annotation_ranges`) and the GPU
     activities ``gpu`` (:func:`~traceinsight.analysis.analyzers.gpu_activities.gpu_activities`)."""
     if annotations.is_empty():
         return annotations.with_columns(

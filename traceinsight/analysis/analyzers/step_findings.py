@@ -149,8 +149,12 @@ def explain_steps(
 def _range_totals(instances: pl.DataFrame, rank: int) -> pl.DataFrame | None:
     """Per (annotation name, step) of ``rank``: time, depth, launches, lag and count (``None``
     when the rank has no range instance in a step); made once for all its flagged steps."""
-    ranked = instances.select("rank", "step", "name", "duration_ns", "depth", "launches", "first_gpu_lag_ns").filter(
-        (pl.col("rank") == rank) & pl.col("step").is_not_null())  # the columns first: no copy of the others
+    # The columns first (no copy of the others), and no copy at all where every row is kept
+    # (one rank, every instance in a step).
+    ranked = instances.select("rank", "step", "name", "duration_ns", "depth", "launches", "first_gpu_lag_ns")
+    kept = ranked.select((pl.col("rank") == rank) & pl.col("step").is_not_null()).to_series().fill_null(False)
+    if not kept.all():
+        ranked = ranked.filter(kept)
     if ranked.is_empty():
         return None
     return ranked.group_by("name", "step").agg(
