@@ -827,3 +827,16 @@ def test_reading_reserves_no_address_space_beyond_the_tables(tmp_path: Path) -> 
     sample = Path(__file__).resolve().parents[1] / "sample_traces" / "moe_single_nsys.sqlite"
     done = subprocess.run([sys.executable, "-c", code, str(sample)], capture_output=True, text=True, check=True)
     assert int(done.stdout.strip()) < 8 * 2**20  # KiB: 8 GiB (polars' thread pool alone is ~1 GiB)
+
+
+@pytest.mark.parametrize("path", _real_exports())
+def test_rows_are_in_rank_and_start_order_ties_in_table_order(path):
+    """The reader's sort (an order, then a gather column by column) is stable: rows starting
+    together on a rank stay in the order of the tables they were read from."""
+    intervals = _model(path).intervals
+    table_order = {"kernel": 0, "memcpy": 1, "memset": 2, "sync": 3, "cuda_api": 4, "annotation": 5, "osrt": 6}
+    keyed = intervals.select(
+        "rank", "start_ns", pl.col("kind").replace_strict(table_order, return_dtype=pl.Int8).alias("table"))
+    assert keyed.equals(keyed.sort("rank", "start_ns", maintain_order=True))
+    ties = keyed.filter(pl.struct("rank", "start_ns").is_duplicated())
+    assert ties.equals(ties.sort("rank", "start_ns", "table", maintain_order=True))
