@@ -86,8 +86,11 @@ def explain_range_instances(instances: pl.DataFrame, cpu_gaps: pl.DataFrame, *,
     flagged = instances.filter(pl.col("anomalous"))
     if flagged.is_empty():
         return []
-    launching = instances.group_by("rank", "pid", "tid").agg(_l=pl.col("launches").sum()).filter(pl.col("_l") > 0)
-    flagged = flagged.join(launching.select("rank", "pid", "tid"), on=["rank", "pid", "tid"], how="semi")
+    # The threads that launched anything: the instances that launched, their threads once
+    # (grouping every instance by thread would hash all of their keys).
+    launching = instances.select("rank", "pid", "tid", "launches").filter(pl.col("launches") > 0) \
+        .select("rank", "pid", "tid").unique()
+    flagged = flagged.join(launching, on=["rank", "pid", "tid"], how="semi")
     columns = [f"{c}_ns" for c in CATEGORIES]
     typical = instances.group_by("rank", "name").agg(
         *[pl.col(c).median().alias(f"typical_{c}") for c in columns],
