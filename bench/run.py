@@ -25,6 +25,13 @@ Cases, per input:
 - **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``
   (``--no-cache``), and ``analyze`` again with a warm cache of the parsed model.
 
+The findings nsys-ai and ``analyze`` write are removed before each run and compared after:
+the same command on the same file writes the same bytes, so a run that wrote other findings
+(or none) did other work, and a time from it is not comparable. A case whose runs differ
+gets a NOTE, and nsys-ai cold against warm, or ``analyze`` without against with the model
+cached, a WARNING among the ratios. (A warm nsys-ai run of 2.97 s against 8.6-11.3 s in
+every other run on the same file was seen once, and its output was not kept.)
+
 Every case runs with compiled bytecode, as an installed package does: a machine that sets
 ``PYTHONDONTWRITEBYTECODE`` would otherwise compile traceinsight's sources in every run
 (0.1-0.2 s, most of what a second question costs beyond the imports). traceinsight's package
@@ -56,6 +63,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -112,6 +120,8 @@ class Result:
     peak_mb: float
     ok: bool
     note: str = ""
+    #: digest of the output file the case names (its first run's), ``""`` where none
+    output: str = ""
 
 
 def run_case(case: str, argv: list[str], *, timeout: float = 1800, env: dict | None = None) -> Result:
@@ -176,12 +186,16 @@ def hta_available(python: str) -> bool:
 
 @dataclass
 class Case:
-    """One measured command; ``setup`` runs (unmeasured) before every run of it."""
+    """One measured command; ``setup`` runs (unmeasured) before every run of it. ``output``,
+    a file the command writes, is removed before every run and its content compared across
+    the runs: a run much faster than the others that wrote other findings (or none) did
+    other work, and the report says so."""
 
     name: str
     argv: list[str]
     setup: object = None
     env: dict | None = None
+    output: str | None = None
 
 
 def nsys_ai_home(nsys_ai: str, out_dir: str) -> str | None:
@@ -217,12 +231,13 @@ def nsys_ai_cases(path: str, out_dir: str, nsys_ai: str, *, direct: bool) -> lis
         os.makedirs(folder)
         shutil.copyfile(path, copy)
 
-    command = [nsys_ai, "analyze", "--format", "json", "-o", os.path.join(out_dir, "nsys-ai.json"), copy]
-    cases = [Case(f"nsys-ai analyze, cold cache{label}", command, fresh_copy, env),
-             Case(f"nsys-ai analyze, warm cache{label}", command, None, env)]
+    output = os.path.join(out_dir, "nsys-ai.json")
+    command = [nsys_ai, "analyze", "--format", "json", "-o", output, copy]
+    cases = [Case(f"nsys-ai analyze, cold cache{label}", command, fresh_copy, env, output),
+             Case(f"nsys-ai analyze, warm cache{label}", command, None, env, output)]
     if direct:
         cases.append(Case(f"nsys-ai analyze, direct (no cache){label}", command, fresh_copy,
-                          {**(env or os.environ), "NSYS_AI_CACHE_MODE": "direct"}))
+                          {**(env or os.environ), "NSYS_AI_CACHE_MODE": "direct"}, output))
     return cases
 
 
@@ -245,23 +260,23 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
             cases.append(Case("HTA TraceAnalysis parse", [hta_python, "-c", HTA, *trace_files(path)]))
     if with_info:
         cases.append(Case("traceinsight info --json", [*traceinsight, "info", "--json", path]))
+    findings_json = os.path.join(out_dir, "findings.json")
     cases.append(Case("traceinsight analyze --json", [*traceinsight, "analyze", path, "--quiet",
-                                                      "--json", os.path.join(out_dir, "findings.json")]))
+                                                      "--json", findings_json], output=findings_json))
     if growth_only:  # the larger copies of a growth series: the floor and analyze suffice
         return cases
     cache = os.path.join(out_dir, "cache")
     cached = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "analyze", path,
-              "--quiet", "--json", os.path.join(out_dir, "findings.json")]
+              "--quiet", "--json", findings_json]
     # The parsed model is cached; the findings cache (if any) is emptied before each run, so
     # this case measures the analysis itself.
     cases.append(Case("traceinsight analyze, cached model", cached,
-                      lambda: _fill_cache(cached, cache)))
+                      lambda: _fill_cache(cached, cache), output=findings_json))
     # A second question after that analyze: answered from the findings it cached. Its
     # floor on this machine: starting Python and importing the libraries every answer needs
     # (then leaving at once, as the command does: see traceinsight.cli.run).
     cases.append(Case("second-question floor: python + import polars, numpy",
                       [python, "-c", "import os, polars, numpy; os._exit(0)"]))
-    findings_json = os.path.join(out_dir, "findings.json")
     explain = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "explain", path, "--step", "0",
                "--json", os.path.join(out_dir, "explain.json")]
     cases.append(Case("then explain --step N (cached findings)", explain,
@@ -298,19 +313,37 @@ def _fill_cache(argv: list[str], cache: str) -> None:
 def measure(cases: list[Case], repeat: int) -> list[Result]:
     """Run the cases ``repeat`` times, interleaved; median time and largest peak per case."""
     runs: dict[str, list[Result]] = {case.name: [] for case in cases}
+    outputs: dict[str, list[str]] = {case.name: [] for case in cases}
     for _ in range(repeat):
         for case in cases:
             if callable(case.setup):
                 case.setup()
+            if case.output and os.path.exists(case.output):
+                os.remove(case.output)
             result = run_case(case.name, case.argv, env=case.env)
             runs[case.name].append(result)
+            if case.output:
+                outputs[case.name].append(_digest(case.output))
     out = []
     for case in cases:
         results = sorted(runs[case.name], key=lambda r: r.seconds)
         middle = results[len(results) // 2]
+        note = next((r.note for r in results if not r.ok), "")
+        if len(set(outputs[case.name])) > 1:
+            written = ", ".join(f"{r.seconds:.2f} s: {d}" for r, d in zip(runs[case.name], outputs[case.name]))
+            note = (note + "; " if note else "") + f"its runs wrote different outputs ({written})"
         out.append(Result(case.name, middle.seconds, max(r.peak_mb for r in results),
-                          all(r.ok for r in results), next((r.note for r in results if not r.ok), "")))
+                          all(r.ok for r in results), note, outputs[case.name][0] if outputs[case.name] else ""))
     return out
+
+
+def _digest(path: str) -> str:
+    """The first 12 hex digits of the SHA-256 of ``path``'s content, or ``missing``."""
+    try:
+        with open(path, "rb") as handle:
+            return hashlib.sha256(handle.read()).hexdigest()[:12]
+    except OSError:
+        return "missing"
 
 
 def repeat_trace(path: str, copies: int, out_path: str) -> None:
@@ -359,8 +392,8 @@ def repeat_trace(path: str, copies: int, out_path: str) -> None:
 def markdown(rows: list[tuple[str, Result]], ratios: list[str]) -> str:
     lines = ["| input | case | wall s | peak RSS MiB | ok |", "|---|---|---:|---:|---|"]
     for name, result in rows:
-        lines.append(f"| {name} | {result.case} | {result.seconds:.2f} | {result.peak_mb:,.0f} | "
-                     f"{'yes' if result.ok else 'no: ' + result.note} |")
+        status = ("yes" + (f" ({result.note})" if result.note else "")) if result.ok else "no: " + result.note
+        lines.append(f"| {name} | {result.case} | {result.seconds:.2f} | {result.peak_mb:,.0f} | {status} |")
     return "\n".join(lines + [""] + [f"- {r}" for r in ratios]) + "\n"
 
 
@@ -372,6 +405,8 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
         by_case[result.case.split(":")[0] if result.case.startswith(("floor", "fetch")) else result.case] = result
         print(f"  {result.case:44s} {result.seconds:8.2f} s {result.peak_mb:9,.0f} MiB"
               f"{'' if result.ok else '  FAILED: ' + result.note}", flush=True)
+        if result.ok and result.note:
+            print(f"    NOTE: {result.note}", flush=True)
     floor = by_case.get("floor")
     analyze = by_case.get("traceinsight analyze --json")
     cached = by_case.get("traceinsight analyze, cached model")
@@ -389,6 +424,14 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
     for case, result in by_case.items():
         if case.startswith("nsys-ai") and analyze and result.ok:
             ratios.append(f"{name}: {case} / traceinsight analyze = {result.seconds / analyze.seconds:.2f}x time")
+    # The same command on the same file writes the same findings: one that did not (a cold
+    # and a warm run apart, or the analysis with and without the model cached) did other work.
+    for first, second in (("nsys-ai analyze, cold cache", "nsys-ai analyze, warm cache"),
+                          ("traceinsight analyze --json", "traceinsight analyze, cached model")):
+        one, other = by_case.get(first), by_case.get(second)
+        if one and other and one.output and other.output and one.output != other.output:
+            ratios.append(f"{name}: WARNING: {first} and {second} wrote different outputs "
+                          f"({one.output} and {other.output})")
     start = by_case.get("second-question floor: python + import polars, numpy")
     for case, result in by_case.items():
         if case.startswith("then ") and start and result.ok:
