@@ -29,8 +29,10 @@ The findings nsys-ai and ``analyze`` write are removed before each run and compa
 the same command on the same file writes the same bytes, so a run that wrote other findings
 (or none) did other work, and a time from it is not comparable. A case whose runs differ
 gets a NOTE, and nsys-ai cold against warm, or ``analyze`` without against with the model
-cached, a WARNING among the ratios. (A warm nsys-ai run of 2.97 s against 8.6-11.3 s in
-every other run on the same file was seen once, and its output was not kept.)
+cached, a WARNING among the ratios. nsys-ai needs it: on the emit_nvtx flood its findings
+change from one fresh copy of the file to the next (37, 32, 17 or 6 findings, or an error
+that the profile has no kernels), and a warm run over a cache that lacks tables is fast
+because it skips analyses (2.97 s once, against 8.4-11.3 s).
 
 Every case runs with compiled bytecode, as an installed package does: a machine that sets
 ``PYTHONDONTWRITEBYTECODE`` would otherwise compile traceinsight's sources in every run
@@ -338,12 +340,14 @@ def measure(cases: list[Case], repeat: int) -> list[Result]:
 
 
 def _digest(path: str) -> str:
-    """The first 12 hex digits of the SHA-256 of ``path``'s content, or ``missing``."""
+    """The first 12 hex digits of the SHA-256 of ``path``'s content and its size, or
+    ``missing``."""
     try:
         with open(path, "rb") as handle:
-            return hashlib.sha256(handle.read()).hexdigest()[:12]
+            data = handle.read()
     except OSError:
         return "missing"
+    return f"{hashlib.sha256(data).hexdigest()[:12]} ({len(data):,} B)"
 
 
 def repeat_trace(path: str, copies: int, out_path: str) -> None:
