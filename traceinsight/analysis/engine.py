@@ -72,7 +72,8 @@ class RankWorker:
 
     With ``free_model`` the worker owns ``model`` and empties it
     (:meth:`~traceinsight.model.TraceModel.drop_events`) as soon as no phase needs its
-    events: before the range instances are flagged and placed, the analysis's largest step.
+    events: once the range instances have taken its annotations, before they are measured,
+    flagged and placed (the analysis's largest step).
     """
 
     def __init__(self, model: TraceModel, options: Options, *, free_model: bool = False) -> None:

@@ -64,9 +64,10 @@ class RangeTree:
         depth = ranges.get_column("depth").to_numpy()
         end = ranges.get_column("end_ns").to_numpy()
         runs = _thread_runs(ranges)
-        # Each thread's nodes are one run: the first node of the run a node is in.
-        run = ranges.select(pl.struct(THREAD).rle_id()).to_series().to_numpy()
-        thread_first = np.flatnonzero(np.r_[True, run[1:] != run[:-1]])[run] if run.size else run.astype(np.int64)
+        # Each thread's nodes are one run, and the runs cover the nodes in order: each node's
+        # thread starts at the first node of the run it is in.
+        firsts = np.sort(runs.get_column("_first").to_numpy())
+        thread_first = np.repeat(firsts, np.diff(np.r_[firsts, ranges.height]))
         parent = np.full(ranges.height, -1, dtype=np.int64)
         levels = np.unique(depth) if ranges.height else []
         for level in levels:
