@@ -591,3 +591,45 @@ def test_rank_bounds_are_checked_before_any_list_is_built(first, length, already
     else:
         with pytest.raises(TraceInputError):
             check_rank_bounds(first, last, text="x", already=already)
+
+
+# -- steps of rows: assign_to_steps against the window definition ---------------------------------
+
+@st.composite
+def rows_and_windows(draw):
+    """Rows (rank, time, possibly null) and step windows per rank, windows that may overlap,
+    share a start, lack an end, or sit on a rank no row has."""
+    window_rows = draw(st.lists(st.tuples(
+        st.sampled_from([0, 1, 2, None]), st.integers(0, 9), st.one_of(st.none(), st.integers(0, GRID)),
+        st.integers(0, GRID)).map(lambda w: (w[0], w[1], w[2], None if w[2] is None else w[2] + w[3] // 4)),
+        max_size=8))
+    steps = pl.DataFrame(window_rows, schema={"rank": pl.Int32, "step": pl.Int64, "start_ns": pl.Int64,
+                                              "end_ns": pl.Int64}, orient="row")
+    steps = steps.with_columns(end_ns=pl.when(pl.col("rank") == 2).then(None).otherwise(pl.col("end_ns")))
+    frame_rows = draw(st.lists(st.tuples(st.sampled_from([0, 1, 3, None]),
+                                         st.one_of(st.none(), st.integers(-2, GRID + 2))), max_size=25))
+    frame = pl.DataFrame(frame_rows, schema={"rank": pl.Int32, "t": pl.Int64}, orient="row").with_row_index("row")
+    return frame, steps
+
+
+@FAST
+@given(rows_and_windows())
+def test_assign_to_steps_is_the_backward_as_of_window(case):
+    from traceinsight.analysis.step_table import assign_to_steps
+
+    frame, steps = case
+    # The definition: among the windows of the row's rank that start at or before it (in
+    # start order, the steps' own order among equal starts), the last; its step if the row
+    # is before that window's end.
+    ordered = steps.with_row_index("_order").sort("start_ns", "_order", nulls_last=True).to_dicts()
+    expected = {}
+    for row in frame.iter_rows(named=True):
+        before = [w for w in ordered if row["rank"] is not None and row["t"] is not None and w["rank"] == row["rank"]
+                  and w["start_ns"] is not None and w["start_ns"] <= row["t"]]
+        last = before[-1] if before else None
+        inside = last is not None and last["end_ns"] is not None and row["t"] < last["end_ns"]
+        expected[row["row"]] = last["step"] if inside else None
+    result = assign_to_steps(frame, steps, time_column="t")
+    assert result.columns == ["row", "rank", "t", "step"]
+    assert result.get_column("row").to_list() == frame.sort("t", maintain_order=True).get_column("row").to_list()
+    assert dict(result.select("row", "step").iter_rows()) == expected

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 
@@ -57,19 +58,40 @@ class StepTable:
 
 
 def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: str = "start_ns") -> pl.DataFrame:
-    """Add ``step``: the step whose window holds ``time_column`` on the same rank (else null)."""
-    windows = steps.select("rank", pl.col("start_ns").alias("_w_start"), pl.col("end_ns").alias("_w_end"),
-                           pl.col("step")).sort("_w_start")
+    """Add ``step``: the step whose window holds ``time_column`` on the same rank (else null).
+
+    The rows come back sorted by ``time_column`` (as they are, when already sorted), with
+    ``step`` as the last column.
+    """
     if "step" in frame.columns:
         frame = frame.drop("step")
     times = frame.get_column(time_column)
     # Range instances come sorted: sorting them again would copy the largest frame.
     if not (times.null_count() == 0 and times.is_sorted()):
         frame = frame.sort(time_column, maintain_order=True)
-    return (
-        frame
-        .join_asof(windows, left_on=time_column, right_on="_w_start", by="rank",
-                   strategy="backward", check_sortedness=False)
-        .with_columns(step=pl.when(pl.col(time_column) < pl.col("_w_end")).then(pl.col("step")))
-        .drop("_w_start", "_w_end")
+        times = frame.get_column(time_column)
+    # The window starting last at or before each row's time on its rank (a backward as-of
+    # match), kept where the row starts before that window ends. Found by a binary search
+    # per rank and put beside the rows: a join would copy every column of the frame.
+    # A window without a rank or a start matches no row; one without an end holds none.
+    windows = steps.select("rank", "start_ns", pl.col("end_ns").fill_null(np.iinfo(np.int64).min), "step") \
+        .drop_nulls(["rank", "start_ns"]).sort("rank", "start_ns", maintain_order=True)
+    window_rank = windows.get_column("rank").to_numpy()
+    window_start = windows.get_column("start_ns").to_numpy()
+    window_end = windows.get_column("end_ns").to_numpy()
+    row_rank = frame.get_column("rank")
+    row_time = times.fill_null(0).to_numpy()
+    valid = (times.is_not_null() & row_rank.is_not_null()).to_numpy()
+    row_rank = row_rank.fill_null(0).to_numpy()
+    match = np.full(frame.height, -1, dtype=np.int64)
+    for rank in np.unique(window_rank):
+        rows = np.flatnonzero(valid & (row_rank == rank))
+        first, last = np.searchsorted(window_rank, rank, side="left"), np.searchsorted(window_rank, rank, side="right")
+        at = np.searchsorted(window_start[first:last], row_time[rows], side="right") - 1 + first
+        inside = at >= first
+        inside[inside] = row_time[rows[inside]] < window_end[at[inside]]
+        match[rows[inside]] = at[inside]
+    index = pl.Series(match)
+    return frame.with_columns(
+        step=windows.get_column("step").gather(pl.select(pl.when(index >= 0).then(index)).to_series())
     )

@@ -173,8 +173,13 @@ def _range_instances_from(annotations: pl.DataFrame, gpu: pl.DataFrame) -> pl.Da
             last_gpu[rows] = _range_reduce(np.maximum, gpu_ends, first, last, -big)
     del threads, order, work
     launched_any = pl.col("launches") > 0  # the others have no first or last GPU time
+    # Eager steps, not one lazy query: the lazy engine returns every column of a large
+    # frame in pieces (one per morsel), and a frame of pieces is copied whole by the next
+    # operation that needs its columns in one piece (the window expressions of the flags):
+    # 50 MB more at 1x an emit_nvtx flood's ranges. Eager, the annotations' columns are
+    # shared and the new ones are whole.
     return (
-        annotations.lazy()
+        annotations
         .with_columns(launches=pl.Series(launches), gpu_ns=pl.Series(gpu_ns),
                       first_gpu_start_ns=pl.Series(first_gpu), last_gpu_end_ns=pl.Series(last_gpu))
         .with_columns(
@@ -186,7 +191,6 @@ def _range_instances_from(annotations: pl.DataFrame, gpu: pl.DataFrame) -> pl.Da
             first_gpu_lag_ns=pl.col("first_gpu_start_ns") - pl.col("start_ns"),
             gpu_span_ns=pl.col("last_gpu_end_ns") - pl.col("first_gpu_start_ns"),
         )
-        .collect()
     )
 
 
