@@ -19,7 +19,8 @@ import traceinsight
 from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.places import anomaly_range
-from traceinsight.analysis.timeline import TIMELINE_SCHEMA, step_timeline, timelines_for_report, typical_steps
+from traceinsight.analysis.timeline import TIMELINE_SCHEMA, model_for_timelines, step_timeline, timelines_for_report
+from traceinsight.analysis.timeline import typical_steps
 from traceinsight.cli import main
 from traceinsight.report.html import CATEGORY_COLORS, MAX_CARDS, esc, render_html, script_json
 from traceinsight.analysis.schemas import IMBALANCE_SCHEMA, STRAGGLER_SCHEMA, WAIT_SCHEMA, by_rank, frame_of
@@ -163,6 +164,23 @@ def test_timelines_for_report_cover_anomalies_and_typical_steps(single):
         assert (anomaly["rank"], typical) in timelines
         flagged = findings.steps.filter((pl.col("rank") == anomaly["rank"]) & (pl.col("step") == typical))
         assert not flagged.get_column("anomalous").any()
+
+
+@pytest.mark.parametrize("path", [SINGLE, SAMPLE_TRACES / "moe_2rank"], ids=["nsys", "kineto-2rank"])
+def test_timelines_from_the_kept_columns_equal_those_from_the_whole_model(path):
+    # The CLI keeps model_for_timelines(model) and lets the analysis empty the model.
+    from traceinsight.analysis.engine import analyze_model
+
+    model = traceinsight.load(path)
+    expected = timelines_for_report(model, analyze(model))
+    assert expected and any(frame.height for frame in expected.values())
+    kept = model_for_timelines(model)
+    findings = analyze_model(model, free_model=True)
+    assert model.intervals.is_empty()
+    timelines = timelines_for_report(kept, findings)
+    assert timelines.keys() == expected.keys()
+    for key, frame in expected.items():
+        assert timelines[key].equals(frame), key
 
 
 # ----------------------------------------------------------------------------- pages

@@ -209,7 +209,7 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
     model is at hand, so that a later ``--html`` needs no model either. Cached fields named in
     ``read_later`` are read when first used."""
     from traceinsight.analysis import findings_cache
-    from traceinsight.analysis.timeline import timelines_for_report
+    from traceinsight.analysis.timeline import model_for_timelines, timelines_for_report
     from traceinsight.ingest import expand_paths
 
     cache_dir, entry = _loading["cache_dir"], None
@@ -226,14 +226,16 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
                 findings_cache.store_timelines(entry, timelines)
             return findings, timelines
     model = _load(paths, salvage=salvage, progress=progress)
-    # Without timelines to draw the model is not needed after the analysis, which may then
-    # give its memory back before its peak. (Freeing it anyway and reading it again from the
-    # model cache for the timelines raised the peak: the range instances keep the first
-    # model's names alive beside the second copy; docs/performance.md, fifth round.)
-    needs_model = bool(with_timelines or entry)
-    findings = _analyze(model, options, progress, free_model=not needs_model)
-    timelines = timelines_for_report(model, findings) if needs_model else None
-    del model  # freed before storing: the store's read-back check is the next peak
+    # The model is not needed after the analysis but for the timelines (drawn now, or
+    # stored with the findings for a later --html), which read a few of its columns: those
+    # are kept, and the analysis gives the rest back before its peak. (Freeing the whole
+    # model and reading it again from the model cache for the timelines raised the peak:
+    # the range instances keep the first model's names alive beside the second copy;
+    # docs/performance.md, fifth round.)
+    kept = model_for_timelines(model) if with_timelines or entry else None
+    findings = _analyze(model, options, progress, free_model=True)
+    timelines = timelines_for_report(kept, findings) if kept is not None else None
+    del model, kept  # freed before storing: the store's read-back check is the next peak
     if entry:
         findings_cache.store(entry, findings, timelines)
     return findings, timelines

@@ -331,6 +331,30 @@ def report_anomalies(findings, limit: int | None = None) -> pl.DataFrame:
     return ordered if limit is None else ordered.head(limit)
 
 
+#: The model's columns that :func:`step_timeline` reads when the findings carry their GPU
+#: activities, as the engine's do: those of the CPU lanes.
+TIMELINE_MODEL_COLUMNS = ("rank", "kind", "name", "tid", "depth", "start_ns", "end_ns")
+
+
+def model_for_timelines(model: TraceModel) -> TraceModel:
+    """The part of ``model`` that :func:`timelines_for_report` reads, sharing its memory.
+
+    The intervals' columns of the CPU lanes (:data:`TIMELINE_MODEL_COLUMNS`); the GPU lanes
+    come from the findings' GPU activities, which hold the model's GPU rows. A caller that
+    draws timelines after an analysis keeps this instead of the whole model, and lets the
+    analysis empty the model (``analyze_model(free_model=True)``): the other columns are given
+    back before the analysis's peak.
+
+    Examples
+    --------
+    >>> kept = model_for_timelines(model)  # doctest: +SKIP
+    >>> findings = analyze_model(model, free_model=True)  # doctest: +SKIP
+    >>> timelines = timelines_for_report(kept, findings)  # doctest: +SKIP
+    """
+    return TraceModel(intervals=model.intervals.select(TIMELINE_MODEL_COLUMNS), ranks=model.ranks,
+                      warnings=list(model.warnings))
+
+
 def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12, max_events: int = 600,
                          resolution: float = 1 / 1500) -> dict[tuple[int, int], pl.DataFrame]:
     """Timelines of the ``max_anomalies`` largest anomalies' steps and of their ranks' typical steps.
@@ -354,5 +378,5 @@ def timelines_for_report(model: TraceModel, findings, *, max_anomalies: int = 12
                                resolution=resolution) for key in wanted}
 
 
-__all__ = ["TIMELINE_KINDS", "TIMELINE_SCHEMA", "report_anomalies", "step_timeline", "timelines_for_report",
-           "typical_steps"]
+__all__ = ["TIMELINE_KINDS", "TIMELINE_MODEL_COLUMNS", "TIMELINE_SCHEMA", "model_for_timelines", "report_anomalies",
+           "step_timeline", "timelines_for_report", "typical_steps"]
