@@ -81,6 +81,28 @@ def test_cli_answers_from_the_cache_with_identical_output(tmp_path):
     assert len(_entries(cache_dir)) == 1  # the same analysis every time
 
 
+def test_diff_from_the_cache_reads_no_places(tmp_path):
+    # The places are kept for explain; a diff never reads them. With their files gone from
+    # the entry, a diff from the cache still answers, and as without a cache.
+    cache_dir = str(tmp_path / "cache")
+    args = ["diff", TWO_RANKS, "--steps-before", "0-4", "--against", TWO_RANKS, "--steps-after", "5-9",
+            "--json", "-", "-q"]
+    fresh = _run("--no-cache", *args)
+    _run("--cache-dir", cache_dir, "analyze", TWO_RANKS, "-q")
+    (entry,) = _entries(cache_dir)
+    with open(os.path.join(entry, "findings.json"), encoding="utf-8") as handle:
+        document = json.load(handle)
+    places = [document[name]["__frame__"] for name in ("place_cpu", "place_gpu", "place_tree")]
+    assert places and all(os.path.exists(os.path.join(entry, name)) for name in places)
+    for name in places:
+        os.remove(os.path.join(entry, name))
+    assert _run("--cache-dir", cache_dir, *args) == fresh
+    # Answered from the entry: an entry found damaged is dropped, analyzed again and
+    # stored whole, places and all.
+    assert _entries(cache_dir) == [entry]
+    assert not any(os.path.exists(os.path.join(entry, name)) for name in places)
+
+
 def test_other_options_files_or_code_miss(tmp_path, monkeypatch):
     trace = tmp_path / "t.sqlite"
     shutil.copy(NSYS, trace)

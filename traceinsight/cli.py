@@ -562,11 +562,13 @@ def diff(before, after, steps_before, steps_after, json_path, fail_if_slower, by
     if html_path:
         _check_html_path(html_path, "page")
     options = Options(step_pattern=step_marker)
-    before_findings, _ = _findings(before, options, salvage=salvage, progress=progress)
+    # A diff compares steps, ranges and kernels: the places kept for explain are never read.
+    unread = tuple(field for field in _POSTMORTEM_FIELDS if field.startswith("place_"))
+    before_findings, _ = _findings(before, options, salvage=salvage, progress=progress, read_later=unread)
     if sorted(map(os.path.abspath, before)) == sorted(map(os.path.abspath, after)):
         after_findings = before_findings  # the same run: analyze it once
     else:
-        after_findings, _ = _findings(after, options, salvage=salvage, progress=progress)
+        after_findings, _ = _findings(after, options, salvage=salvage, progress=progress, read_later=unread)
     result = diff_findings(before_findings, after_findings, steps_before=steps_before, steps_after=steps_after,
                            options=DiffOptions(by_rank=by_rank))
     outputs = []  # rendered in full before the first is written: a failure leaves none
