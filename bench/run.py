@@ -23,7 +23,10 @@ Cases, per input:
   ``.duckdb/extensions`` points at it). Without it nsys-ai falls back to plain sqlite3 and
   says so on stderr; the table then marks its rows ``(no DuckDB)``.
 - **info**, **analyze**: ``traceinsight info --json`` and ``traceinsight analyze --json``
-  (``--no-cache``), and ``analyze`` again with a warm cache of the parsed model.
+  (``--no-cache``); ``analyze`` as a user's first run does it, with the default caches
+  (an empty cache folder before each run: the model and the findings are written, and the
+  findings keep the HTML report's timelines); and ``analyze`` again with a warm cache of the
+  parsed model.
 
 The findings nsys-ai and ``analyze`` write are removed before each run and compared after:
 the same command on the same file writes the same bytes, so a run that wrote other findings
@@ -267,6 +270,12 @@ def cases_for(path: str, out_dir: str, *, with_hta: bool, hta_python: str = sys.
                                                       "--json", findings_json], output=findings_json))
     if growth_only:  # the larger copies of a growth series: the floor and analyze suffice
         return cases
+    # A user's first run: the caches on (the default), empty before each run.
+    first_cache = os.path.join(out_dir, "first-run-cache")
+    cases.append(Case("traceinsight analyze, first run (caches on)",
+                      [python, "-m", "traceinsight.cli", "--cache-dir", first_cache, "analyze", path,
+                       "--quiet", "--json", findings_json],
+                      lambda: shutil.rmtree(first_cache, ignore_errors=True), output=findings_json))
     cache = os.path.join(out_dir, "cache")
     cached = [python, "-m", "traceinsight.cli", "--cache-dir", cache, "analyze", path,
               "--quiet", "--json", findings_json]
@@ -418,10 +427,15 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
         ratios.append(f"{name}: analyze / floor = {analyze.seconds / floor.seconds:.2f}x time, "
                       f"{analyze.peak_mb / max(floor.peak_mb, 1):.2f}x memory"
                       + (f"; with the model cached {cached.seconds / floor.seconds:.2f}x time" if cached else ""))
+    first = by_case.get("traceinsight analyze, first run (caches on)")
+    if floor and first and floor.seconds > 0:
+        ratios.append(f"{name}: analyze's first run with the caches on (the default) / floor = "
+                      f"{first.seconds / floor.seconds:.2f}x time, {first.peak_mb / max(floor.peak_mb, 1):.2f}x memory")
     kept = by_case.get("fetch, rows kept")
     if kept and analyze:
         ratios.append(f"{name}: analyze / the fetch holding every table's rows at once = "
-                      f"{analyze.peak_mb / max(kept.peak_mb, 1):.2f}x memory")
+                      f"{analyze.peak_mb / max(kept.peak_mb, 1):.2f}x memory"
+                      + (f" (first run with the caches on: {first.peak_mb / max(kept.peak_mb, 1):.2f}x)" if first else ""))
     if json_size and analyze:
         ratios.append(f"{name}: analyze peak RSS / JSON size = {analyze.peak_mb:,.0f} / {json_size:,.0f} MiB "
                       f"= {analyze.peak_mb / json_size:.2f}")
@@ -431,7 +445,8 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
     # The same command on the same file writes the same findings: one that did not (a cold
     # and a warm run apart, or the analysis with and without the model cached) did other work.
     for first, second in (("nsys-ai analyze, cold cache", "nsys-ai analyze, warm cache"),
-                          ("traceinsight analyze --json", "traceinsight analyze, cached model")):
+                          ("traceinsight analyze --json", "traceinsight analyze, cached model"),
+                          ("traceinsight analyze --json", "traceinsight analyze, first run (caches on)")):
         one, other = by_case.get(first), by_case.get(second)
         if one and other and one.output and other.output and one.output != other.output:
             ratios.append(f"{name}: WARNING: {first} and {second} wrote different outputs "
