@@ -90,14 +90,27 @@ def subtract(a: IntervalSet, b: IntervalSet) -> IntervalSet:
     return intersect(a, complement(b, lo, hi))
 
 
+def holding(starts: np.ndarray, ends: np.ndarray, points) -> np.ndarray:
+    """For each point, the index of the interval that starts last at or before it, if the
+    point lies before that interval's end; -1 otherwise.
+
+    ``starts`` must be sorted; the intervals may overlap (step windows may), in which case
+    only the latest-starting one is looked at.
+
+    >>> holding(np.array([0, 10]), np.array([5, 20]), np.array([-1, 3, 7, 10, 25]))
+    array([-1,  0, -1,  1, -1])
+    """
+    points = np.asarray(points)
+    if starts.size == 0:
+        return np.full(points.shape, -1, dtype=np.int64)
+    index = np.searchsorted(starts, points, side="right") - 1
+    inside = (index >= 0) & (points < ends[np.clip(index, 0, None)])
+    return np.where(inside, index, -1)
+
+
 def covered(a: IntervalSet, points: np.ndarray) -> np.ndarray:
     """For each point, whether it lies inside an interval of ``a`` (half-open)."""
-    starts, ends = a
-    if starts.size == 0:
-        return np.zeros(np.shape(points), dtype=bool)
-    index = np.searchsorted(starts, points, side="right") - 1
-    safe = np.clip(index, 0, None)
-    return (index >= 0) & (points < ends[safe])
+    return holding(*a, points) >= 0
 
 
 def covered_length_before(a: IntervalSet, points: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from traceinsight.analysis.intervals import holding
+
 
 STEP_SCHEMA = {
     "rank": pl.Int32,
@@ -87,11 +89,6 @@ def assign_to_steps(frame: pl.DataFrame, steps: pl.DataFrame, *, time_column: st
     for rank in np.unique(window_rank):
         rows = np.flatnonzero(valid & (row_rank == rank))
         first, last = np.searchsorted(window_rank, rank, side="left"), np.searchsorted(window_rank, rank, side="right")
-        at = np.searchsorted(window_start[first:last], row_time[rows], side="right") - 1 + first
-        inside = at >= first
-        inside[inside] = row_time[rows[inside]] < window_end[at[inside]]
-        match[rows[inside]] = at[inside]
-    index = pl.Series(match)
-    return frame.with_columns(
-        step=windows.get_column("step").gather(pl.select(pl.when(index >= 0).then(index)).to_series())
-    )
+        at = holding(window_start[first:last], window_end[first:last], row_time[rows])
+        match[rows] = np.where(at >= 0, at + first, -1)
+    return frame.with_columns(step=windows.get_column("step").gather(pl.Series(match).replace(-1, None)))

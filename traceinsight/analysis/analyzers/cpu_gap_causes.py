@@ -28,6 +28,7 @@ from traceinsight.analysis.classify import (
     launch_expr,
 )
 from traceinsight.analysis.descriptor import Analysis
+from traceinsight.analysis.intervals import holding
 from traceinsight.model import TraceModel
 
 __all__ = ["attribute_cpu_gaps"]
@@ -135,11 +136,9 @@ def _samples_in_gaps(gaps: pl.DataFrame, samples: pl.DataFrame) -> pl.DataFrame:
         if thread_samples.is_empty():
             continue
         thread_gaps = thread_gaps.sort("start_ns")
-        starts = thread_gaps.get_column("start_ns").to_numpy()
-        ends = thread_gaps.get_column("end_ns").to_numpy()
-        times = thread_samples.get_column("time_ns").to_numpy()
-        index = np.searchsorted(starts, times, side="right") - 1
-        inside = (index >= 0) & (times < ends[np.clip(index, 0, None)])
+        index = holding(thread_gaps.get_column("start_ns").to_numpy(), thread_gaps.get_column("end_ns").to_numpy(),
+                        thread_samples.get_column("time_ns").to_numpy())
+        inside = index >= 0
         if not inside.any():
             continue
         frames.append(
