@@ -31,8 +31,8 @@ Cases, per input:
 The findings nsys-ai and ``analyze`` write are removed before each run and compared after:
 the same command on the same file writes the same bytes, so a run that wrote other findings
 (or none) did other work, and a time from it is not comparable. A case whose runs differ
-gets a NOTE, and nsys-ai cold against warm, or ``analyze`` without against with the model
-cached, a WARNING among the ratios. nsys-ai needs it: on the emit_nvtx flood its findings
+gets a NOTE, and nsys-ai cold against warm, or ``analyze`` without a cache against its first
+run with the caches on or its run with the model cached, a WARNING among the ratios. nsys-ai needs it: on the emit_nvtx flood its findings
 change from one fresh copy of the file to the next (37, 32, 17 or 6 findings, or an error
 that the profile has no kernels), and a warm run over a cache that lacks tables is fast
 because it skips analyses (2.97 s once, against 8.4-11.3 s).
@@ -443,13 +443,14 @@ def report(name: str, results: list[Result], rows: list, ratios: list[str], *, j
         if case.startswith("nsys-ai") and analyze and result.ok:
             ratios.append(f"{name}: {case} / traceinsight analyze = {result.seconds / analyze.seconds:.2f}x time")
     # The same command on the same file writes the same findings: one that did not (a cold
-    # and a warm run apart, or the analysis with and without the model cached) did other work.
-    for first, second in (("nsys-ai analyze, cold cache", "nsys-ai analyze, warm cache"),
-                          ("traceinsight analyze --json", "traceinsight analyze, cached model"),
-                          ("traceinsight analyze --json", "traceinsight analyze, first run (caches on)")):
-        one, other = by_case.get(first), by_case.get(second)
+    # and a warm run apart, or the analysis without a cache against the first run with the
+    # caches on or the run with the model cached) did other work.
+    for one_case, other_case in (("nsys-ai analyze, cold cache", "nsys-ai analyze, warm cache"),
+                                 ("traceinsight analyze --json", "traceinsight analyze, cached model"),
+                                 ("traceinsight analyze --json", "traceinsight analyze, first run (caches on)")):
+        one, other = by_case.get(one_case), by_case.get(other_case)
         if one and other and one.output and other.output and one.output != other.output:
-            ratios.append(f"{name}: WARNING: {first} and {second} wrote different outputs "
+            ratios.append(f"{name}: WARNING: {one_case} and {other_case} wrote different outputs "
                           f"({one.output} and {other.output})")
     start = by_case.get("second-question floor: python + import polars, numpy")
     for case, result in by_case.items():
