@@ -256,8 +256,8 @@ def _gap_pieces(
         left, right = points[:-1], points[1:]
         inside = iv.covered((starts, ends), left)
         left, right = left[inside], right[inside]
-        window = np.searchsorted(window_starts, left, side="right") - 1
-        in_window = (window >= 0) & (left < window_ends[np.clip(window, 0, None)])
+        window = iv.holding(window_starts, window_ends, left)
+        in_window = window >= 0
         left, right, window = left[in_window], right[in_window], window[in_window]
         if left.size == 0:  # an empty frame's columns would have no type to concatenate with
             continue
