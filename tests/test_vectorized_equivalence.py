@@ -182,10 +182,9 @@ def test_intervals_stacked_a_column_at_a_time_equal_the_whole_frame_concat():
     assert stacked.height == 5 and stacked.get_column("tid").to_list() == [None, None, 12, 13, None]
 
 
-
 def test_an_nsys_model_has_every_column_in_one_piece():
-    # The reader sets the tables end to end in pieces and the sort makes each column whole:
-    # a column left in pieces would be copied whole by the first operation that needs it so.
+    # The reader makes each column whole as it stacks the tables (and the sort's gather
+    # keeps it so): a column in pieces is copied whole by the first operation that needs it so.
     # moe_single_nsys has CPU samples; dense_nsys a column null in every row that two tables
     # have (the NVTX domain: no named domain), which the sort does not gather.
     for name in ("moe_single_nsys.sqlite", "dense_nsys/trace.sqlite"):
