@@ -19,7 +19,12 @@ import traceinsight
 from traceinsight.analysis.categories import CATEGORIES
 from traceinsight.analysis.pipeline import analyze
 from traceinsight.analysis.places import anomaly_range
-from traceinsight.analysis.timeline import TIMELINE_SCHEMA, model_for_timelines, step_timeline, timelines_for_report
+from traceinsight.analysis.timeline import (
+    TIMELINE_SCHEMA,
+    PackedTimelineRows,
+    step_timeline,
+    timelines_for_report,
+)
 from traceinsight.analysis.timeline import typical_steps
 from traceinsight.cli import main
 from traceinsight.report.html import CATEGORY_COLORS, MAX_CARDS, esc, render_html, script_json
@@ -167,17 +172,24 @@ def test_timelines_for_report_cover_anomalies_and_typical_steps(single):
 
 
 @pytest.mark.parametrize("path", [SINGLE, SAMPLE_TRACES / "moe_2rank"], ids=["nsys", "kineto-2rank"])
-def test_timelines_from_the_kept_columns_equal_those_from_the_whole_model(path):
-    # The CLI keeps model_for_timelines(model) and lets the analysis empty the model.
+def test_timelines_from_the_packed_rows_equal_those_from_the_whole_model(path):
+    # The CLI has the analysis pack the rows the timelines read just before it empties the
+    # model (one rank: in the rank's last phase; several: when the model is split by rank).
     from traceinsight.analysis.engine import analyze_model
 
     model = traceinsight.load(path)
     expected = timelines_for_report(model, analyze(model))
     assert expected and any(frame.height for frame in expected.values())
-    kept = model_for_timelines(model)
-    findings = analyze_model(model, free_model=True)
+    packed = []
+
+    def pack(whole):
+        assert whole is model and not whole.intervals.is_empty()
+        packed.append(PackedTimelineRows(whole))
+
+    findings = analyze_model(model, free_model=True, before_freeing=pack)
     assert model.intervals.is_empty()
-    timelines = timelines_for_report(kept, findings)
+    assert len(packed) == 1
+    timelines = timelines_for_report(packed[0], findings)
     assert timelines.keys() == expected.keys()
     for key, frame in expected.items():
         assert timelines[key].equals(frame), key

@@ -144,13 +144,14 @@ def _load(paths, *, salvage: bool = False, progress: bool | None = None):
         return load(files, on_done=on_done, **options)
 
 
-def _analyze(model, options, progress: bool | None, *, free_model: bool = False):
+def _analyze(model, options, progress: bool | None, *, free_model: bool = False, before_freeing=None):
     """``analyze_model`` with, where progress is shown, its phase and rank on stderr."""
     from traceinsight.analysis.engine import analyze_model
     from traceinsight.progress import Reporter, wanted
 
     with Reporter(wanted(progress)).analysis() as on_phase:
-        return analyze_model(model, options, on_phase=on_phase, free_model=free_model)
+        return analyze_model(model, options, on_phase=on_phase, free_model=free_model,
+                             before_freeing=before_freeing)
 
 
 def _console(width: int | None):
@@ -209,7 +210,7 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
     model is at hand, so that a later ``--html`` needs no model either. Cached fields named in
     ``read_later`` are read when first used."""
     from traceinsight.analysis import findings_cache
-    from traceinsight.analysis.timeline import model_for_timelines, timelines_for_report
+    from traceinsight.analysis.timeline import PackedTimelineRows, timelines_for_report
     from traceinsight.ingest import expand_paths
 
     cache_dir, entry = _loading["cache_dir"], None
@@ -227,15 +228,22 @@ def _findings(paths, options, *, salvage: bool = False, with_timelines: bool = F
             return findings, timelines
     model = _load(paths, salvage=salvage, progress=progress)
     # The model is not needed after the analysis but for the timelines (drawn now, or
-    # stored with the findings for a later --html), which read a few of its columns: those
-    # are kept, and the analysis gives the rest back before its peak. (Freeing the whole
-    # model and reading it again from the model cache for the timelines raised the peak:
-    # the range instances keep the first model's names alive beside the second copy;
-    # docs/performance.md, fifth round.)
-    kept = model_for_timelines(model) if with_timelines or entry else None
-    findings = _analyze(model, options, progress, free_model=True)
-    timelines = timelines_for_report(kept, findings) if kept is not None else None
+    # stored with the findings for a later --html), which read a few of its columns: the
+    # analysis packs those small just before it empties the model, ahead of its peak.
+    # (Reading the model again from its cache for the timelines raised the peak: the range
+    # instances keep the first model's names alive beside the second copy; keeping the
+    # columns unpacked held them beside the peak; docs/performance.md, fifth and eighth
+    # rounds.)
+    wants_timelines = bool(with_timelines or entry)
+    packed: list = []
+    findings = _analyze(model, options, progress, free_model=True,
+                        before_freeing=(lambda whole: packed.append(PackedTimelineRows(whole)))
+                        if wants_timelines else None)
+    # An analysis that never emptied the model (no rank reached that point) left it whole.
+    kept = packed[0] if packed else model
+    timelines = timelines_for_report(kept, findings) if wants_timelines else None
     del model, kept  # freed before storing: the store's read-back check is the next peak
+    packed.clear()
     if entry:
         findings_cache.store(entry, findings, timelines)
     return findings, timelines

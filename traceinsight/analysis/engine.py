@@ -24,6 +24,8 @@ combines per-rank results in rank order.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import polars as pl
 
 from traceinsight.analysis.alignment import Alignment
@@ -73,13 +75,16 @@ class RankWorker:
     With ``free_model`` the worker owns ``model`` and empties it
     (:meth:`~traceinsight.model.TraceModel.drop_events`) as soon as no phase needs its
     events: once the range instances have taken its annotations, before they are measured,
-    flagged and placed (the analysis's largest step).
+    flagged and placed (the analysis's largest step). ``before_freeing(model)``, if given,
+    is called just before.
     """
 
-    def __init__(self, model: TraceModel, options: Options, *, free_model: bool = False) -> None:
+    def __init__(self, model: TraceModel, options: Options, *, free_model: bool = False,
+                 before_freeing: Callable[[TraceModel], None] | None = None) -> None:
         self.model = model
         self.options = options
         self.free_model = free_model
+        self.before_freeing = before_freeing
         self.rank = int(model.ranks.get_column("rank")[0])
 
     def steps_and_collectives(self) -> dict:
@@ -113,6 +118,8 @@ class RankWorker:
         cause_totals = summarize_causes(gaps)  # as soon as the gaps exist, like what follows
         # The model's last use: with free_model nothing below reads its events, and it is
         # emptied as soon as its annotations are taken.
+        if self.free_model and self.before_freeing is not None:
+            self.before_freeing(model)
         instances = range_instances(model, gpu=self.gpu, free_model=self.free_model)
         # Step markers are annotations too, but the step table already covers them. Names
         # are grouped without the per-call suffixes of emit_nvtx (the raw name is kept).
@@ -291,7 +298,8 @@ PHASE_NAMES = {"steps_and_collectives": "steps and collectives", "breakdown": "s
                "finish": "ranges, CPU gaps, anomalies"}
 
 
-def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=None, free_model: bool = False):
+def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=None, free_model: bool = False,
+                  before_freeing: Callable[[TraceModel], None] | None = None):
     """The local engine: every rank's worker in this process.
 
     ``on_phase(description, done, total)`` (optional) is called before each rank's part of each
@@ -299,11 +307,19 @@ def analyze_model(model: TraceModel, options: Options = Options(), *, on_phase=N
     (:meth:`~traceinsight.model.TraceModel.drop_events`) once it needs its events no more, so
     that their memory is given back before the analysis's peak (on an emit_nvtx flood the
     events are a third of it): for a caller that does not use the model afterwards.
+    ``before_freeing(model)`` is then called once, with the whole model, just before it is
+    emptied: for a caller that keeps a part of it in another form (the HTML report's
+    timelines, :class:`~traceinsight.analysis.timeline.PackedTimelineRows`).
     """
+    several = len(model.rank_ids) > 1
+    if free_model and several and before_freeing is not None:
+        before_freeing(model)  # before the split: its copies are not yet held beside the model
     parts = split_by_rank(model)
-    if free_model and len(parts) > 1:
+    if free_model and several:
         model.drop_events()  # each rank's part is a copy
-    workers = {rank: RankWorker(part, options, free_model=free_model) for rank, part in parts.items()}
+    workers = {rank: RankWorker(part, options, free_model=free_model,
+                                before_freeing=None if several else before_freeing)
+               for rank, part in parts.items()}
     del parts
     total = 3 * len(workers)
     done = 0

@@ -186,7 +186,11 @@ def _write(folder: str, name: str, value) -> None:
 
 
 #: The read-back check reads a stored frame in batches of columns of about this many bytes.
-CHECK_BATCH_BYTES = 32 * 2**20
+#: It runs after the analysis, beside every finding, and sets the peak of a first run with
+#: the caches on once the analysis holds no model columns for the timelines: 8 MiB batches
+#: instead of 32 lowered that peak on the emit_nvtx flood at 1x from 445 to 423 MiB, and
+#: the check's time stayed 0.36-0.40 s.
+CHECK_BATCH_BYTES = 8 * 2**20
 
 
 def _column_batches(frame: pl.DataFrame) -> list[list[str]]:
