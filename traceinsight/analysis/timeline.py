@@ -336,9 +336,10 @@ def report_anomalies(findings, limit: int | None = None) -> pl.DataFrame:
 #: The model's columns that :func:`step_timeline` reads when the findings carry their GPU
 #: activities, as the engine's do: those of the CPU lanes.
 TIMELINE_MODEL_COLUMNS = ("rank", "kind", "name", "tid", "depth", "start_ns", "end_ns")
-#: Rows per Parquet row group of :class:`PackedTimelineRows`: the step windows drawn are a
-#: few of many, and a row group none of them overlaps (by its start and end statistics) is
-#: skipped whole when they are read back.
+#: Rows per Parquet row group of :class:`PackedTimelineRows`. The step windows drawn are a
+#: few of many: the scan that reads them back applies their filter as it reads, with the
+#: row groups' start and end statistics to go by (two windows of the 1x emit_nvtx flood:
+#: 0.04 s, against 0.13 s to read every row).
 PACKED_ROW_GROUP = 65_536
 
 
@@ -350,7 +351,7 @@ class PackedTimelineRows:
     through the analysis held them beside its peak: on the emit_nvtx flood at 1x a first run
     with the caches on peaked at 442 MiB, against 383 without the cache. Packed as Parquet
     in memory (zstd level 1), the 79 MB of columns take 10 MB, written in 0.3 s, and only
-    the row groups that the drawn step windows overlap are unpacked again. (The first run's
+    the rows of the drawn step windows are kept when they are read back. (The first run's
     peak is then the findings cache's read-back check: 423 MiB.)
 
     Examples
