@@ -229,8 +229,7 @@ def _stacked(parts: list[pl.DataFrame], schema: dict[str, pl.DataType]) -> pl.Da
             continue
         pieces = [
             part.get_column(name).cast(dtype, strict=False) if name in part.columns
-            else pl.Series(name, [None], dtype=dtype).extend_constant(None, height - 1) if height
-            else pl.Series(name, [], dtype=dtype)
+            else pl.repeat(None, height, dtype=dtype, eager=True).alias(name)
             for part, height in zip(parts, heights)
         ]
         for index, part in enumerate(parts):
